@@ -1,0 +1,128 @@
+"""Mechanical PyTorch state-dict -> Flax NNX state mapping, with strict validation.
+
+The NNX module trees in `disa_jax.models` mirror the official state dicts, so each torch key
+maps to one Flax path by a rename of its last component:
+  Linear   `P.weight` (out, in) -> `P.kernel` (in, out) = weight.T;  `P.bias` -> `P.bias`
+  Conv2d   `P.weight` (O, I, kh, kw) -> `P.kernel` (kh, kw, I, O)
+  LayerNorm / GroupNorm `P.weight` -> `P.scale`
+  Embedding `P.weight` -> `P.embedding`
+  bare parameters (pos-embeds, mask_token, fake_latent) copied as they are
+and numeric path components (`encoder_blocks.3`, `mlp.0`) index `nnx.List`s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+
+
+class ConversionError(ValueError):
+  """The checkpoint does not match the model; the message lists what is wrong."""
+
+
+def _path_str(path) -> str:
+  return '.'.join(str(p) for p in path)
+
+
+def _flat_target(abstract_state) -> dict[str, tuple]:
+  """'a.b.0.kernel' -> (path tuple, shape) for every leaf of an (abstract) NNX state."""
+  out = {}
+  for path, var in nnx.to_flat_state(abstract_state):
+    out[_path_str(path)] = (path, tuple(var.shape))
+  return out
+
+
+def torch_key_to_flax(key: str, target: Mapping[str, tuple]) -> tuple[str, str]:
+  """Returns (flax key, transform) for one torch key; transform in {'copy','linear','conv'}."""
+  if key in target:
+    return key, 'copy'
+  prefix, _, leaf = key.rpartition('.')
+  if leaf == 'weight':
+    for name, transform in (('kernel', None), ('scale', 'copy'), ('embedding', 'copy')):
+      cand = f'{prefix}.{name}'
+      if cand in target:
+        if transform is None:
+          transform = 'conv' if len(target[cand][1]) == 4 else 'linear'
+        return cand, transform
+  return key, 'missing'
+
+
+def convert_state_dict(state_dict: Mapping[str, np.ndarray], abstract_state, *,
+                       what: str = 'model'):
+  """Fills `abstract_state` (from `nnx.eval_shape`/`nnx.state`) with torch tensors.
+
+  Every target leaf must be provided exactly once with the expected shape; otherwise a
+  `ConversionError` lists the missing, unexpected and mismatched keys. Returns a new state.
+  """
+  target = _flat_target(abstract_state)
+  values: dict[str, np.ndarray] = {}
+  unexpected, mismatched = [], []
+  for key, tensor in state_dict.items():
+    arr = np.asarray(tensor)
+    fkey, transform = torch_key_to_flax(key, target)
+    if transform == 'missing':
+      unexpected.append(key)
+      continue
+    if transform == 'linear' and arr.ndim == 2:
+      arr = arr.T
+    elif transform == 'conv' and arr.ndim == 4:
+      arr = arr.transpose(2, 3, 1, 0)
+    want = target[fkey][1]
+    if tuple(arr.shape) != want:
+      mismatched.append(f'{key}: checkpoint {tuple(np.shape(tensor))}, model expects '
+                        f'{_torch_shape(want, transform)}')
+      continue
+    values[fkey] = np.ascontiguousarray(arr, dtype=np.float32)
+  missing = sorted(k for k in target if k not in values)
+  if missing or unexpected or mismatched:
+    lines = [f'checkpoint does not match the {what}:']
+    for title, items in (('missing keys', [_torch_name(m) for m in missing]),
+                         ('unexpected keys', sorted(unexpected)),
+                         ('shape mismatches', mismatched)):
+      if items:
+        shown = ', '.join(items[:12]) + (f', ... ({len(items) - 12} more)' if len(items) > 12
+                                         else '')
+        lines.append(f'  {len(items)} {title}: {shown}')
+    raise ConversionError('\n'.join(lines))
+  return nnx.from_flat_state(
+    [(path, _replace_value(var, values[_path_str(path)]))
+     for path, var in nnx.to_flat_state(abstract_state)])
+
+
+def _replace_value(var, value):
+  return var.replace(jax.numpy.asarray(value))
+
+
+def _torch_name(flax_key: str) -> str:
+  prefix, _, leaf = flax_key.rpartition('.')
+  if leaf in ('kernel', 'scale', 'embedding'):
+    return f'{prefix}.weight'
+  return flax_key
+
+
+def _torch_shape(shape, transform):
+  if transform == 'linear' and len(shape) == 2:
+    return tuple(reversed(shape))
+  if transform == 'conv' and len(shape) == 4:
+    return (shape[3], shape[2], shape[0], shape[1])
+  return tuple(shape)
+
+
+def flax_state_to_torch(state) -> dict[str, np.ndarray]:
+  """The inverse mapping (Flax state -> official torch key names and layouts), for export and
+  for building reference checkpoints in tests."""
+  out = {}
+  for path, var in nnx.to_flat_state(state):
+    key = _path_str(path)
+    arr = np.asarray(var[...])
+    prefix, _, leaf = key.rpartition('.')
+    if leaf == 'kernel':
+      arr = arr.T if arr.ndim == 2 else arr.transpose(3, 2, 0, 1)
+      key = f'{prefix}.weight'
+    elif leaf in ('scale', 'embedding'):
+      key = f'{prefix}.weight'
+    out[key] = np.ascontiguousarray(arr)
+  return out

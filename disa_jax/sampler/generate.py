@@ -1,0 +1,331 @@
+"""MAR sampling with DiSA: the AR loop (plain Python) over jitted backbone and head buckets.
+
+Semantics are the official `MAR.sample_tokens` (LTH14/mar) with DiSA's per-AR-step step
+counts (Qinyu-Allen-Zhao/DiSA):
+- each image has its own uniform random generation order; at AR step s the first m_next(s)
+  entries of the order stay masked and the ones between m_next and m_cur are predicted
+  (the last step predicts everything left);
+- the encoder sees the class buffer and the visible tokens; the decoder gives one condition
+  vector per predicted token; the head samples those tokens with the step count of this AR
+  step; CFG duplicates the batch with `fake_latent` as the unconditional class vector.
+
+Static shapes: per AR step the backbone is called with (V_pad, n_pad) and the head with
+(A, n_pad) as compile keys (see `plan.py`); everything that changes per step without changing
+shapes (slice offsets, CFG scale, timestep tables) is a traced argument.
+
+Randomness is per image: image i of a run with key k uses fold_in(k, image_id[i]); its order
+comes from stream 0 and the noise of the token at position p from stream 1 folded with p. So
+an image does not depend on the batch it is in, on padding, or on the device layout.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from disa_jax import sharding as shd
+from disa_jax.sampler.head import device_tables, p_sample_loop
+from disa_jax.sampler.plan import SamplingPlan, make_plan
+
+ORDER_STREAM, NOISE_STREAM = 0, 1
+
+# Trace counters: incremented when JAX traces (i.e. compiles) a bucket function.
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+
+def _positions(orders, start, count, size: int, seq_len: int):
+  """Ascending positions orders[:, start:start+count], padded to static `size`.
+
+  Returns (pos [B, size] int32, valid [B, size] bool); padding repeats the first position.
+  """
+  if size == 0:
+    b = orders.shape[0]
+    return jnp.zeros((b, 0), jnp.int32), jnp.zeros((b, 0), bool)
+  ext = jnp.concatenate([orders, orders], axis=1)
+  window = jax.lax.dynamic_slice_in_dim(ext, start, size, axis=1)
+  valid = jnp.arange(size) < count
+  srt = jnp.sort(jnp.where(valid, window, seq_len), axis=1)
+  pos = jnp.where(valid, srt, srt[:, :1])
+  return pos.astype(jnp.int32), jnp.broadcast_to(valid, pos.shape)
+
+
+def _backbone(state, tokens, orders, class_vec, m_cur, n_pred, *, graphdef, visible_pad, n_pad,
+              use_cfg):
+  """Encoder + decoder for one AR step -> (z [B, (2,) n_pad, Dd], pred_pos, pred_valid)."""
+  TRACE_COUNTS['backbone'] += 1
+  model = nnx.merge(graphdef, state)
+  seq = model.config.seq_len
+  b = tokens.shape[0]
+  vis_pos, vis_valid = _positions(orders, m_cur, seq - m_cur, visible_pad, seq)
+  pred_pos, pred_valid = _positions(orders, m_cur - n_pred, n_pred, n_pad, seq)
+  vis_tok = jnp.take_along_axis(tokens, vis_pos[..., None], axis=1)
+  if use_cfg:  # rows interleaved (image 0 cond, image 0 uncond, ...): stays local per device
+    dup = lambda a: jnp.repeat(a, 2, axis=0)  # noqa: E731
+    fake = jnp.broadcast_to(model.fake_latent[...], class_vec.shape)
+    cv = jnp.stack([class_vec, fake], axis=1).reshape(2 * b, -1)
+    x = model.encode(dup(vis_tok), dup(vis_pos), cv, valid=dup(vis_valid))
+    z = model.decode(x, dup(vis_pos), valid=dup(vis_valid), query_positions=dup(pred_pos))
+    z = z.reshape(b, 2, n_pad, -1)
+  else:
+    x = model.encode(vis_tok, vis_pos, class_vec, valid=vis_valid)
+    z = model.decode(x, vis_pos, valid=vis_valid, query_positions=pred_pos)
+  return z, pred_pos, pred_valid
+
+
+def _head(state, z, pred_pos, pred_valid, tokens, image_keys, tables, cfg, temperature, *,
+          graphdef, num_steps, use_cfg):
+  """Samples the predicted tokens of one AR step and writes them into `tokens`."""
+  TRACE_COUNTS['head'] += 1
+  b, n_pad = pred_pos.shape
+  ch = tokens.shape[2]
+  noise_keys = jax.vmap(lambda k: jax.random.fold_in(k, NOISE_STREAM))(image_keys)
+  row_keys = jax.vmap(lambda k, p: jax.vmap(lambda q: jax.random.fold_in(k, q))(p))(
+    noise_keys, pred_pos).reshape(b * n_pad)
+  draw = lambda stream: jax.vmap(  # noqa: E731
+    lambda k: jax.random.normal(jax.random.fold_in(k, stream), (ch,)))(row_keys)
+  return _denoise_and_write(graphdef, state, z, pred_pos, pred_valid, tokens, tables, cfg,
+                            temperature, draw(0), lambda i: draw(i + 1), num_steps, use_cfg)
+
+
+def _head_explicit(state, z, pred_pos, pred_valid, tokens, x_init, eps, tables, cfg,
+                   temperature, *, graphdef, num_steps, use_cfg):
+  """`_head` with the initial noise x_init [B, n_pad, C] and step noise eps [A, B, n_pad, C]
+  given (parity tests inject the reference implementation's noise)."""
+  TRACE_COUNTS['head'] += 1
+  rows, ch = x_init.shape[0] * x_init.shape[1], x_init.shape[2]
+  return _denoise_and_write(graphdef, state, z, pred_pos, pred_valid, tokens, tables, cfg,
+                            temperature, x_init.reshape(rows, ch),
+                            lambda i: eps[i].reshape(rows, ch), num_steps, use_cfg)
+
+
+def _denoise_and_write(graphdef, state, z, pred_pos, pred_valid, tokens, tables, cfg,
+                       temperature, x_init, noise_at, num_steps, use_cfg):
+  net = nnx.merge(graphdef, state).diffloss.net
+  b, n_pad = pred_pos.shape
+  seq, ch = tokens.shape[1], tokens.shape[2]
+  rows = b * n_pad
+  if use_cfg:
+    zc, zu = z[:, 0].reshape(rows, -1), z[:, 1].reshape(rows, -1)
+  else:
+    zc, zu = z.reshape(rows, -1), None
+  x0 = p_sample_loop(net, zc, zu, x_init, tables, num_steps=num_steps, cfg=cfg,
+                     temperature=temperature, noise_at=noise_at)
+  idx = jnp.where(pred_valid, pred_pos, seq)
+  new = x0.reshape(b, n_pad, ch).astype(tokens.dtype)
+  return jax.vmap(lambda t, i, v: t.at[i].set(v, mode='drop'))(tokens, idx, new)
+
+
+def _init(state, labels, image_keys, *, graphdef, seq_len):
+  TRACE_COUNTS['init'] += 1
+  model = nnx.merge(graphdef, state)
+  orders = jax.vmap(lambda k: jax.random.permutation(
+    jax.random.fold_in(k, ORDER_STREAM), seq_len))(image_keys).astype(jnp.int32)
+  return orders, model.class_embedding(labels)
+
+
+@functools.cache
+def _jitted(mesh: Mesh | None):
+  """The three jitted functions, with explicit shardings when a mesh is given."""
+  if mesh is None:
+    kw_b = kw_h = kw_e = kw_i = {}
+  else:
+    rep, bat = shd.replicated(mesh), shd.batch_sharded(mesh)
+    kw_b = dict(in_shardings=(rep, bat, bat, bat, rep, rep), out_shardings=(bat, bat, bat))
+    kw_h = dict(in_shardings=(rep, bat, bat, bat, bat, bat, rep, rep, rep), out_shardings=bat)
+    steps_bat = jax.sharding.NamedSharding(mesh, jax.P(None, shd.DATA))
+    kw_e = dict(in_shardings=(rep, bat, bat, bat, bat, bat, steps_bat, rep, rep, rep),
+                out_shardings=bat)
+    kw_i = dict(in_shardings=(rep, bat, bat), out_shardings=(bat, bat))
+  backbone = jax.jit(_backbone, static_argnames=('graphdef', 'visible_pad', 'n_pad', 'use_cfg'),
+                     **kw_b)
+  head = jax.jit(_head, static_argnames=('graphdef', 'num_steps', 'use_cfg'),
+                 donate_argnums=(4,), **kw_h)
+  head_explicit = jax.jit(_head_explicit, static_argnames=('graphdef', 'num_steps', 'use_cfg'),
+                          donate_argnums=(4,), **kw_e)
+  init = jax.jit(_init, static_argnames=('graphdef', 'seq_len'), **kw_i)
+  return backbone, head, head_explicit, init
+
+
+@dataclasses.dataclass
+class RunStats:
+  """What one `generate` call did: wall time per phase (when timed) and compilations."""
+
+  plan: SamplingPlan
+  wall_s: float = 0.0
+  backbone_s: float = 0.0
+  head_s: float = 0.0
+  compiles: dict = dataclasses.field(default_factory=dict)
+
+  def as_dict(self) -> dict:
+    d = {'wall_s': round(self.wall_s, 4), 'compiles': dict(self.compiles)}
+    if self.backbone_s or self.head_s:
+      d.update(backbone_s=round(self.backbone_s, 4), head_s=round(self.head_s, 4))
+    d.update(self.plan.report())
+    return d
+
+
+class Sampler:
+  """Holds a MAR model split for jitted sampling; `generate` runs one batch.
+
+  Args:
+    model: a `disa_jax.models.MAR`.
+    mesh: optional mesh; the batch is sharded over its data axis, parameters replicated.
+    enc_bucket: encoder lengths are padded to a multiple of this (bounded compiles).
+    max_head_waste: largest fraction of padded head row-steps allowed in a bucket.
+    matmul_precision: None (backend default) or 'highest' for fp32-exact parity runs.
+  """
+
+  def __init__(self, model, *, mesh: Mesh | None = None, enc_bucket: int = 16,
+               max_head_waste: float = 0.05, matmul_precision: str | None = None):
+    self.config = model.config
+    self.graphdef, state = nnx.split(model)
+    self.mesh = mesh
+    self.state = state if mesh is None else jax.device_put(state, shd.replicated(mesh))
+    self.enc_bucket = enc_bucket
+    self.max_head_waste = max_head_waste
+    self.matmul_precision = matmul_precision
+    self._tables: dict = {}
+    self.last_stats: RunStats | None = None
+
+  def plan(self, batch_size: int, *, steps: Sequence[int], max_timestep: int | None,
+           cfg: float, cfg_schedule: str = 'linear') -> SamplingPlan:
+    return make_plan(self.config, batch_size=batch_size, steps=steps, max_timestep=max_timestep,
+                     cfg=cfg, cfg_schedule=cfg_schedule, enc_bucket=self.enc_bucket,
+                     max_head_waste=self.max_head_waste)
+
+  def _device_tables(self, requested: int, max_timestep):
+    key = (requested, max_timestep)
+    if key not in self._tables:
+      tables = device_tables(requested, max_timestep)
+      if self.mesh is not None:
+        tables = jax.device_put(tables, shd.replicated(self.mesh))
+      self._tables[key] = tables
+    return self._tables[key]
+
+  def generate(
+    self,
+    labels,
+    key,
+    *,
+    steps: Sequence[int],
+    max_timestep: int | None = None,
+    cfg: float = 1.0,
+    cfg_schedule: str = 'linear',
+    temperature: float = 1.0,
+    image_ids=None,
+    orders=None,
+    noise: Callable | None = None,
+    timed: bool = False,
+    progress: Callable | None = None,
+  ):
+    """Generates tokens [B, L, C] for `labels` [B] (ints; -1 = unconditional).
+
+    `steps` is the requested diffusion-step count per AR step (its length is num_iter).
+    `image_ids` [B] (default 0..B-1) select each image's random stream under `key`.
+    `orders` [B, L] and `noise(ar_step, n) -> (x_T [B, n, C], eps [A, B, n, C])` replace the
+    internal randomness (parity tests). `timed` synchronises after each phase to measure
+    backbone and head time separately. `progress(step_index)` is called after each AR step.
+    """
+    steps = [int(s) for s in steps]
+    b = int(np.shape(labels)[0])
+    if b % shd.data_size(self.mesh):
+      raise ValueError(f'batch size {b} must be a multiple of the {shd.data_size(self.mesh)} '
+                       'data-parallel devices; pad the batch')
+    plan = self.plan(b, steps=steps, max_timestep=max_timestep, cfg=cfg,
+                     cfg_schedule=cfg_schedule)
+    backbone, head, head_explicit, init = _jitted(self.mesh)
+    gd, st = self.graphdef, self.state
+    seq, ch = self.config.seq_len, self.config.token_embed_dim
+    before = collections.Counter(TRACE_COUNTS)
+    ctx = (jax.default_matmul_precision(self.matmul_precision) if self.matmul_precision
+           else _nullcontext())
+    stats = RunStats(plan=plan)
+    t_start = time.perf_counter()
+    with ctx:
+      labels_arr = self._batch(np.asarray(labels, np.int32))
+      ids = np.arange(b) if image_ids is None else np.asarray(image_ids)
+      image_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.asarray(ids, jnp.uint32))
+      image_keys = self._batch(image_keys)
+      gen_orders, class_vec = init(st, labels_arr, image_keys, graphdef=gd, seq_len=seq)
+      if orders is not None:
+        gen_orders = self._batch(np.asarray(orders, np.int32))
+      tokens = self._batch(jnp.zeros((b, seq, ch), jnp.float32))
+      for s in plan.steps:
+        t0 = time.perf_counter()
+        z, pred_pos, pred_valid = backbone(
+          st, tokens, gen_orders, class_vec, jnp.int32(s.m_cur), jnp.int32(s.n_pred),
+          graphdef=gd, visible_pad=s.visible_pad, n_pad=s.n_pad, use_cfg=plan.use_cfg)
+        if timed:
+          jax.block_until_ready(z)
+          t1 = time.perf_counter()
+          stats.backbone_s += t1 - t0
+        tables = self._device_tables(s.requested_steps, max_timestep)
+        scalars = (jnp.float32(s.cfg), jnp.float32(temperature))
+        static = dict(graphdef=gd, num_steps=s.actual_steps, use_cfg=plan.use_cfg)
+        if noise is None:
+          tokens = head(st, z, pred_pos, pred_valid, tokens, image_keys, tables, *scalars,
+                        **static)
+        else:
+          x_init, eps = self._explicit_noise(noise, s, b, ch)
+          tokens = head_explicit(st, z, pred_pos, pred_valid, tokens, x_init, eps, tables,
+                                 *scalars, **static)
+        if timed:
+          jax.block_until_ready(tokens)
+          stats.head_s += time.perf_counter() - t1
+        if progress is not None:
+          progress(s.index)
+      jax.block_until_ready(tokens)
+    stats.wall_s = time.perf_counter() - t_start
+    stats.compiles = {k: TRACE_COUNTS[k] - before[k] for k in ('init', 'backbone', 'head')}
+    self.last_stats = stats
+    return tokens
+
+  def _batch(self, x):
+    if self.mesh is None:
+      return jnp.asarray(x)
+    return jax.device_put(x, shd.batch_sharded(self.mesh))
+
+  def _explicit_noise(self, noise, s, b, ch):
+    x_t, eps = noise(s.index, s.n_pred)
+    x_t = np.asarray(x_t, np.float32).reshape(b, s.n_pred, ch)
+    eps = np.asarray(eps, np.float32).reshape(s.actual_steps, b, s.n_pred, ch)
+    pad = s.n_pad - s.n_pred
+    x_t = np.pad(x_t, ((0, 0), (0, pad), (0, 0)))
+    eps = np.pad(eps, ((0, 0), (0, 0), (0, pad), (0, 0)))
+    if self.mesh is None:
+      return jnp.asarray(x_t), jnp.asarray(eps)
+    steps_bat = jax.sharding.NamedSharding(self.mesh, jax.P(None, shd.DATA))
+    return self._batch(x_t), jax.device_put(eps, steps_bat)
+
+
+class _nullcontext:
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *a):
+    return False
+
+
+def generate(model, labels, key, *, num_iter: int = 64, cfg: float = 1.0,
+             cfg_schedule: str = 'linear', temperature: float = 1.0, steps=100,
+             max_timestep: int | None = None, mesh: Mesh | None = None, **kwargs):
+  """Tokens [B, L, C] for `labels` [B] with the official MAR sampler and per-AR-step steps.
+
+  `steps` is an int (every AR step) or a list of length `num_iter`, e.g.
+  `step_schedule('linear', 64, 50, 5)` with `max_timestep=950` for DiSA.
+  """
+  from disa_jax.schedules import resolve_steps
+
+  plan = resolve_steps(num_iter=num_iter, preset=None, steps=steps, max_timestep=max_timestep)
+  return Sampler(model, mesh=mesh).generate(
+    labels, key, steps=plan.steps, max_timestep=plan.max_timestep, cfg=cfg,
+    cfg_schedule=cfg_schedule, temperature=temperature, **kwargs)
