@@ -97,16 +97,31 @@ def global_batch_array(local: np.ndarray, mesh: Mesh | None):
   return jax.make_array_from_process_local_data(batch_sharded(mesh), np.asarray(local))
 
 
-def local_rows(x) -> np.ndarray:
-  """This process's rows of a batch-sharded global array, in global order, as numpy."""
-  if jax.process_count() == 1:
-    return np.asarray(x)
+def _local_shards(x):
+  """Addressable shards of a batch-sharded array, one per distinct batch slice, in order."""
   shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
-  seen, rows = set(), []
+  seen, out = set(), []
   for s in shards:
     start = s.index[0].start or 0
-    if start in seen:  # replicated over a non-batch axis
-      continue
-    seen.add(start)
-    rows.append(np.asarray(s.data))
-  return np.concatenate(rows, axis=0)
+    if start not in seen:  # skip copies replicated over a non-batch axis
+      seen.add(start)
+      out.append(s)
+  return out
+
+
+def local_row_index(x, global_batch: int) -> np.ndarray:
+  """Global row indices of this process's rows of `x` (all rows on a single process)."""
+  if jax.process_count() == 1 or not hasattr(x, 'addressable_shards'):
+    return np.arange(global_batch)
+  idx = []
+  for s in _local_shards(x):
+    sl = s.index[0]
+    idx.extend(range(sl.start or 0, sl.stop if sl.stop is not None else global_batch))
+  return np.asarray(idx)
+
+
+def local_rows(x) -> np.ndarray:
+  """This process's rows of a batch-sharded global array, in global order, as numpy."""
+  if jax.process_count() == 1 or not hasattr(x, 'addressable_shards'):
+    return np.asarray(x)
+  return np.concatenate([np.asarray(s.data) for s in _local_shards(x)], axis=0)

@@ -58,6 +58,7 @@ class MARConfig:
   mask_ratio_min: float = 0.7
   diffusion_batch_mul: int = 4
   dtype: str = 'float32'
+  attn_splits: int = 0  # head groups per attention call; 0 = auto (CPU cores on CPU, else 1)
 
   def __post_init__(self):
     grid = self.img_size // self.vae_stride
@@ -124,7 +125,7 @@ class MAR(nnx.Module):
     self.z_proj_ln = layer_norm(d, rngs=rngs)
     block = lambda dim, heads: Block(  # noqa: E731
       dim, heads, c.mlp_ratio, attn_drop=c.attn_dropout, proj_drop=c.proj_dropout, dtype=dt,
-      rngs=rngs)
+      attn_splits=c.attn_splits, rngs=rngs)
     self.encoder_blocks = nnx.List(
       [block(d, c.encoder_num_heads) for _ in range(c.encoder_depth)])
     self.encoder_norm = layer_norm(d, rngs=rngs)

@@ -14,6 +14,8 @@ Two extensions used by the fast sampler, both numerically equivalent to the plai
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -21,13 +23,38 @@ from flax import nnx
 from disa_jax.models.layers import dropout, layer_norm, linear, split_key
 
 
-def dot_product_attention(q, k, v, key_mask=None, *, dropout_rate=0.0, dropout_key=None):
+def default_attention_splits() -> int:
+  """Independent head groups per attention call: the CPU core count on CPU, else 1.
+
+  XLA:CPU runs a batched matmul on one thread but runs independent ops concurrently, so on
+  CPU the heads are split into one group per core (~1.2x faster blocks on 2 cores).
+  """
+  if jax.default_backend() == 'cpu':
+    return max(1, min(os.cpu_count() or 1, 8))
+  return 1
+
+
+def dot_product_attention(q, k, v, key_mask=None, *, splits=1, dropout_rate=0.0,
+                          dropout_key=None):
   """softmax(q k^T / sqrt(d)) v.  q [B, Lq, H, d]; k, v [B, Lk, H, d] -> [B, Lq, H, d].
 
-  Scores and softmax are float32 whatever the input dtype. Batch and heads are flattened
-  into one batch axis and k is laid out (d, Lk): on XLA:CPU this runs ~2x faster than the
-  einsum/`jax.nn.dot_product_attention` formulations.
+  Scores and softmax are float32 whatever the input dtype. With `splits` > 1 the heads are
+  processed in that many independent groups (same result; see `default_attention_splits`).
   """
+  h = q.shape[2]
+  splits = max(1, min(splits, h))
+  if splits == 1:
+    return _attend(q, k, v, key_mask, dropout_rate, dropout_key)
+  bounds = [round(i * h / splits) for i in range(splits + 1)]
+  keys = split_key(dropout_key, splits)
+  outs = [_attend(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], key_mask, dropout_rate, kk)
+          for a, b, kk in zip(bounds[:-1], bounds[1:], keys, strict=True)]
+  return jnp.concatenate(outs, axis=2)
+
+
+def _attend(q, k, v, key_mask, dropout_rate, dropout_key):
+  # Batch and heads flattened into one batch axis, k laid out (d, Lk): on XLA:CPU ~2x faster
+  # than the einsum / jax.nn.dot_product_attention formulations.
   b, lq, h, d = q.shape
   lk = k.shape[1]
   qh = q.transpose(0, 2, 1, 3).reshape(b * h, lq, d)
@@ -45,10 +72,12 @@ def dot_product_attention(q, k, v, key_mask=None, *, dropout_rate=0.0, dropout_k
 
 
 class Attention(nnx.Module):
-  def __init__(self, dim: int, num_heads: int, *, attn_drop=0.0, proj_drop=0.0, dtype=None, rngs):
+  def __init__(self, dim: int, num_heads: int, *, attn_drop=0.0, proj_drop=0.0, dtype=None,
+               splits: int = 0, rngs):
     if dim % num_heads:
       raise ValueError(f'embedding dim {dim} is not divisible by {num_heads} heads')
     self.num_heads = num_heads
+    self.splits = splits or default_attention_splits()
     self.head_dim = dim // num_heads
     self.attn_drop = attn_drop
     self.proj_drop = proj_drop
@@ -73,9 +102,8 @@ class Attention(nnx.Module):
       kv = x.astype(dtype) @ kernel[:, dim:].astype(dtype) + bias[dim:].astype(dtype)
       kv = kv.reshape(b, length, 2, h, hd)
       k, v = kv[:, :, 0], kv[:, :, 1]
-    o = dot_product_attention(
-      q, k, v, key_mask, dropout_rate=self.attn_drop, dropout_key=k1
-    )
+    o = dot_product_attention(q, k, v, key_mask, splits=self.splits,
+                              dropout_rate=self.attn_drop, dropout_key=k1)
     o = self.proj(o.reshape(b, o.shape[1], dim))
     return dropout(o, self.proj_drop, k2)
 
@@ -97,11 +125,11 @@ class Block(nnx.Module):
   """timm `Block(dim, heads, mlp_ratio, qkv_bias=True, norm_layer=LayerNorm(eps=1e-6))`."""
 
   def __init__(self, dim, num_heads, mlp_ratio=4.0, *, attn_drop=0.0, proj_drop=0.0, dtype=None,
-               rngs):
+               attn_splits: int = 0, rngs):
     self.dtype = dtype
     self.norm1 = layer_norm(dim, rngs=rngs)
     self.attn = Attention(dim, num_heads, attn_drop=attn_drop, proj_drop=proj_drop, dtype=dtype,
-                          rngs=rngs)
+                          splits=attn_splits, rngs=rngs)
     self.norm2 = layer_norm(dim, rngs=rngs)
     self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop, dtype=dtype, rngs=rngs)
 

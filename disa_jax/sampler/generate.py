@@ -9,9 +9,9 @@ counts (Qinyu-Allen-Zhao/DiSA):
   vector per predicted token; the head samples those tokens with the step count of this AR
   step; CFG duplicates the batch with `fake_latent` as the unconditional class vector.
 
-Static shapes: per AR step the backbone is called with (V_pad, n_pad) and the head with
-(A, n_pad) as compile keys (see `plan.py`); everything that changes per step without changing
-shapes (slice offsets, CFG scale, timestep tables) is a traced argument.
+Static shapes: per AR step the backbone is compiled per encoder bucket V_pad and the head
+per (A, n_pad) (see `plan.py`); everything that changes per step without changing shapes
+(slice offsets, CFG scale, timestep tables) is a traced argument.
 
 Randomness is per image: image i of a run with key k uses fold_in(k, image_id[i]); its order
 comes from stream 0 and the noise of the token at position p from stream 1 folded with p. So
@@ -21,6 +21,7 @@ an image does not depend on the batch it is in, on padding, or on the device lay
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import time
@@ -58,15 +59,18 @@ def _positions(orders, start, count, size: int, seq_len: int):
   return pos.astype(jnp.int32), jnp.broadcast_to(valid, pos.shape)
 
 
-def _backbone(state, tokens, orders, class_vec, m_cur, n_pred, *, graphdef, visible_pad, n_pad,
-              use_cfg):
-  """Encoder + decoder for one AR step -> (z [B, (2,) n_pad, Dd], pred_pos, pred_valid)."""
+def _backbone(state, tokens, orders, class_vec, m_cur, n_pred, *, graphdef, visible_pad,
+              n_query, use_cfg):
+  """Encoder + decoder for one AR step -> (z [B, (2,) n_query, Dd], pred_pos, pred_valid).
+
+  The first n_pred of the n_query rows are the tokens predicted at this step (ascending
+  position); the rest is padding."""
   TRACE_COUNTS['backbone'] += 1
   model = nnx.merge(graphdef, state)
   seq = model.config.seq_len
   b = tokens.shape[0]
   vis_pos, vis_valid = _positions(orders, m_cur, seq - m_cur, visible_pad, seq)
-  pred_pos, pred_valid = _positions(orders, m_cur - n_pred, n_pred, n_pad, seq)
+  pred_pos, pred_valid = _positions(orders, m_cur - n_pred, n_pred, n_query, seq)
   vis_tok = jnp.take_along_axis(tokens, vis_pos[..., None], axis=1)
   if use_cfg:  # rows interleaved (image 0 cond, image 0 uncond, ...): stays local per device
     dup = lambda a: jnp.repeat(a, 2, axis=0)  # noqa: E731
@@ -74,7 +78,7 @@ def _backbone(state, tokens, orders, class_vec, m_cur, n_pred, *, graphdef, visi
     cv = jnp.stack([class_vec, fake], axis=1).reshape(2 * b, -1)
     x = model.encode(dup(vis_tok), dup(vis_pos), cv, valid=dup(vis_valid))
     z = model.decode(x, dup(vis_pos), valid=dup(vis_valid), query_positions=dup(pred_pos))
-    z = z.reshape(b, 2, n_pad, -1)
+    z = z.reshape(b, 2, n_query, -1)
   else:
     x = model.encode(vis_tok, vis_pos, class_vec, valid=vis_valid)
     z = model.decode(x, vis_pos, valid=vis_valid, query_positions=pred_pos)
@@ -82,10 +86,12 @@ def _backbone(state, tokens, orders, class_vec, m_cur, n_pred, *, graphdef, visi
 
 
 def _head(state, z, pred_pos, pred_valid, tokens, image_keys, tables, cfg, temperature, *,
-          graphdef, num_steps, use_cfg):
-  """Samples the predicted tokens of one AR step and writes them into `tokens`."""
+          graphdef, num_steps, n_pad, use_cfg):
+  """Samples the predicted tokens of one AR step (the first n_pad of the backbone's query
+  rows) and writes them into `tokens`."""
   TRACE_COUNTS['head'] += 1
-  b, n_pad = pred_pos.shape
+  z, pred_pos, pred_valid = z[..., :n_pad, :], pred_pos[:, :n_pad], pred_valid[:, :n_pad]
+  b = pred_pos.shape[0]
   ch = tokens.shape[2]
   noise_keys = jax.vmap(lambda k: jax.random.fold_in(k, NOISE_STREAM))(image_keys)
   row_keys = jax.vmap(lambda k, p: jax.vmap(lambda q: jax.random.fold_in(k, q))(p))(
@@ -97,10 +103,11 @@ def _head(state, z, pred_pos, pred_valid, tokens, image_keys, tables, cfg, tempe
 
 
 def _head_explicit(state, z, pred_pos, pred_valid, tokens, x_init, eps, tables, cfg,
-                   temperature, *, graphdef, num_steps, use_cfg):
+                   temperature, *, graphdef, num_steps, n_pad, use_cfg):
   """`_head` with the initial noise x_init [B, n_pad, C] and step noise eps [A, B, n_pad, C]
   given (parity tests inject the reference implementation's noise)."""
   TRACE_COUNTS['head'] += 1
+  z, pred_pos, pred_valid = z[..., :n_pad, :], pred_pos[:, :n_pad], pred_valid[:, :n_pad]
   rows, ch = x_init.shape[0] * x_init.shape[1], x_init.shape[2]
   return _denoise_and_write(graphdef, state, z, pred_pos, pred_valid, tokens, tables, cfg,
                             temperature, x_init.reshape(rows, ch),
@@ -134,39 +141,39 @@ def _init(state, labels, image_keys, *, graphdef, seq_len):
 
 @functools.cache
 def _jitted(mesh: Mesh | None):
-  """The three jitted functions, with explicit shardings when a mesh is given."""
+  """(function, jit sharding kwargs) for init, backbone, head and head_explicit."""
   if mesh is None:
-    kw_b = kw_h = kw_e = kw_i = {}
-  else:
-    rep, bat = shd.replicated(mesh), shd.batch_sharded(mesh)
-    kw_b = dict(in_shardings=(rep, bat, bat, bat, rep, rep), out_shardings=(bat, bat, bat))
-    kw_h = dict(in_shardings=(rep, bat, bat, bat, bat, bat, rep, rep, rep), out_shardings=bat)
-    steps_bat = jax.sharding.NamedSharding(mesh, jax.P(None, shd.DATA))
-    kw_e = dict(in_shardings=(rep, bat, bat, bat, bat, bat, steps_bat, rep, rep, rep),
-                out_shardings=bat)
-    kw_i = dict(in_shardings=(rep, bat, bat), out_shardings=(bat, bat))
-  backbone = jax.jit(_backbone, static_argnames=('graphdef', 'visible_pad', 'n_pad', 'use_cfg'),
-                     **kw_b)
-  head = jax.jit(_head, static_argnames=('graphdef', 'num_steps', 'use_cfg'),
-                 donate_argnums=(4,), **kw_h)
-  head_explicit = jax.jit(_head_explicit, static_argnames=('graphdef', 'num_steps', 'use_cfg'),
-                          donate_argnums=(4,), **kw_e)
-  init = jax.jit(_init, static_argnames=('graphdef', 'seq_len'), **kw_i)
-  return backbone, head, head_explicit, init
+    donate = dict(donate_argnums=(4,))   # tokens are updated in place
+    return {'init': (_init, {}), 'backbone': (_backbone, {}), 'head': (_head, donate),
+            'head_explicit': (_head_explicit, donate)}
+  rep, bat = shd.replicated(mesh), shd.batch_sharded(mesh)
+  steps_bat = jax.sharding.NamedSharding(mesh, jax.P(None, bat.spec[0]))
+  return {
+    'init': (_init, dict(in_shardings=(rep, bat, bat), out_shardings=(bat, bat))),
+    'backbone': (_backbone, dict(in_shardings=(rep, bat, bat, bat, rep, rep),
+                                 out_shardings=(bat, bat, bat))),
+    'head': (_head, dict(in_shardings=(rep, bat, bat, bat, bat, bat, rep, rep, rep),
+                         out_shardings=bat, donate_argnums=(4,))),
+    'head_explicit': (_head_explicit, dict(
+      in_shardings=(rep, bat, bat, bat, bat, bat, steps_bat, rep, rep, rep), out_shardings=bat,
+      donate_argnums=(4,))),
+  }
 
 
 @dataclasses.dataclass
 class RunStats:
-  """What one `generate` call did: wall time per phase (when timed) and compilations."""
+  """What one `generate` call did: compile and sampling time, per phase when timed."""
 
   plan: SamplingPlan
   wall_s: float = 0.0
+  compile_s: float = 0.0
   backbone_s: float = 0.0
   head_s: float = 0.0
   compiles: dict = dataclasses.field(default_factory=dict)
 
   def as_dict(self) -> dict:
-    d = {'wall_s': round(self.wall_s, 4), 'compiles': dict(self.compiles)}
+    d = {'wall_s': round(self.wall_s, 4), 'compile_s': round(self.compile_s, 4),
+         'compiles': dict(self.compiles)}
     if self.backbone_s or self.head_s:
       d.update(backbone_s=round(self.backbone_s, 4), head_s=round(self.head_s, 4))
     d.update(self.plan.report())
@@ -176,24 +183,30 @@ class RunStats:
 class Sampler:
   """Holds a MAR model split for jitted sampling; `generate` runs one batch.
 
+  Every bucket is compiled ahead of time (`jit(...).lower(...).compile()`) on first use and
+  kept, so compile time is measured per bucket (`compile_log`) and never counted as
+  sampling time.
+
   Args:
     model: a `disa_jax.models.MAR`.
     mesh: optional mesh; the batch is sharded over its data axis, parameters replicated.
-    enc_bucket: encoder lengths are padded to a multiple of this (bounded compiles).
+    enc_bucket: encoder lengths are padded to a multiple of this (0: seq_len / 16).
     max_head_waste: largest fraction of padded head row-steps allowed in a bucket.
     matmul_precision: None (backend default) or 'highest' for fp32-exact parity runs.
   """
 
-  def __init__(self, model, *, mesh: Mesh | None = None, enc_bucket: int = 16,
+  def __init__(self, model, *, mesh: Mesh | None = None, enc_bucket: int = 0,
                max_head_waste: float = 0.05, matmul_precision: str | None = None):
     self.config = model.config
     self.graphdef, state = nnx.split(model)
     self.mesh = mesh
     self.state = state if mesh is None else jax.device_put(state, shd.replicated(mesh))
-    self.enc_bucket = enc_bucket
+    self.enc_bucket = enc_bucket or max(1, self.config.seq_len // 16)
     self.max_head_waste = max_head_waste
-    self.matmul_precision = matmul_precision
+    self.matmul_precision = matmul_precision or None
     self._tables: dict = {}
+    self._executables: dict = {}
+    self.compile_log: dict = {}   # bucket key -> compile seconds
     self.last_stats: RunStats | None = None
 
   def plan(self, batch_size: int, *, steps: Sequence[int], max_timestep: int | None,
@@ -201,6 +214,12 @@ class Sampler:
     return make_plan(self.config, batch_size=batch_size, steps=steps, max_timestep=max_timestep,
                      cfg=cfg, cfg_schedule=cfg_schedule, enc_bucket=self.enc_bucket,
                      max_head_waste=self.max_head_waste)
+
+  # ----------------------------------------------------------------------------------------
+  def _precision(self):
+    if self.matmul_precision:
+      return jax.default_matmul_precision(self.matmul_precision)
+    return contextlib.nullcontext()
 
   def _device_tables(self, requested: int, max_timestep):
     key = (requested, max_timestep)
@@ -211,6 +230,68 @@ class Sampler:
       self._tables[key] = tables
     return self._tables[key]
 
+  def _batch(self, x, axis: int = 0):
+    if self.mesh is None:
+      return jnp.asarray(x)
+    if axis == 0:
+      return jax.device_put(x, shd.batch_sharded(self.mesh))
+    spec = (None,) * axis + (shd.batch_sharded(self.mesh).spec[0],)
+    return jax.device_put(x, jax.sharding.NamedSharding(self.mesh, jax.P(*spec)))
+
+  def _run(self, name: str, args, static: dict):
+    """Calls the AOT-compiled executable of function `name` for these shapes and static
+    arguments, compiling it (jit -> lower -> compile) the first time."""
+    key = (name, self.mesh, tuple(sorted(static.items(), key=lambda kv: kv[0])),
+           tuple((tuple(np.shape(a)), str(getattr(a, 'dtype', type(a))))
+                 for a in jax.tree.leaves(args)))
+    exe = self._executables.get(key)
+    if exe is None:
+      fn, jit_kwargs = _jitted(self.mesh)[name]
+      t0 = time.perf_counter()
+      with self._precision():
+        exe = jax.jit(functools.partial(fn, **static), **jit_kwargs).lower(*args).compile()
+      self.compile_log[key] = time.perf_counter() - t0
+      self._executables[key] = exe
+    return exe(*args)
+
+  def compile(self, plan: SamplingPlan, *, explicit_noise: bool = False) -> float:
+    """Compiles every bucket of `plan` now (with placeholder inputs); returns seconds spent."""
+    before = sum(self.compile_log.values())
+    b, seq, ch = plan.batch_size, self.config.seq_len, self.config.token_embed_dim
+    dd = self.config.decoder_embed_dim
+    gd, st = self.graphdef, self.state
+    labels = self._batch(np.zeros((b,), np.int32))
+    keys = self._batch(jax.random.split(jax.random.key(0), b))
+    orders, class_vec = self._run('init', (st, labels, keys), dict(graphdef=gd,
+                                                                          seq_len=seq))
+    tokens = self._batch(np.zeros((b, seq, ch), np.float32))
+    branch = (2,) if plan.use_cfg else ()
+    seen_h = set()
+    for s in plan.steps:
+      self._run('backbone', (st, tokens, orders, class_vec, jnp.int32(s.m_cur),
+                                       jnp.int32(s.n_pred)),
+                dict(graphdef=gd, visible_pad=s.visible_pad, n_query=plan.n_query,
+                     use_cfg=plan.use_cfg))
+      if (s.actual_steps, s.n_pad) in seen_h:
+        continue
+      seen_h.add((s.actual_steps, s.n_pad))
+      z = self._batch(np.zeros((b, *branch, plan.n_query, dd), np.float32))
+      pos = self._batch(np.zeros((b, plan.n_query), np.int32))
+      valid = self._batch(np.zeros((b, plan.n_query), bool))
+      tables = self._device_tables(s.requested_steps, plan.max_timestep)
+      scal = (jnp.float32(1.0), jnp.float32(1.0))
+      static = dict(graphdef=gd, num_steps=s.actual_steps, n_pad=s.n_pad, use_cfg=plan.use_cfg)
+      tok = self._batch(np.zeros((b, seq, ch), np.float32))
+      if explicit_noise:
+        x0 = self._batch(np.zeros((b, s.n_pad, ch), np.float32))
+        eps = self._batch(np.zeros((s.actual_steps, b, s.n_pad, ch), np.float32), axis=1)
+        self._run('head_explicit',
+                  (st, z, pos, valid, tok, x0, eps, tables, *scal), static)
+      else:
+        self._run('head', (st, z, pos, valid, tok, keys, tables, *scal), static)
+    return sum(self.compile_log.values()) - before
+
+  # ----------------------------------------------------------------------------------------
   def generate(
     self,
     labels,
@@ -234,6 +315,7 @@ class Sampler:
     `orders` [B, L] and `noise(ar_step, n) -> (x_T [B, n, C], eps [A, B, n, C])` replace the
     internal randomness (parity tests). `timed` synchronises after each phase to measure
     backbone and head time separately. `progress(step_index)` is called after each AR step.
+    Compilation happens before sampling starts and is reported as `last_stats.compile_s`.
     """
     steps = [int(s) for s in steps]
     b = int(np.shape(labels)[0])
@@ -242,57 +324,53 @@ class Sampler:
                        'data-parallel devices; pad the batch')
     plan = self.plan(b, steps=steps, max_timestep=max_timestep, cfg=cfg,
                      cfg_schedule=cfg_schedule)
-    backbone, head, head_explicit, init = _jitted(self.mesh)
     gd, st = self.graphdef, self.state
     seq, ch = self.config.seq_len, self.config.token_embed_dim
     before = collections.Counter(TRACE_COUNTS)
-    ctx = (jax.default_matmul_precision(self.matmul_precision) if self.matmul_precision
-           else _nullcontext())
     stats = RunStats(plan=plan)
+    stats.compile_s = self.compile(plan, explicit_noise=noise is not None)
     t_start = time.perf_counter()
-    with ctx:
-      labels_arr = self._batch(np.asarray(labels, np.int32))
-      ids = np.arange(b) if image_ids is None else np.asarray(image_ids)
-      image_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.asarray(ids, jnp.uint32))
-      image_keys = self._batch(image_keys)
-      gen_orders, class_vec = init(st, labels_arr, image_keys, graphdef=gd, seq_len=seq)
-      if orders is not None:
-        gen_orders = self._batch(np.asarray(orders, np.int32))
-      tokens = self._batch(jnp.zeros((b, seq, ch), jnp.float32))
-      for s in plan.steps:
-        t0 = time.perf_counter()
-        z, pred_pos, pred_valid = backbone(
-          st, tokens, gen_orders, class_vec, jnp.int32(s.m_cur), jnp.int32(s.n_pred),
-          graphdef=gd, visible_pad=s.visible_pad, n_pad=s.n_pad, use_cfg=plan.use_cfg)
-        if timed:
-          jax.block_until_ready(z)
-          t1 = time.perf_counter()
-          stats.backbone_s += t1 - t0
-        tables = self._device_tables(s.requested_steps, max_timestep)
-        scalars = (jnp.float32(s.cfg), jnp.float32(temperature))
-        static = dict(graphdef=gd, num_steps=s.actual_steps, use_cfg=plan.use_cfg)
-        if noise is None:
-          tokens = head(st, z, pred_pos, pred_valid, tokens, image_keys, tables, *scalars,
-                        **static)
-        else:
-          x_init, eps = self._explicit_noise(noise, s, b, ch)
-          tokens = head_explicit(st, z, pred_pos, pred_valid, tokens, x_init, eps, tables,
-                                 *scalars, **static)
-        if timed:
-          jax.block_until_ready(tokens)
-          stats.head_s += time.perf_counter() - t1
-        if progress is not None:
-          progress(s.index)
-      jax.block_until_ready(tokens)
+    labels_arr = self._batch(np.asarray(labels, np.int32))
+    ids = np.arange(b) if image_ids is None else np.asarray(image_ids)
+    image_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.asarray(ids, jnp.uint32))
+    image_keys = self._batch(image_keys)
+    gen_orders, class_vec = self._run('init', (st, labels_arr, image_keys),
+                                      dict(graphdef=gd, seq_len=seq))
+    if orders is not None:
+      gen_orders = self._batch(np.asarray(orders, np.int32))
+    tokens = self._batch(np.zeros((b, seq, ch), np.float32))
+    for s in plan.steps:
+      t0 = time.perf_counter()
+      z, pred_pos, pred_valid = self._run(
+        'backbone',
+        (st, tokens, gen_orders, class_vec, jnp.int32(s.m_cur), jnp.int32(s.n_pred)),
+        dict(graphdef=gd, visible_pad=s.visible_pad, n_query=plan.n_query,
+             use_cfg=plan.use_cfg))
+      if timed:
+        jax.block_until_ready(z)
+        t1 = time.perf_counter()
+        stats.backbone_s += t1 - t0
+      tables = self._device_tables(s.requested_steps, max_timestep)
+      scalars = (jnp.float32(s.cfg), jnp.float32(temperature))
+      static = dict(graphdef=gd, num_steps=s.actual_steps, n_pad=s.n_pad, use_cfg=plan.use_cfg)
+      if noise is None:
+        tokens = self._run('head', (st, z, pred_pos, pred_valid, tokens, image_keys,
+                                          tables, *scalars), static)
+      else:
+        x_init, eps = self._explicit_noise(noise, s, b, ch)
+        tokens = self._run('head_explicit',
+                           (st, z, pred_pos, pred_valid, tokens, x_init, eps, tables,
+                            *scalars), static)
+      if timed:
+        jax.block_until_ready(tokens)
+        stats.head_s += time.perf_counter() - t1
+      if progress is not None:
+        progress(s.index)
+    jax.block_until_ready(tokens)
     stats.wall_s = time.perf_counter() - t_start
     stats.compiles = {k: TRACE_COUNTS[k] - before[k] for k in ('init', 'backbone', 'head')}
     self.last_stats = stats
     return tokens
-
-  def _batch(self, x):
-    if self.mesh is None:
-      return jnp.asarray(x)
-    return jax.device_put(x, shd.batch_sharded(self.mesh))
 
   def _explicit_noise(self, noise, s, b, ch):
     x_t, eps = noise(s.index, s.n_pred)
@@ -301,18 +379,7 @@ class Sampler:
     pad = s.n_pad - s.n_pred
     x_t = np.pad(x_t, ((0, 0), (0, pad), (0, 0)))
     eps = np.pad(eps, ((0, 0), (0, 0), (0, pad), (0, 0)))
-    if self.mesh is None:
-      return jnp.asarray(x_t), jnp.asarray(eps)
-    steps_bat = jax.sharding.NamedSharding(self.mesh, jax.P(None, shd.DATA))
-    return self._batch(x_t), jax.device_put(eps, steps_bat)
-
-
-class _nullcontext:
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *a):
-    return False
+    return self._batch(x_t), self._batch(eps, axis=1)
 
 
 def generate(model, labels, key, *, num_iter: int = 64, cfg: float = 1.0,

@@ -6,9 +6,9 @@ Everything about a run's shapes is known before sampling (LTH14/mar `sample_toke
   linear CFG scale: 1 + (cfg - 1) (L - m_next) / L,  m_next = the clamped post-step count
 so the sampler can choose static shapes up front:
 
-- backbone bucket (V_pad, n_pad): the encoder sees the buffer plus V visible tokens, padded to
-  a multiple of `enc_bucket` (padding excluded as attention keys); the decoder's last block
-  returns only the n_pad rows predicted this step.
+- backbone bucket V_pad: the encoder sees the buffer plus V visible tokens, padded to a
+  multiple of `enc_bucket` (padding excluded as attention keys); the decoder's last block
+  returns only the `n_query` rows (the largest n_pad of the run) around the predicted tokens.
 - head bucket (A, n_pad): A = network evaluations per token (after the DiSA clamp); rows are
   padded within a bucket and buckets are split so that each wastes at most `max_head_waste`
   of its row-steps.
@@ -82,8 +82,14 @@ class SamplingPlan:
     return len(self.steps)
 
   @property
-  def backbone_buckets(self) -> list[tuple[int, int]]:
-    return sorted({(s.visible_pad, s.n_pad) for s in self.steps})
+  def n_query(self) -> int:
+    """Rows per image the decoder returns at every step (the largest head bucket): the
+    backbone is then keyed by the encoder length alone; extra query rows cost ~nothing."""
+    return max(s.n_pad for s in self.steps)
+
+  @property
+  def backbone_buckets(self) -> list[int]:
+    return sorted({s.visible_pad for s in self.steps})
 
   @property
   def head_buckets(self) -> list[tuple[int, int]]:
@@ -232,6 +238,6 @@ def plan_flops(config: MARConfig, plan: SamplingPlan, *, official: bool = True) 
       bb += backbone_flops(config, s.visible)
       hd += s.n_pred * s.actual_steps * head_flops_per_eval(config)
     else:
-      bb += backbone_flops(config, s.visible_pad, n_query=s.n_pad)
+      bb += backbone_flops(config, s.visible_pad, n_query=plan.n_query)
       hd += s.n_pad * s.actual_steps * head_flops_per_eval(config)
   return {'backbone': bb * branches, 'head': hd * branches, 'total': (bb + hd) * branches}

@@ -1,4 +1,5 @@
-"""A PyTorch reference of MAR, its diffusion head and sampler, written from the spec.
+"""A PyTorch reference of MAR, its diffusion head and sampler, written from the spec (needs
+`pip install disa_jax[torch]`).
 
 Written for the parity tests from `shared/spec/mar_disa.md` (official semantics of LTH14/mar
 and Qinyu-Allen-Zhao/DiSA): same module names as the official state dict, the official
@@ -212,32 +213,52 @@ class SpacedDiffusionRef:
     self.c2 = (1 - acp_prev) * np.sqrt(1 - b) / (1 - ac)
 
   def p_sample_loop(self, fn, x, noise_iter, temperature=1.0, **kw):
-    ch = x.shape[1] // 1
+    ch = x.shape[1]
     for k in reversed(range(self.n)):
       t = torch.full((x.shape[0],), self.timestep_map[k], dtype=torch.long)
       out = fn(x, t, **kw)
       eps, v = out[:, :ch], out[:, ch:]
-      f = lambda a: torch.tensor(a[k], dtype=torch.float32)  # noqa: E731
+      # Coefficients gathered from the float64 tables, then float32 (as the official code).
+      log_beta, post_logvar, sqrt_recip, sqrt_recipm1, c1, c2 = (
+        torch.tensor(a[k], dtype=torch.float32) for a in (
+          self.log_betas, self.post_logvar, self.sqrt_recip, self.sqrt_recipm1, self.c1,
+          self.c2))
       frac = (v + 1) / 2
-      logvar = frac * f(self.log_betas) + (1 - frac) * f(self.post_logvar)
-      x0 = f(self.sqrt_recip) * x - f(self.sqrt_recipm1) * eps
-      mean = f(self.c1) * x0 + f(self.c2) * x
+      logvar = frac * log_beta + (1 - frac) * post_logvar
+      x0 = sqrt_recip * x - sqrt_recipm1 * eps
+      mean = c1 * x0 + c2 * x
       n = next(noise_iter)
       x = mean + (1.0 if k != 0 else 0.0) * torch.exp(0.5 * logvar) * n * temperature
     return x
 
 
-def sample_tokens(model, bsz, *, num_iter, cfg, cfg_schedule, labels, temperature, steps,
-                  clip, orders, noise_source):
-  """Official `sample_tokens` (+ DiSA per-step `steps`) with injected orders and noise.
+def _default_noise(step, n, num_steps, ch, cfg_on):
+  """What the official code draws: x_T for n rows (duplicated under CFG), then one
+  randn_like(x) per step for all rows."""
+  del step
+  rows = 2 * n if cfg_on else n
+  return torch.randn(n, ch), (torch.randn(rows, ch) for _ in range(num_steps))
 
-  noise_source(step, n, num_steps) -> (x_T [n, C] numpy, iterator of [2n or n, C] numpy).
+
+@torch.no_grad()
+def sample_tokens(model, bsz, *, num_iter, cfg, cfg_schedule, labels, temperature, steps,
+                  clip, orders=None, noise_source=None, timings=None):
+  """Official `sample_tokens` (+ DiSA per-step `steps`), optionally with injected randomness.
+
+  orders [B, L] (default: numpy shuffles as the official code); noise_source(step, n,
+  num_steps) -> (x_T [n, C], iterator of [2n or n, C]) (default: torch.randn as the official
+  code). `timings`, a dict, accumulates 'backbone' and 'head' seconds.
   """
+  import time
+
   seq, ch = model.seq, model.ch
   mask = torch.ones(bsz, seq)
   tokens = torch.zeros(bsz, seq, ch)
+  if orders is None:
+    orders = np.stack([np.random.permutation(seq) for _ in range(bsz)])
   orders = torch.as_tensor(np.asarray(orders), dtype=torch.long)
   for step in range(num_iter):
+    t0 = time.perf_counter()
     cur = tokens.clone()
     ce = model.class_emb(torch.as_tensor(labels)) if labels is not None else \
       model.fake_latent.repeat(bsz, 1)
@@ -258,10 +279,14 @@ def sample_tokens(model, bsz, *, num_iter, cfg, cfg_schedule, labels, temperatur
     if cfg != 1.0:
       to_pred = torch.cat([to_pred, to_pred])
     zs = z[to_pred.nonzero(as_tuple=True)]
+    t1 = time.perf_counter()
     cfg_iter = 1 + (cfg - 1) * (seq - mask_len) / seq if cfg_schedule == 'linear' else cfg
     diff = SpacedDiffusionRef(steps[step], clip)
     n = zs.shape[0] // (2 if cfg != 1.0 else 1)
-    x_t, it = noise_source(step, n, diff.n)
+    if noise_source is None:
+      x_t, it = _default_noise(step, n, diff.n, ch, cfg != 1.0)
+    else:
+      x_t, it = noise_source(step, n, diff.n)
     x_t = torch.as_tensor(x_t, dtype=torch.float32)
     it = (torch.as_tensor(e, dtype=torch.float32) for e in it)
     if cfg != 1.0:
@@ -274,6 +299,10 @@ def sample_tokens(model, bsz, *, num_iter, cfg, cfg_schedule, labels, temperatur
       out = diff.p_sample_loop(model.diffloss.net.forward, x_t, it, temperature, c=zs)
     cur[to_pred.nonzero(as_tuple=True)] = out
     tokens = cur.clone()
+    if timings is not None:
+      t2 = time.perf_counter()
+      timings['backbone'] = timings.get('backbone', 0.0) + t1 - t0
+      timings['head'] = timings.get('head', 0.0) + t2 - t1
   return tokens
 
 

@@ -1,0 +1,19 @@
+"""MAR-Base (official architecture) sampled with DiSA by default.
+
+Official weights, converted once (see README):
+  disa-sample --config=configs/mar_base.py --checkpoint=ckpt/mar_base --vae=ckpt/kl16 \
+      --num_images=64 --out=outputs/mar_base
+Original MAR schedule (K=256, 100 steps, no clamp):
+  disa-sample --config=configs/mar_base.py --preset=mar --config.sampling.num_iter=256 \
+      --config.sampling.upper_steps=100 ...
+CPU-sized stand-in with random weights (same 256-token layout, tiny widths):
+  disa-sample --config=configs/mar_base.py:cpu --out=outputs/mar_base_cpu
+Unit-test size (16 tokens): --config=configs/mar_base.py:tiny
+"""
+
+from disa_jax.config import mar_config, parse_arg
+
+
+def get_config(arg=None):
+  a = parse_arg(arg, cpu=False, tiny=False)
+  return mar_config('mar_base', cpu=a.cpu, tiny=a.tiny)

@@ -1,0 +1,19 @@
+"""MAR-Huge (official architecture) sampled with DiSA by default.
+
+Official weights, converted once (see README):
+  disa-sample --config=configs/mar_huge.py --checkpoint=ckpt/mar_huge --vae=ckpt/kl16 \
+      --num_images=64 --out=outputs/mar_huge
+Original MAR schedule (K=256, 100 steps, no clamp):
+  disa-sample --config=configs/mar_huge.py --preset=mar --config.sampling.num_iter=256 \
+      --config.sampling.upper_steps=100 ...
+CPU-sized stand-in with random weights (same 256-token layout, tiny widths):
+  disa-sample --config=configs/mar_huge.py:cpu --out=outputs/mar_huge_cpu
+Unit-test size (16 tokens): --config=configs/mar_huge.py:tiny
+"""
+
+from disa_jax.config import mar_config, parse_arg
+
+
+def get_config(arg=None):
+  a = parse_arg(arg, cpu=False, tiny=False)
+  return mar_config('mar_huge', cpu=a.cpu, tiny=a.tiny)

@@ -1,0 +1,172 @@
+"""Model directories: orbax-saved parameters plus the architecture, written atomically.
+
+Layout of a model directory (written by `disa-convert`, `disa-train --export` or
+`save_model`):
+  meta.json           {"format": "disa_jax.model", "kind": "mar" | "vae", "version": 1, ...}
+  model_config.json   the architecture (MARConfig fields / VAE config)
+  params/             orbax StandardCheckpointer tree of the nnx.Param state
+
+Everything is written into a temporary sibling directory and renamed at the end, so a
+failed or interrupted write never leaves a half-written model directory behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+FORMAT = 'disa_jax.model'
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+  """A model directory that cannot be used; the message says why and what to do."""
+
+
+@contextlib.contextmanager
+def atomic_directory(final: str | os.PathLike, *, overwrite: bool = False):
+  """Yields a temporary directory that becomes `final` only if the block succeeds."""
+  final = Path(final).expanduser().absolute()
+  if final.exists() and not overwrite:
+    raise CheckpointError(f'output {final} already exists; choose another path or remove it')
+  final.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f'.{final.name}.tmp-', dir=final.parent))
+  try:
+    yield tmp
+    if final.exists():
+      old = final.with_name(f'.{final.name}.old-{os.getpid()}')
+      final.rename(old)
+      tmp.rename(final)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      tmp.rename(final)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def _pure(state):
+  return jax.tree.map(lambda x: np.asarray(x), nnx.to_pure_dict(state))
+
+
+def _stringify_keys(tree):
+  if isinstance(tree, dict):
+    return {str(k): _stringify_keys(v) for k, v in tree.items()}
+  return tree
+
+
+def save_params(directory: Path, state) -> None:
+  """Saves an nnx State (or nested dict of arrays) with orbax into `directory/params`."""
+  tree = _stringify_keys(_pure(state) if isinstance(state, nnx.State) else state)
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(Path(directory).absolute() / 'params', tree)
+  ckptr.wait_until_finished()
+
+
+def save_model(directory, module, *, kind: str, model_config: dict, meta: dict | None = None,
+               overwrite: bool = False) -> Path:
+  """Writes `module`'s parameters and its config as a model directory (atomically)."""
+  with atomic_directory(directory, overwrite=overwrite) as tmp:
+    save_params(tmp, nnx.state(module, nnx.Param))
+    (tmp / 'model_config.json').write_text(json.dumps(model_config, indent=2, sort_keys=True))
+    info = {'format': FORMAT, 'kind': kind, 'version': VERSION, **(meta or {})}
+    (tmp / 'meta.json').write_text(json.dumps(info, indent=2, sort_keys=True))
+  return Path(directory)
+
+
+def read_meta(directory) -> tuple[dict, dict]:
+  """(meta, model_config) of a model directory, with clear errors for wrong paths."""
+  d = Path(directory).expanduser()
+  if not d.exists():
+    raise CheckpointError(f'checkpoint directory {d} does not exist')
+  if not d.is_dir():
+    raise CheckpointError(
+      f'{d} is a file, not a disa_jax model directory; convert official weights first with '
+      '`disa-convert mar --torch-checkpoint FILE --out DIR`')
+  meta_path = d / 'meta.json'
+  if not meta_path.exists() or not (d / 'params').exists():
+    raise CheckpointError(
+      f'{d} is not a disa_jax model directory (no meta.json / params/); create one with '
+      '`disa-convert` or `disa-train`')
+  meta = json.loads(meta_path.read_text())
+  if meta.get('format') != FORMAT:
+    raise CheckpointError(f'{d}/meta.json has format {meta.get("format")!r}, expected {FORMAT}')
+  return meta, json.loads((d / 'model_config.json').read_text())
+
+
+def restore_params(directory, abstract_state):
+  """Restores `directory/params` into the structure of `abstract_state` (an nnx State)."""
+  target = _stringify_keys(jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(abstract_state)))
+  ckptr = ocp.StandardCheckpointer()
+  try:
+    tree = ckptr.restore(Path(directory).absolute() / 'params', target)
+  except (ValueError, KeyError) as e:
+    raise CheckpointError(f'parameters in {directory} do not match the model: {e}') from None
+  pure = nnx.to_pure_dict(abstract_state)
+  _fill(pure, tree)
+  nnx.replace_by_pure_dict(abstract_state, pure)
+  return abstract_state
+
+
+def _fill(pure, tree):
+  for k in list(pure):
+    v = tree[str(k)]
+    if isinstance(pure[k], dict):
+      _fill(pure[k], v)
+    else:
+      if tuple(v.shape) != tuple(pure[k].shape):
+        raise CheckpointError(f'parameter {k}: stored shape {v.shape}, model {pure[k].shape}')
+      pure[k] = jnp.asarray(v)
+
+
+def load_mar(directory, *, expect_config: dict | None = None, overrides: dict | None = None):
+  """Loads a MAR model directory -> `disa_jax.models.MAR` with its parameters.
+
+  `expect_config` (e.g. the CLI's `config.model`) is compared with the stored architecture;
+  a difference in any architecture field raises a `CheckpointError` naming it. `overrides`
+  changes runtime-only fields (dtype, attn_splits).
+  """
+  from disa_jax.models.mar import MAR, MARConfig
+
+  meta, stored = read_meta(directory)
+  if meta.get('kind') != 'mar':
+    raise CheckpointError(
+      f'{directory} holds a {meta.get("kind")!r} model, not MAR; pass it to the right flag '
+      '(a VAE goes to --vae)')
+  stored = {**stored, **(overrides or {})}
+  if expect_config is not None:
+    diff = architecture_diff(expect_config, stored)
+    if diff:
+      raise CheckpointError(
+        f'config and checkpoint disagree on the architecture ({"; ".join(diff)}); use the config '
+        f'that matches the checkpoint (e.g. configs/{meta.get("variant", "mar_base")}.py)')
+  cfg = MARConfig.from_dict(stored)
+  abstract = nnx.eval_shape(lambda: MAR(cfg, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  state = restore_params(directory, state)
+  return nnx.merge(graphdef, state)
+
+
+RUNTIME_FIELDS = {'dtype', 'attn_splits', 'attn_dropout', 'proj_dropout', 'label_drop_prob',
+                  'mask_ratio_min', 'diffusion_batch_mul'}
+
+
+def architecture_diff(expected: dict, stored: dict) -> list[str]:
+  out = []
+  for k in sorted(set(expected) | set(stored)):
+    if k in RUNTIME_FIELDS:
+      continue
+    if expected.get(k) != stored.get(k):
+      out.append(f'{k}: config {expected.get(k)!r} vs checkpoint {stored.get(k)!r}')
+  return out
