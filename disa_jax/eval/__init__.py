@@ -1,0 +1,1 @@
+"""Evaluation: Frechet distances, Inception FID/IS, quality scores, the paper's evidence."""

@@ -1,0 +1,38 @@
+"""Frechet distance between Gaussians fitted to features (FID and friends).
+
+  d^2 = |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^{1/2})
+
+Computed host-side in float64 with `scipy.linalg.sqrtm`, as pytorch-fid / torch-fidelity /
+the ADM evaluator do (including their handling of a slightly complex or singular product).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import linalg
+
+
+def feature_stats(features) -> tuple[np.ndarray, np.ndarray]:
+  """(mean [D], covariance [D, D]) of features [N, D] in float64 (N >= 2)."""
+  f = np.asarray(features, np.float64)
+  if f.ndim != 2 or f.shape[0] < 2:
+    raise ValueError(f'need features [N >= 2, D], got shape {f.shape}')
+  return f.mean(axis=0), np.cov(f, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+  mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+  s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+  if mu1.shape != mu2.shape or s1.shape != s2.shape:
+    raise ValueError(f'statistics have different shapes: {mu1.shape}/{s1.shape} vs '
+                     f'{mu2.shape}/{s2.shape}')
+  diff = mu1 - mu2
+  covmean, _ = linalg.sqrtm(s1.dot(s2), disp=False)
+  if not np.isfinite(covmean).all():
+    offset = np.eye(s1.shape[0]) * eps
+    covmean = linalg.sqrtm((s1 + offset).dot(s2 + offset))
+  if np.iscomplexobj(covmean):
+    if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+      raise ValueError(f'imaginary component {np.max(np.abs(covmean.imag))} in sqrtm')
+    covmean = covmean.real
+  return float(diff.dot(diff) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
