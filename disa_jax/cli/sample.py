@@ -119,13 +119,20 @@ def sample(config, out: str, *, overwrite=False, save_images=True, show_progress
       if decoder is None:
         print('no image decoder for this config (pass --vae DIR for KL-16 models): '
               'writing tokens and a latent preview')
+    splan = sampler.plan(config.sampling.batch_size, steps=plan.steps,
+                         max_timestep=plan.max_timestep, cfg=config.sampling.cfg,
+                         cfg_schedule=config.sampling.cfg_schedule)
+    if is_main:
+      print(f'compiling {len(splan.backbone_buckets)} backbone + {len(splan.head_buckets)} head '
+            'buckets (cached on disk for later runs) ...', flush=True)
+    precompile_s = sampler.compile(splan)
     bar = None
     n_batches = -(-len(labels) // config.sampling.batch_size)
     if show_progress and is_main:
       from tqdm import tqdm
 
       bar = tqdm(total=n_batches * plan.num_iter, desc='AR steps', unit='step', leave=False)
-    totals = runner.RunTotals()
+    totals = runner.RunTotals(compile_s=precompile_s)
     key = jax.random.key(config.sampling.seed)
     img_dir = os.path.join(od.path, 'images')
     os.makedirs(img_dir, exist_ok=True)

@@ -1,0 +1,48 @@
+"""Benchmark library: FLOP accounting, phases, peak, bf16 precision report."""
+
+import pytest
+from helpers import tiny_model
+
+from disa_jax import benchmark as bm
+from disa_jax.sampler.generate import Sampler
+
+
+def test_run_spec_parsing():
+  s = bm.RunSpec.parse('disa64=disa:64:50:5:cosine')
+  assert (s.label, s.preset, s.num_iter, s.upper, s.lower, s.strategy) == \
+    ('disa64', 'disa', 64, 50, 5, 'cosine')
+  m = bm.RunSpec.parse('mar:256:100')
+  assert m.preset == 'mar' and m.lower == 100 and m.strategy == 'constant'
+  assert m.step_plan().steps == (100,) * 256 and m.step_plan().max_timestep is None
+  for bad in ('fast:64:50', 'disa:64', 'disa:x:50'):
+    with pytest.raises(ValueError, match='bad run spec'):
+      bm.RunSpec.parse(bad)
+
+
+def test_run_benchmark_phases_and_flops():
+  model = tiny_model(seed=2)
+  specs = [bm.RunSpec.parse('mar=mar:4:6'), bm.RunSpec.parse('disa=disa:4:6:3')]
+  res = bm.run_benchmark(model, 'random', specs,
+                         sampler_factory=lambda m: Sampler(m, enc_bucket=4), batch_size=2,
+                         cfg=2.0, cfg_schedule='linear', temperature=1.0, phases=True,
+                         log=lambda m: None)
+  assert res['matmul_peak_tflops'] > 0
+  mar, disa = res['runs']
+  assert mar['speedup'] == 1.0 and disa['flop_speedup'] > 1.0
+  assert disa['tflop_per_image']['head'] < mar['tflop_per_image']['head']
+  assert disa['tflop_per_image']['backbone'] == mar['tflop_per_image']['backbone']
+  for run in res['runs']:
+    assert run['phases']['backbone_s'] > 0 and run['phases']['head_s'] > 0
+    assert 0 < run['fraction_of_matmul_peak']
+    assert any(k.startswith('backbone/V') for k in run['compile_s_per_bucket']) or \
+      run is disa    # the second run may reuse the first run's backbone buckets
+  assert 'table' not in res and 'disa' in bm.format_table(res)
+
+
+def test_bf16_precision_report():
+  model = tiny_model(seed=1)
+  rep = bm.precision_report(model, bm.with_dtype(model, 'bfloat16'))
+  for k in ('backbone_z_max_rel_error', 'head_eps_max_rel_error', 'head_v_max_rel_error'):
+    assert 1e-5 < rep[k] < 0.05, (k, rep[k])
+  same = bm.precision_report(model, bm.with_dtype(model, 'float32'))
+  assert same['backbone_z_max_rel_error'] == 0.0
