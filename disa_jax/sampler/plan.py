@@ -228,6 +228,16 @@ def head_flops_per_eval(config: MARConfig) -> float:
   return float(per)
 
 
+def head_flops_call(config: MARConfig, rows: int, num_steps: int) -> float:
+  """FLOPs this sampler's head call runs for `rows` rows (all branches) and A steps: the time
+  embedding once per step, the condition embedding once per row, the trunk per row-step."""
+  c = config
+  w, ch, dd = c.diffloss_w, c.token_embed_dim, c.decoder_embed_dim
+  trunk = 2 * ch * w + c.diffloss_d * 2 * (5 * w * w) + 2 * (2 * w * w + w * 2 * ch)
+  return float(num_steps * 2 * (256 * w + w * w) + rows * 2 * dd * w
+               + rows * num_steps * trunk)
+
+
 def plan_flops(config: MARConfig, plan: SamplingPlan, *, official: bool = True) -> dict:
   """Counted FLOPs per image: `official=True` counts what the reference computes (useful rows,
   full decoder); False counts what this sampler runs (padded rows, partial last block)."""
@@ -239,5 +249,5 @@ def plan_flops(config: MARConfig, plan: SamplingPlan, *, official: bool = True) 
       hd += s.n_pred * s.actual_steps * head_flops_per_eval(config)
     else:
       bb += backbone_flops(config, s.visible_pad, n_query=plan.n_query)
-      hd += s.n_pad * s.actual_steps * head_flops_per_eval(config)
+      hd += head_flops_call(config, branches * s.n_pad, s.actual_steps) / branches
   return {'backbone': bb * branches, 'head': hd * branches, 'total': (bb + hd) * branches}
