@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help='MAR: which weights of a training checkpoint (default ema = model_ema)')
   p.add_argument('--variant', choices=['base', 'large', 'huge'], default=None,
                  help='MAR: variant (heads, head depth/width); inferred from shapes if omitted')
+  p.add_argument('--num-heads', '--num_heads', type=int, default=None, dest='num_heads',
+                 help='MAR: attention heads, only for a non-official width (official widths '
+                      'imply them)')
   p.add_argument('--overwrite', action='store_true', help='replace an existing --out')
   return p
 
@@ -53,8 +56,9 @@ def main(argv=None) -> int:
           file=sys.stderr)
     return 2
   try:
+    extra = {'num_heads': args.num_heads} if args.num_heads else {}
     out = module.convert(args.checkpoint, args.out, weights=args.weights, variant=args.variant,
-                         overwrite=args.overwrite)
+                         overwrite=args.overwrite, **extra)
   except (CheckpointError, ConversionError, CheckpointReadError) as e:
     first, *rest = str(e).strip().splitlines() or [e.__class__.__name__]
     print(f'error: {first}', file=sys.stderr)
