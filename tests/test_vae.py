@@ -5,7 +5,10 @@ Parity is max |jax - torch| / max |torch| in fp32 with matmul precision 'highest
 achieved values are in the assertion messages (and printed with `pytest -s`).
 """
 
+import dataclasses
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -125,6 +128,30 @@ def test_tokenizer_decodes_like_the_official_postprocessing(small_vae):
   np.testing.assert_allclose(tk.decode_float(tokens), ref, atol=2e-5 * np.abs(ref).max())
   # uint8 mapping as engine_mar.py; values exactly on a rounding edge may differ by one.
   assert np.abs(images.astype(int) - to_uint8(ref).astype(int)).max() <= 1
+  # Chunked (1 image per device per call, 2 devices, last chunk padded): the same images.
+  chunked = VAETokenizer(mar_cfg, vae, matmul_precision='highest', devices=jax.devices()[:2],
+                         max_per_device=1)
+  np.testing.assert_allclose(chunked.decode_float(tokens), ref, atol=2e-5 * np.abs(ref).max())
+
+
+def test_bfloat16_decode_is_close():
+  """`--config.tokenizer.dtype=bfloat16`: convs in bf16, GroupNorm/softmax/residuals fp32;
+  same parameters (float32) as the float32 model."""
+  cfg = VAEConfig(ch=32, ch_mult=(1, 2), attn_levels=(1,))
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0))))
+  rng = np.random.default_rng(0)
+  state = nnx.from_flat_state([
+    (p, v.replace(jnp.asarray(rng.standard_normal(v.shape, np.float32) * 0.05
+                              + (p[-1] == 'scale'))))
+    for p, v in nnx.to_flat_state(abstract)])
+  vae = nnx.merge(graphdef, state)
+  fast_def, _ = nnx.split(nnx.eval_shape(
+    lambda: AutoencoderKL(dataclasses.replace(cfg, dtype='bfloat16'), rngs=nnx.Rngs(0))))
+  fast = nnx.merge(fast_def, state)
+  z = np.random.default_rng(3).standard_normal((2, 8, 8, 16)).astype(np.float32)
+  ref, got = _apply(vae, 'decode', z), _apply(fast, 'decode', z)
+  assert got.shape == (2, 16, 16, 3) and got.dtype == np.float32 and np.isfinite(got).all()
+  assert 1e-5 < max_rel_error(got, ref) < 5e-2
 
 
 def test_tokenizer_rejects_a_vae_that_does_not_fit(small_vae):
