@@ -207,6 +207,7 @@ def bad_files(files):
   (['mar', 'checkpoint-last.pth', '--variant', 'base'], 'checkpoint is not mar_base: '
                                                         'encoder_embed_dim 64 (expected 768)'),
   (['vae', 'kl16.ckpt', '--variant', 'base'], '--variant applies to `disa-convert mar` only'),
+  (['vae', 'kl16.ckpt', '--num-heads', '8'], '--num-heads applies to `disa-convert mar` only'),
 ])
 def test_errors_are_one_line_and_write_nothing(bad_files, capsys, args, message):
   d = bad_files

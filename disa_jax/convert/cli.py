@@ -49,6 +49,10 @@ def main(argv=None) -> int:
   from disa_jax.convert.torch_io import CheckpointReadError
 
   args = build_parser().parse_args(argv)
+  if args.num_heads is not None and args.kind != 'mar':
+    print(f'error: --num-heads applies to `disa-convert mar` only, not {args.kind}',
+          file=sys.stderr)
+    return 2
   try:
     module = importlib.import_module(f'disa_jax.convert.{args.kind}')
   except ModuleNotFoundError:
@@ -56,7 +60,7 @@ def main(argv=None) -> int:
           file=sys.stderr)
     return 2
   try:
-    extra = {'num_heads': args.num_heads} if args.num_heads else {}
+    extra = {'num_heads': args.num_heads} if args.num_heads is not None else {}
     out = module.convert(args.checkpoint, args.out, weights=args.weights, variant=args.variant,
                          overwrite=args.overwrite, **extra)
   except (CheckpointError, ConversionError, CheckpointReadError) as e:

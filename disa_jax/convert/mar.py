@@ -92,6 +92,8 @@ def infer_config(shapes: Mapping[str, tuple], *, variant: str | None = None,
   The name is 'mar_base' / 'mar_large' / 'mar_huge' when the shapes are exactly that
   official architecture, else 'mar_custom'.
   """
+  if num_heads is not None and num_heads < 1:
+    raise ConversionError(f'--num-heads must be >= 1, got {num_heads}')
   d, token_dim = _need(shapes, 'z_proj.weight')
   dd = _need(shapes, 'decoder_embed.weight')[0]
   seq = _need(shapes, 'diffusion_pos_embed_learned')[1]

@@ -27,14 +27,16 @@ ENTRIES = ('model', 'state_dict')
 
 
 def convert(torch_checkpoint, out, *, weights: str = 'ema', variant: str | None = None,
-            overwrite: bool = False) -> Path:
+            overwrite: bool = False, num_heads: int | None = None) -> Path:
   """Converts a KL-16 VAE checkpoint file into the model directory `out`; returns its path.
 
-  `weights` is ignored (the VAE has one set of weights); `variant` must be None.
+  `weights` is ignored (the VAE has one set of weights); `variant` and `num_heads` must be
+  None (they describe MAR models).
   """
   del weights
-  if variant is not None:
-    raise CheckpointError('--variant applies to `disa-convert mar` only; the VAE architecture '
+  if variant is not None or num_heads is not None:
+    flag = '--variant' if variant is not None else '--num-heads'
+    raise CheckpointError(f'{flag} applies to `disa-convert mar` only; the VAE architecture '
                           'is read from the weights')
   out = source.check_output(out, overwrite)
   sd, entry = source.select_state_dict(torch_checkpoint, family='vae', entries=ENTRIES)
