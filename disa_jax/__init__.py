@@ -7,16 +7,18 @@ Public API:
   generate(model, labels, key, *, num_iter, cfg, cfg_schedule, temperature, steps,
            max_timestep=None) -> tokens [B, L, C]
   MAR, MARConfig, Sampler, load_mar
+  AutoencoderKL, VAEConfig, load_vae   (KL-16 VAE: encode -> (mean, logvar), decode)
 """
 
 __version__ = '0.1.0'
 
-from disa_jax.checkpoint import load_mar
+from disa_jax.checkpoint import load_mar, load_vae
 from disa_jax.diffusion.gaussian import respaced_timesteps
 from disa_jax.models.mar import MAR, MARConfig
+from disa_jax.models.vae import AutoencoderKL, VAEConfig
 from disa_jax.sampler.generate import Sampler, generate
 from disa_jax.sampler.head import sample_head
 from disa_jax.schedules import resolve_steps, step_schedule
 
-__all__ = ['MAR', 'MARConfig', 'Sampler', 'generate', 'load_mar', 'resolve_steps',
-           'respaced_timesteps', 'sample_head', 'step_schedule']
+__all__ = ['MAR', 'AutoencoderKL', 'MARConfig', 'Sampler', 'VAEConfig', 'generate', 'load_mar',
+           'load_vae', 'resolve_steps', 'respaced_timesteps', 'sample_head', 'step_schedule']

@@ -92,7 +92,7 @@ def read_meta(directory) -> tuple[dict, dict]:
   if not d.is_dir():
     raise CheckpointError(
       f'{d} is a file, not a disa_jax model directory; convert official weights first with '
-      '`disa-convert mar --torch-checkpoint FILE --out DIR`')
+      '`disa-convert mar|vae --torch-checkpoint FILE --out DIR`')
   meta_path = d / 'meta.json'
   if not meta_path.exists() or not (d / 'params').exists():
     raise CheckpointError(
@@ -128,6 +128,25 @@ def _fill(pure, tree):
       if tuple(v.shape) != tuple(pure[k].shape):
         raise CheckpointError(f'parameter {k}: stored shape {v.shape}, model {pure[k].shape}')
       pure[k] = jnp.asarray(v)
+
+
+def load_vae(directory, *, overrides: dict | None = None):
+  """Loads a VAE model directory (`disa-convert vae`) -> `disa_jax.models.vae.AutoencoderKL`.
+
+  `overrides` changes runtime-only fields (e.g. {'dtype': 'bfloat16'}).
+  """
+  from disa_jax.models.vae import AutoencoderKL, VAEConfig
+
+  meta, stored = read_meta(directory)
+  if meta.get('kind') != 'vae':
+    raise CheckpointError(
+      f'{directory} holds a {meta.get("kind")!r} model, not a VAE; pass the directory written '
+      'by `disa-convert vae` to --vae (a MAR model goes to --checkpoint)')
+  cfg = VAEConfig.from_dict({**stored, **(overrides or {})})
+  abstract = nnx.eval_shape(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  state = restore_params(directory, state)
+  return nnx.merge(graphdef, state)
 
 
 def load_mar(directory, *, expect_config: dict | None = None, overrides: dict | None = None):

@@ -99,6 +99,7 @@ def tokenizer_config(**overrides) -> ml_collections.ConfigDict:
   c.kind = 'kl16'                # kl16 (needs a converted VAE) | pixels (identity tokens)
   c.vae = ''                     # directory written by `disa-convert vae`
   c.scale = 0.2325               # tokens = latent * scale (MAR's KL-16 normalisation)
+  c.dtype = 'float32'            # VAE compute dtype: float32 | bfloat16 (faster decode)
   c.update(overrides)
   return c
 

@@ -54,7 +54,12 @@ def build_tokenizer(config, model_cfg: MARConfig):
   if tk.kind == 'kl16' and tk.get('vae'):
     from disa_jax.checkpoint import load_vae
 
-    return tok.VAETokenizer(model_cfg, load_vae(tk.vae), scale=tk.scale)
+    rt = config.runtime
+    n = rt.get('num_devices', 0)
+    vae = load_vae(tk.vae, overrides={'dtype': tk.get('dtype', 'float32')})
+    return tok.VAETokenizer(model_cfg, vae, scale=tk.scale,
+                            matmul_precision=rt.get('matmul_precision') or None,
+                            devices=jax.local_devices()[:n] if n else None)
   return None
 
 

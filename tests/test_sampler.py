@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import max_rel_error, tiny_model
+from helpers import TOKEN_PARITY_CASES, max_rel_error, tiny_model, token_parity
 
 import disa_jax
 from disa_jax.diffusion.gaussian import spaced_schedule
@@ -150,13 +150,10 @@ def test_sharded_8_devices_equal_single(model):
   assert max_rel_error(multi, single) < 1e-5
 
 
-@pytest.mark.parametrize('preset,k,cfg,schedule,temp', [
-  ('disa', 8, 2.5, 'linear', 0.9),     # DiSA: annealed steps + 950 clamp, linear CFG
-  ('mar', 4, 1.0, 'linear', 1.0),      # original MAR schedule, no CFG
-  ('disa', 16, 3.0, 'constant', 1.0),  # one token per step at the end, constant CFG
-])
+@pytest.mark.parametrize('preset,k,cfg,schedule,temp', TOKEN_PARITY_CASES)
 def test_token_parity_with_torch_reference(preset, k, cfg, schedule, temp):
-  torch = pytest.importorskip('torch')
+  """From an in-memory state dict (tests/test_convert.py repeats this through the converter)."""
+  pytest.importorskip('torch')
   from disa_jax.convert.mapping import convert_state_dict
   from disa_jax.models.mar import MAR
   from disa_jax.reference import torch_mar as tr
@@ -166,25 +163,5 @@ def test_token_parity_with_torch_reference(preset, k, cfg, schedule, temp):
   sd = {n: p.detach().numpy() for n, p in tm.state_dict().items()}
   gd, abstract = nnx.split(nnx.eval_shape(lambda: MAR(model_cfg, rngs=nnx.Rngs(0))))
   model = nnx.merge(gd, convert_state_dict(sd, abstract))
-  sp = resolve_steps(num_iter=k, preset=preset, upper=30 if preset == 'disa' else 20, lower=4)
-  rng = np.random.default_rng(k)
-  b, seq = 3, model_cfg.seq_len
-  orders = np.stack([rng.permutation(seq) for _ in range(b)])
-  labels = np.array([1, 2, 3])
-  store = {}
-
-  def noise_source(step, n, num_steps):
-    x_t = rng.standard_normal((n, 16)).astype(np.float32)
-    eps = rng.standard_normal((num_steps, (2 if cfg != 1.0 else 1) * n, 16)).astype(np.float32)
-    store[step] = (x_t, eps[:, :n])
-    return x_t, iter(eps)
-
-  ref = tr.sample_tokens(tm, b, num_iter=k, cfg=cfg, cfg_schedule=schedule, labels=labels,
-                         temperature=temp, steps=list(sp.steps), clip=sp.max_timestep,
-                         orders=orders, noise_source=noise_source).numpy()
-  out = Sampler(model, matmul_precision='highest', enc_bucket=4).generate(
-    labels, jax.random.key(0), steps=sp.steps, max_timestep=sp.max_timestep, cfg=cfg,
-    cfg_schedule=schedule, temperature=temp, orders=orders, noise=lambda s, n: store[s])
-  rel = np.abs(ref - np.asarray(out)).max() / np.abs(ref).max()
+  rel = token_parity(model, tm, preset=preset, k=k, cfg=cfg, schedule=schedule, temp=temp)
   assert rel < 1e-5, f'max relative error {rel:.2e}'
-  assert torch.is_tensor(torch.zeros(1))

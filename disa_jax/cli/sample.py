@@ -62,6 +62,8 @@ def apply_flags(config):
       config.checkpoint = FLAGS.checkpoint
     if FLAGS.vae is not None:
       config.tokenizer.vae = FLAGS.vae
+      if config.tokenizer.kind == 'none':    # CPU/tiny configs: --vae asks for images
+        config.tokenizer.kind = 'kl16'
   return config
 
 

@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help='MAR: which weights of a training checkpoint (default ema = model_ema)')
   p.add_argument('--variant', choices=['base', 'large', 'huge'], default=None,
                  help='MAR: variant (heads, head depth/width); inferred from shapes if omitted')
+  p.add_argument('--num-heads', '--num_heads', type=int, default=None, dest='num_heads',
+                 help='MAR: attention heads, only for a non-official width (official widths '
+                      'imply them)')
   p.add_argument('--overwrite', action='store_true', help='replace an existing --out')
   return p
 
@@ -46,6 +49,10 @@ def main(argv=None) -> int:
   from disa_jax.convert.torch_io import CheckpointReadError
 
   args = build_parser().parse_args(argv)
+  if args.num_heads is not None and args.kind != 'mar':
+    print(f'error: --num-heads applies to `disa-convert mar` only, not {args.kind}',
+          file=sys.stderr)
+    return 2
   try:
     module = importlib.import_module(f'disa_jax.convert.{args.kind}')
   except ModuleNotFoundError:
@@ -53,8 +60,9 @@ def main(argv=None) -> int:
           file=sys.stderr)
     return 2
   try:
+    extra = {'num_heads': args.num_heads} if args.num_heads is not None else {}
     out = module.convert(args.checkpoint, args.out, weights=args.weights, variant=args.variant,
-                         overwrite=args.overwrite)
+                         overwrite=args.overwrite, **extra)
   except (CheckpointError, ConversionError, CheckpointReadError) as e:
     first, *rest = str(e).strip().splitlines() or [e.__class__.__name__]
     print(f'error: {first}', file=sys.stderr)

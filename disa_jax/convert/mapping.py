@@ -58,25 +58,50 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], abstract_state, *,
   `ConversionError` lists the missing, unexpected and mismatched keys. Returns a new state.
   """
   target = _flat_target(abstract_state)
-  values: dict[str, np.ndarray] = {}
-  unexpected, mismatched = [], []
-  for key, tensor in state_dict.items():
-    arr = np.asarray(tensor)
-    fkey, transform = torch_key_to_flax(key, target)
-    if transform == 'missing':
-      unexpected.append(key)
-      continue
+  plan = _match({k: np.shape(v) for k, v in state_dict.items()}, target, what)
+  values = {}
+  for key, (fkey, transform) in plan.items():
+    arr = np.asarray(state_dict[key])
     if transform == 'linear' and arr.ndim == 2:
       arr = arr.T
     elif transform == 'conv' and arr.ndim == 4:
       arr = arr.transpose(2, 3, 1, 0)
-    want = target[fkey][1]
-    if tuple(arr.shape) != want:
-      mismatched.append(f'{key}: checkpoint {tuple(np.shape(tensor))}, model expects '
-                        f'{_torch_shape(want, transform)}')
-      continue
     values[fkey] = np.ascontiguousarray(arr, dtype=np.float32)
-  missing = sorted(k for k in target if k not in values)
+  return nnx.from_flat_state(
+    [(path, _replace_value(var, values[_path_str(path)]))
+     for path, var in nnx.to_flat_state(abstract_state)])
+
+
+def check_state_dict(shapes: Mapping[str, tuple], abstract_state, *, what: str = 'model'):
+  """The strict validation of `convert_state_dict` on shapes alone (no tensor is read or
+  copied): raises `ConversionError` unless `shapes` (torch key -> torch shape) matches."""
+  _match({k: tuple(v) for k, v in shapes.items()}, _flat_target(abstract_state), what)
+
+
+def _match(shapes: Mapping[str, tuple], target: Mapping[str, tuple], what: str):
+  """torch key -> (flax key, transform) for all keys, or a `ConversionError` listing problems."""
+  plan: dict[str, tuple[str, str]] = {}
+  unexpected, mismatched, seen = [], [], set()
+  for key, shape in shapes.items():
+    shape = tuple(shape)
+    fkey, transform = torch_key_to_flax(key, target)
+    if transform == 'missing':
+      unexpected.append(key)
+      continue
+    got = shape
+    if transform == 'linear' and len(shape) == 2:
+      got = shape[::-1]
+    elif transform == 'conv' and len(shape) == 4:
+      got = (shape[2], shape[3], shape[1], shape[0])
+    want = target[fkey][1]
+    if got != want:
+      mismatched.append(f'{key}: checkpoint {shape}, model expects '
+                        f'{_torch_shape(want, transform)}')
+      seen.add(fkey)
+      continue
+    plan[key] = (fkey, transform)
+    seen.add(fkey)
+  missing = sorted(k for k in target if k not in seen)
   if missing or unexpected or mismatched:
     lines = [f'checkpoint does not match the {what}:']
     for title, items in (('missing keys', [_torch_name(m) for m in missing]),
@@ -87,9 +112,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], abstract_state, *,
                                          else '')
         lines.append(f'  {len(items)} {title}: {shown}')
     raise ConversionError('\n'.join(lines))
-  return nnx.from_flat_state(
-    [(path, _replace_value(var, values[_path_str(path)]))
-     for path, var in nnx.to_flat_state(abstract_state)])
+  return plan
 
 
 def _replace_value(var, value):

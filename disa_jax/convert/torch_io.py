@@ -2,8 +2,11 @@
 
 - `.safetensors`: read with `safetensors.numpy` (no torch needed).
 - anything else (`.pth`, `.ckpt`, `.pt`, `.bin`): `torch.load(..., weights_only=True)`, i.e.
-  PyTorch's restricted unpickler (tensors, containers, primitive types only). An arbitrary
-  pickle is never executed. torch is an optional extra: `pip install disa_jax[torch]`.
+  PyTorch's restricted unpickler (tensors, containers, primitive types only; additionally
+  `argparse.Namespace`, the plain attribute bag MAR's training checkpoints store as 'args').
+  An arbitrary pickle is never executed. Zip-format files are memory-mapped, so a 7 GB
+  MAR-H checkpoint is not read twice into memory. torch is an optional extra:
+  `pip install disa_jax[torch]`.
 
 Errors name the file and the problem (missing, not a checkpoint, needs torch, unsafe pickle).
 """
@@ -47,6 +50,40 @@ def load_state_dict(path: str | os.PathLike, *, key: str | None = None,
   return _to_numpy(obj, path), used
 
 
+def load_checkpoint(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
+  """Every state dict in a weights file, by entry: {'': sd} for a bare state dict (and any
+  .safetensors file), else {entry: sd} for each top-level entry that holds tensors (e.g.
+  'model' and 'model_ema' of a MAR training checkpoint; 'optimizer', 'args', ... are skipped).
+  """
+  path = os.path.expanduser(os.fspath(path))
+  if not os.path.exists(path):
+    raise CheckpointReadError(f'checkpoint file {path} does not exist')
+  if os.path.isdir(path):
+    raise CheckpointReadError(
+      f'{path} is a directory; pass the weights file itself (.pth, .ckpt or .safetensors)')
+  if path.endswith('.safetensors'):
+    return {'': _read_safetensors(path)}
+  obj = _torch_load(path)
+  if not isinstance(obj, Mapping):
+    raise CheckpointReadError(
+      f'{path} holds a {type(obj).__name__}, not a state dict or checkpoint dict')
+  if any(_is_tensor(v) for v in obj.values()):
+    return {'': _to_numpy(obj, path)}
+  out = {str(k): _to_numpy(v, path) for k, v in obj.items()
+         if isinstance(v, Mapping) and any(_is_tensor(t) for t in v.values())}
+  if not out:
+    raise CheckpointReadError(
+      f'{path} contains no state dict (no tensors at the top level nor in any entry; '
+      f'entries: {", ".join(map(str, obj)) or "none"})')
+  return out
+
+
+def _is_tensor(v) -> bool:
+  import torch
+
+  return isinstance(v, torch.Tensor | np.ndarray)
+
+
 def list_entries(path: str | os.PathLike) -> list[str]:
   """Top-level keys of a pickled checkpoint dict (e.g. ['model', 'model_ema'])."""
   path = os.path.expanduser(os.fspath(path))
@@ -76,15 +113,28 @@ def _torch_load(path: str):
       f'reading {os.path.basename(path)} needs torch; install it with '
       "`pip install 'disa_jax[torch]'` (torch==2.13.0 CPU), or convert a .safetensors file "
       'instead') from None
+  import argparse
+
+  with open(path, 'rb') as f:
+    head = f.read(4)
+  zipped = head.startswith(b'PK\x03\x04')
+  if not zipped and not head.startswith(b'\x80'):   # torch files: zip archive or a pickle
+    raise CheckpointReadError(
+      f'{path} is not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle); '
+      'pass the .pth/.ckpt file or a .safetensors file')
   try:
-    return torch.load(path, map_location='cpu', weights_only=True)
+    with torch.serialization.safe_globals([argparse.Namespace]):
+      return torch.load(path, map_location='cpu', weights_only=True, mmap=zipped)
   except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, ...
-    msg = str(e).splitlines()[0] if str(e) else e.__class__.__name__
-    if 'Weights only load failed' in str(e) or 'Unsupported global' in str(e):
+    text = str(e)
+    unsupported = [ln.strip() for ln in text.splitlines() if 'Unsupported global' in ln]
+    if unsupported:
       raise CheckpointReadError(
         f'{path} contains objects other than tensors; refusing to unpickle it (only '
         'weights_only=True loading is allowed). Re-save the state dict alone or use '
-        f'safetensors. Detail: {msg}') from None
+        f'safetensors. Detail: {unsupported[0]}') from None
+    detail = next((ln.strip() for ln in text.splitlines()[1:] if 'Unsupported' in ln), None)
+    msg = detail or (text.splitlines()[0] if text else e.__class__.__name__)
     raise CheckpointReadError(f'{path} is not a PyTorch checkpoint ({msg})') from None
 
 
