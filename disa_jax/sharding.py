@@ -79,7 +79,14 @@ def maybe_initialize_distributed() -> bool:
   args = distributed_args()
   if args is None:
     return False
-  jax.distributed.initialize(**args)
+  try:
+    jax.distributed.initialize(**args)
+  except (ValueError, RuntimeError) as e:
+    how = ('with JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID' if args else
+           'with cluster auto-detection (DISA_JAX_DISTRIBUTED=1: Cloud TPU, SLURM, Open MPI; '
+           'elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)')
+    msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise DistributedConfigError(f'jax.distributed.initialize failed {how}: {msg}') from None
   _distributed_initialized = True
   _log.info('jax.distributed: process %d of %d', jax.process_index(), jax.process_count())
   return True

@@ -107,16 +107,20 @@ def test_cli_bucket_cache_without_gcsfs_is_one_line_error(tmp_path):
   assert 'Traceback' not in r.stderr and not (tmp_path / 'o').exists()
 
 
-def test_bad_distributed_env_is_one_line_error(tmp_path):
+@pytest.mark.parametrize('env,message', [
+  ({'JAX_COORDINATOR_ADDRESS': '127.0.0.1:1'},
+   'error: JAX_COORDINATOR_ADDRESS set but JAX_NUM_PROCESSES, JAX_PROCESS_ID missing'),
+  ({'DISA_JAX_DISTRIBUTED': '1'},   # no cluster to detect on this machine
+   'error: jax.distributed.initialize failed with cluster auto-detection'),
+])
+def test_bad_distributed_env_is_one_line_error(tmp_path, env, message):
   from test_cli import TINY, _env
 
-  env = {**_env(), 'JAX_COORDINATOR_ADDRESS': '127.0.0.1:1'}
   r = subprocess.run([sys.executable, '-m', 'disa_jax.cli.sample', TINY, '--noprogress',
-                      f'--out={tmp_path / "o"}'], capture_output=True, text=True, env=env,
-                     cwd=REPO, timeout=300)
+                      f'--out={tmp_path / "o"}'], capture_output=True, text=True,
+                     env={**_env(), **env}, cwd=REPO, timeout=300)
   assert r.returncode == 2 and 'Traceback' not in r.stderr
-  assert 'error: JAX_COORDINATOR_ADDRESS set but JAX_NUM_PROCESSES, JAX_PROCESS_ID missing' in \
-    r.stderr
+  assert message in r.stderr and not (tmp_path / 'o').exists()
 
 
 # ------------------------------------------------------------------------------------------

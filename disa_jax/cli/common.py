@@ -138,7 +138,8 @@ def check_config(config) -> None:
 
 
 def write_json(path, obj) -> None:
-  tmp = f'{path}.tmp'
+  """Writes `obj` as JSON atomically (a temporary file named by pid, then a rename)."""
+  tmp = f'{path}.tmp{os.getpid()}'
   with open(tmp, 'w') as f:
     json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
     f.write('\n')
