@@ -80,6 +80,9 @@ def make_sampler(model, config, mesh) -> Sampler:
 
 def make_mesh(config):
   n = config.runtime.get('num_devices', 0) or None
+  if n and jax.process_count() > 1 and n != jax.device_count():
+    raise ValueError(f'runtime.num_devices={n} selects part of the {jax.device_count()} devices '
+                     f'of a {jax.process_count()}-process job; use 0 (all devices)')
   return shd.make_mesh(n) if (n or jax.device_count()) > 1 else None
 
 
@@ -88,6 +91,8 @@ class Batch:
   ids: np.ndarray          # global image indices of this process's rows
   labels: np.ndarray
   tokens: np.ndarray       # [rows, L, C]
+  all_ids: np.ndarray | None = None      # with `gather`: every image of the batch, in order
+  all_tokens: np.ndarray | None = None
 
 
 @dataclasses.dataclass
@@ -100,16 +105,18 @@ class RunTotals:
 
 def sample_batches(sampler: Sampler, labels: np.ndarray, *, batch_size: int, plan: StepPlan,
                    sampling, key, totals: RunTotals, start: int = 0,
-                   on_step: Callable | None = None) -> Iterator[Batch]:
+                   on_step: Callable | None = None, gather: bool = False) -> Iterator[Batch]:
   """Yields this process's rows of each global batch of `labels` (global image order).
 
-  The last batch is padded (extra images generated with the first label, then dropped).
+  With `gather`, `Batch.all_ids` / `all_tokens` also hold every image of the batch on every
+  process (a cross-process all-gather). The last batch is padded (extra images generated
+  with the last label, then dropped).
   """
   n = len(labels)
-  mult = shd.data_size(sampler.mesh) * jax.process_count()
+  mult = shd.data_size(sampler.mesh)   # devices of all processes
   if batch_size % mult:
-    raise ValueError(f'batch size {batch_size} must be a multiple of {mult} (devices x '
-                     'processes); change --batch_size')
+    raise ValueError(f'batch size {batch_size} must be a multiple of the {mult} data-parallel '
+                     f'devices ({jax.process_count()} process(es)); change --batch_size')
   warm = sampler.plan(batch_size, steps=plan.steps, max_timestep=plan.max_timestep,
                       cfg=sampling.cfg, cfg_schedule=sampling.cfg_schedule)
   totals.compile_s += sampler.compile(warm)
@@ -127,7 +134,9 @@ def sample_batches(sampler: Sampler, labels: np.ndarray, *, batch_size: int, pla
     totals.sample_s += time.perf_counter() - t0 - st.compile_s
     totals.images += int(real.sum())
     totals.stats.append(st)
-    rows = shd.local_row_index(tokens, batch_size)
-    local = shd.local_rows(tokens)
+    rows, local = shd.local_row_index(tokens, batch_size), shd.local_rows(tokens)
     keep = real[rows]
-    yield Batch(ids=ids[rows][keep], labels=lab[rows][keep], tokens=local[keep])
+    out = Batch(ids=ids[rows][keep], labels=lab[rows][keep], tokens=local[keep])
+    if gather:
+      out.all_ids, out.all_tokens = ids[real], shd.gather_rows(tokens)[real]
+    yield out

@@ -80,6 +80,40 @@ def _parse_flags(argv):
     sys.exit(2)
 
 
+# Python packages that give JAX (through etils.epath / fsspec) access to a remote cache.
+_REMOTE_FS = {'gs': 'gcsfs', 's3': 's3fs'}
+
+
+def compilation_cache_dir(cache: str) -> str:
+  """The persistent XLA cache location to give JAX ('' = disabled).
+
+  A local path is expanded (~) and created; a URL (gs://bucket/xla, shared by all hosts of a
+  pod) is passed through untouched, after checking that its filesystem package is installed.
+  """
+  if not cache:
+    return ''
+  scheme, sep, _ = cache.partition('://')
+  if not sep or scheme == 'file':
+    local = os.path.abspath(os.path.expanduser(cache[7:] if scheme == 'file' else cache))
+    try:
+      os.makedirs(local, exist_ok=True)
+    except OSError as e:
+      raise CliError(f'cannot create the compilation cache directory {local}: {e.strerror}; '
+                     'set --config.runtime.compilation_cache to a writable path (or "" to '
+                     'disable it)') from None
+    return local
+  import importlib.util
+
+  pkg = _REMOTE_FS.get(scheme)
+  if pkg is None:
+    raise CliError(f'compilation cache {cache!r}: unsupported scheme {scheme}://; use a local '
+                   f'path or one of {", ".join(s + "://" for s in _REMOTE_FS)}')
+  if importlib.util.find_spec(pkg) is None or importlib.util.find_spec('fsspec') is None:
+    raise CliError(f'compilation cache {cache} needs the {pkg} package; pip install {pkg} '
+                   f'(launch/tpu.py setup --extra-pip={pkg}) or use a local path')
+  return cache
+
+
 def setup_runtime(config) -> None:
   """Logging, distributed init, persistent compilation cache (before any computation)."""
   import jax
@@ -90,11 +124,8 @@ def setup_runtime(config) -> None:
   absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger('jax._src.xla_bridge').setLevel(logging.WARNING)
   sharding.maybe_initialize_distributed()
-  cache = config.runtime.get('compilation_cache', '')
+  cache = compilation_cache_dir(config.runtime.get('compilation_cache', ''))
   if cache:
-    if '://' not in cache:
-      cache = os.path.expanduser(cache)
-      os.makedirs(cache, exist_ok=True)
     jax.config.update('jax_compilation_cache_dir', cache)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
     jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
@@ -107,7 +138,8 @@ def check_config(config) -> None:
 
 
 def write_json(path, obj) -> None:
-  tmp = f'{path}.tmp'
+  """Writes `obj` as JSON atomically (a temporary file named by pid, then a rename)."""
+  tmp = f'{path}.tmp{os.getpid()}'
   with open(tmp, 'w') as f:
     json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
     f.write('\n')
@@ -138,50 +170,83 @@ def parse_int_list(text: str, name: str) -> list[int]:
 class OutputDir:
   """Writes into `<out>.partial` and renames it to `out` when the block succeeds.
 
-  Multi-process safe: process 0 prepares and finalises the directory, all processes write
-  their own files (named by global image index, so they never collide) between barriers.
-  On failure the partial directory is removed (single process) and `out` is never created.
+  Single process: a plain write-then-rename. Multi-process (all processes enter and leave
+  the block together; each writes only its own files, e.g. images named by global image
+  id, so nothing collides):
+  - the existence check is collective: every process raises the same error;
+  - process 0 (re)creates `<out>.partial` with a marker file named by a token it broadcasts;
+    another process that sees the marker shares process 0's filesystem (NFS, a bucket mount,
+    or the same machine) and only writes into it; one that does not is on its own disk
+    (e.g. a TPU pod worker's local disk) and creates and finalises its own `<out>.partial`;
+  - after a barrier when all writing is done, each owner renames its `.partial` to `out`,
+    so `out` never exists half-written. `is_main` (process 0) writes the shared files.
+  On failure the partial directory is removed and `out` is never created.
   """
+
+  MARKER = '.disa-run-'
 
   def __init__(self, out: str, *, overwrite: bool = False):
     import jax
+
+    from disa_jax import sharding
 
     self.final = os.path.abspath(os.path.expanduser(out))
     self.path = self.final + '.partial'
     self.overwrite = overwrite
     self.is_main = jax.process_index() == 0
-    if os.path.exists(self.final) and not overwrite:
-      raise CliError(f'output {self.final} already exists; pass --overwrite or choose another '
-                     '--out')
+    self.owner = self.is_main     # finalises `path` (process 0, or any process on its own disk)
+    self.shared = True            # False on a process that writes to its own disk
+    self._marker = ''
+    self._token = 0
+    if sharding.any_process(os.path.exists(self.final) and not overwrite):
+      raise CliError(f'output {self.final} already exists (on at least one process); pass '
+                     '--overwrite or choose another --out')
 
-  def _barrier(self, name):
-    import jax
-
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-
-      multihost_utils.sync_global_devices(f'disa_jax:{name}:{self.final}')
-
-  def __enter__(self):
+  def _make(self):
     import shutil
 
+    shutil.rmtree(self.path, ignore_errors=True)
+    os.makedirs(self.path)
+
+  def __enter__(self):
+    import time
+
+    from disa_jax import sharding
+
+    token = sharding.broadcast_int(int.from_bytes(os.urandom(4), 'little') & 0x7FFFFFFF)
+    self._token = token
+    self._marker = os.path.join(self.path, f'{self.MARKER}{token:08x}')
     if self.is_main:
-      shutil.rmtree(self.path, ignore_errors=True)
-      os.makedirs(self.path)
-    self._barrier('start')
+      self._make()
+      open(self._marker, 'w').close()
+    sharding.sync(f'disa_jax:start:{token}')
+    if not self.is_main:
+      seen = os.path.exists(self._marker)
+      for _ in range(10):   # a shared filesystem may show process 0's new files late
+        if seen or not os.path.exists(self.path):
+          break
+        time.sleep(0.5)
+        seen = os.path.exists(self._marker)
+      if not seen:          # own disk: `path` is absent or a leftover of a failed run
+        self.shared, self.owner = False, True
+        self._make()
     return self
 
   def __exit__(self, exc_type, exc, tb):
     import shutil
 
+    from disa_jax import sharding
+
     if exc_type is not None:
-      if self.is_main:
+      if self.owner:
         shutil.rmtree(self.path, ignore_errors=True)
       return False
-    self._barrier('end')
-    if self.is_main:
+    sharding.sync(f'disa_jax:end:{self._token}')
+    if self.owner:
+      if os.path.exists(self._marker):
+        os.remove(self._marker)
       if os.path.exists(self.final):
         shutil.rmtree(self.final)
       os.replace(self.path, self.final)
-    self._barrier('renamed')
+    sharding.sync(f'disa_jax:renamed:{self._token}')
     return False

@@ -4,9 +4,11 @@
   disa-sample --config=configs/mar_base.py --checkpoint=ckpt/mar_base --vae=ckpt/kl16 \\
       --classes=207,360,387 --num-images=12 --preset=disa --out=outputs/mar_b_disa
 
-Writes into --out (atomically): images/NNNNNN.png (or tokens.npy when there is no decoder),
-labels.npy, grid.png and metrics.json (wall time, compile time, images/s, steps per AR step,
-compilations, padding waste).
+Writes into --out (atomically): images/NNNNNN.png (NNNNNN = global image id), tokens.npy
+(when there is no decoder, or with --save_tokens), labels.npy, grid.png and metrics.json (wall
+time, compile time, images/s, steps per AR step, compilations, padding waste). Runs as one
+process of a multi-host job too (launch/tpu.py, launch/gpu.py): the same images, each written
+once, whatever the number of processes and devices.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ flags.DEFINE_string('cfg_schedule', None, 'linear or constant.')
 flags.DEFINE_float('temperature', None, 'Diffusion-noise temperature.')
 flags.DEFINE_integer('max_timestep', None, 'Timestep clamp (DiSA: 950); -1 disables.')
 flags.DEFINE_bool('save_images', True, 'Write one PNG per image (else only the grid).')
+flags.DEFINE_bool('save_tokens', False, 'Also write tokens.npy when there is an image decoder '
+                  '(always written without one).')
 flags.DEFINE_bool('progress', True, 'Show a progress bar.')
 
 FLAGS = flags.FLAGS
@@ -90,8 +94,14 @@ def validate(config):
     raise common.CliError(f'VAE directory {vae} does not exist')
 
 
-def sample(config, out: str, *, overwrite=False, save_images=True, show_progress=True) -> dict:
-  """Runs a full sampling job described by `config`; returns the metrics written."""
+def sample(config, out: str, *, overwrite=False, save_images=True, save_tokens=False,
+           show_progress=True) -> dict:
+  """Runs a full sampling job described by `config`; returns the metrics written.
+
+  Multi-process: every process samples its rows of each global batch and writes the PNGs of
+  its images (named by global image id); tokens are gathered to process 0, which writes
+  tokens.npy, labels.npy, grid.png and metrics.json (see `common.OutputDir`).
+  """
   import jax
   import numpy as np
   from PIL import Image
@@ -137,35 +147,36 @@ def sample(config, out: str, *, overwrite=False, save_images=True, show_progress
     totals = runner.RunTotals(compile_s=precompile_s)
     key = jax.random.key(config.sampling.seed)
     img_dir = os.path.join(od.path, 'images')
-    os.makedirs(img_dir, exist_ok=True)
-    all_tokens, all_ids, grid_imgs, decode_s = [], [], [], 0.0
+    if save_images and decoder is not None:
+      os.makedirs(img_dir, exist_ok=True)
+    keep_tokens = decoder is None or save_tokens
+    all_tokens, grid_imgs, decode_s = [], [], 0.0
     for batch in runner.sample_batches(
         sampler, labels, batch_size=config.sampling.batch_size, plan=plan,
-        sampling=config.sampling, key=key, totals=totals,
+        sampling=config.sampling, key=key, totals=totals, gather=keep_tokens,
         on_step=(lambda _: bar.update(1)) if bar else None):
       t0 = time.perf_counter()
+      if keep_tokens and is_main:
+        all_tokens.append(batch.all_tokens)
       if decoder is not None:
         images = decoder.decode(batch.tokens)
+      elif is_main:
+        images = tok.token_preview(model.config,
+                                   batch.all_tokens[: max(0, 64 - len(grid_imgs))])
       else:
-        images = tok.token_preview(model.config, batch.tokens)
-        all_tokens.append(batch.tokens)
+        images = []
       decode_s += time.perf_counter() - t0
-      all_ids.append(batch.ids)
       if save_images and decoder is not None:
         for i, img in zip(batch.ids, images, strict=True):
           Image.fromarray(img).save(os.path.join(img_dir, f'{i:06d}.png'))
       grid_imgs.extend(images[: max(0, 64 - len(grid_imgs))])
     if bar:
       bar.close()
-    ids = np.concatenate(all_ids)
-    suffix = '' if jax.process_count() == 1 else f'.process{jax.process_index()}'
-    np.save(os.path.join(od.path, f'labels{suffix}.npy'), labels[ids])
-    if all_tokens:
-      np.save(os.path.join(od.path, f'tokens{suffix}.npy'), np.concatenate(all_tokens))
-    if not os.listdir(img_dir):
-      os.rmdir(img_dir)
     metrics = _metrics(config, plan, sampler, totals, load_s, decode_s, source, mesh)
     if is_main:
+      np.save(os.path.join(od.path, 'labels.npy'), labels)
+      if all_tokens:
+        np.save(os.path.join(od.path, 'tokens.npy'), np.concatenate(all_tokens))
       Image.fromarray(tok.make_grid(np.stack(grid_imgs))).save(os.path.join(od.path, 'grid.png'))
       common.write_json(os.path.join(od.path, 'metrics.json'), metrics)
   if jax.process_index() == 0:
@@ -225,7 +236,7 @@ def _run(argv):
   common.setup_runtime(config)
   out = FLAGS.out or os.path.join('outputs', f'sample-{config.get("name", "run")}')
   sample(config, out, overwrite=FLAGS.overwrite, save_images=FLAGS.save_images,
-         show_progress=FLAGS.progress)
+         save_tokens=FLAGS.save_tokens, show_progress=FLAGS.progress)
 
 
 def run():

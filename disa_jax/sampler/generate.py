@@ -200,7 +200,7 @@ class Sampler:
     self.config = model.config
     self.graphdef, state = nnx.split(model)
     self.mesh = mesh
-    self.state = state if mesh is None else jax.device_put(state, shd.replicated(mesh))
+    self.state = state if mesh is None else shd.put(state, shd.replicated(mesh))
     self.enc_bucket = enc_bucket or max(1, self.config.seq_len // 16)
     self.max_head_waste = max_head_waste
     self.matmul_precision = matmul_precision or None
@@ -226,7 +226,7 @@ class Sampler:
     if key not in self._tables:
       tables = device_tables(requested, max_timestep)
       if self.mesh is not None:
-        tables = jax.device_put(tables, shd.replicated(self.mesh))
+        tables = shd.put(tables, shd.replicated(self.mesh))
       self._tables[key] = tables
     return self._tables[key]
 
@@ -234,9 +234,9 @@ class Sampler:
     if self.mesh is None:
       return jnp.asarray(x)
     if axis == 0:
-      return jax.device_put(x, shd.batch_sharded(self.mesh))
+      return shd.put(x, shd.batch_sharded(self.mesh))
     spec = (None,) * axis + (shd.batch_sharded(self.mesh).spec[0],)
-    return jax.device_put(x, jax.sharding.NamedSharding(self.mesh, jax.P(*spec)))
+    return shd.put(x, jax.sharding.NamedSharding(self.mesh, jax.P(*spec)))
 
   def _run(self, name: str, args, static: dict):
     """Calls the AOT-compiled executable of function `name` for these shapes and static
