@@ -122,12 +122,23 @@ def _run(argv):
   for d in dtypes or []:
     if d not in ('float32', 'bfloat16'):
       raise common.CliError(f'--dtypes entries must be float32 or bfloat16, got {d!r}')
-  log = (lambda m: print(m, file=sys.stderr, flush=True)) if FLAGS.json else print
+  import jax
+
+  if jax.process_index() != 0:
+    log = lambda m: None  # noqa: E731
+  elif FLAGS.json:
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+  else:
+    log = print
   result = benchmark(config, specs, batch_size=FLAGS.batch_size, dtypes=dtypes,
                      repeats=FLAGS.repeats, phases=FLAGS.phases, with_torch=FLAGS.torch,
                      seed=FLAGS.seed, cfg=FLAGS.cfg, cfg_schedule=FLAGS.cfg_schedule,
                      torch_threads=FLAGS.torch_threads, quality=FLAGS.quality, log=log)
   result['command'] = ' '.join(['disa-bench'] + sys.argv[1:])
+  import jax
+
+  if jax.process_index() != 0:   # every process ran the same timed work; one reports
+    return
   if FLAGS.json_out:
     common.write_json(FLAGS.json_out, result)
   if FLAGS.json:
