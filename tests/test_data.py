@@ -160,3 +160,17 @@ def test_folder_source_labels_are_sorted_class_dirs(tmp_path):
   assert src.classes == ['n01', 'n02'] and len(src) == 3
   assert [src[i]['label'] for i in range(3)] == [0, 1, 1]
   assert src[0]['image'].shape == (20, 30, 3)
+
+
+def test_cache_cli_errors(tmp_path, capsys):
+  from disa_jax.cli import cache as cache_cli
+
+  with pytest.raises(SystemExit) as e:
+    cache_cli.run(['--source=folder', f'--out={tmp_path / "c"}', f'--vae={tmp_path}'])
+  assert e.value.code == 2
+  assert 'error: --source=folder needs --folder=ROOT' in capsys.readouterr().err
+  with pytest.raises(SystemExit) as e:
+    cache_cli.run(['--source=folder', f'--folder={tmp_path}', '--splits=train',
+                   f'--out={tmp_path / "c"}', f'--vae={tmp_path}'])
+  assert e.value.code == 2 and 'image folder' in capsys.readouterr().err
+  assert not (tmp_path / 'c').exists()

@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from conftest import CACHE, REPO
+from conftest import REPO
 
 
 def _env():
@@ -24,12 +24,14 @@ def test_demo_smoke_on_bundled_model(tmp_path):
   assert r.returncode == 0, r.stderr
   assert 'MAR ' in r.stdout and 'DiSA ' in r.stdout and 'speedup' in r.stdout
   m = json.loads((out / 'metrics.json').read_text())
-  mar, disa = m['runs']['MAR'], m['runs']['DiSA']
+  mar, clamp, disa = m['runs']['MAR'], m['runs']['MAR+clamp'], m['runs']['DiSA']
   assert mar['steps_requested'] == [8] * 4 and mar['max_timestep'] is None
+  assert clamp['steps_requested'] == [8] * 4 and clamp['max_timestep'] == 950
   assert disa['steps_requested'][0] == 8 and disa['steps_requested'][-1] == 2
   assert disa['max_timestep'] == 950
   assert disa['head_token_steps_per_image'] < mar['head_token_steps_per_image']
-  for run in (mar, disa):
+  assert mar['speedup'] == 1.0 and disa['speedup'] > 0
+  for run in (mar, clamp, disa):
     assert 0 <= run['accuracy'] <= 1 and run['fd'] >= 0 and run['sample_s'] > 0
     assert run['compile_s'] >= 0 and run['num_images'] == 10
   assert (out / 'grid.png').exists()
@@ -40,7 +42,7 @@ def test_sample_without_config_uses_bundled_model(tmp_path):
   r = subprocess.run(
     [sys.executable, '-m', 'disa_jax.cli.sample', '--num-images=3', '--batch-size=3',
      '--num-iter=2', '--upper-steps=3', '--lower-steps=2', '--classes=4,7', f'--out={out}',
-     f'--config.runtime.compilation_cache={CACHE}', '--noprogress'],
+     '--noprogress'],
     capture_output=True, text=True, env=_env(), cwd=REPO, timeout=900)
   assert r.returncode == 0, r.stderr
   assert 'assets/digits_mar' in r.stdout and 'RANDOM' not in r.stdout

@@ -259,3 +259,15 @@ def test_dropout_changes_the_training_loss_only_with_a_key():
   b = mar_loss(model, tokens, labels, jax.random.key(3), train=False)[0]
   c = mar_loss(model, tokens, labels, jax.random.key(3), train=True)[0]
   assert float(a) == float(b) and float(a) != float(c)
+
+
+def test_bfloat16_compute_keeps_float32_master_weights(digits_cache):
+  config = _config(digits_cache)
+  with config.unlocked():
+    config.model.dtype = 'bfloat16'
+  state, fn = _setup(config, shd.make_mesh(1))
+  state, m = fn(state, _batch())
+  assert m['finite'] == 1.0 and 0.1 < float(m['loss']) < 10
+  dtypes = {x.dtype for x in jax.tree.leaves(state.params)} | \
+    {x.dtype for x in jax.tree.leaves(state.ema)}
+  assert dtypes == {jnp.dtype('float32')}
