@@ -271,3 +271,35 @@ def test_bfloat16_compute_keeps_float32_master_weights(digits_cache):
   dtypes = {x.dtype for x in jax.tree.leaves(state.params)} | \
     {x.dtype for x in jax.tree.leaves(state.ema)}
   assert dtypes == {jnp.dtype('float32')}
+
+
+def test_train_on_imagenet_style_kl_cache(tmp_path):
+  """The ImageNet path end to end with a stand-in encoder: centre crop -> moments of image
+  and flip -> ArrayRecord -> grain (random flips) -> train (mar_base:tiny, 4x4x16 latents)."""
+  from disa_jax.config import mar_config
+  from disa_jax.data import imagenet
+  from disa_jax.data.cache import cache_moments
+
+  def encode(images):  # [B, 256, 256, 3] -> [B, 4, 4, 16]
+    pooled = images.reshape(len(images), 4, 64, 4, 64, 3).mean(axis=(2, 4))
+    mean = np.concatenate([pooled * (1 + 0.1 * i) for i in range(6)], axis=-1)[..., :16]
+    return mean, np.full_like(mean, -2.0)
+
+  rng = np.random.default_rng(0)
+  examples = [{'image': rng.integers(0, 256, (260 + 7 * i, 300, 3), dtype=np.uint8),
+               'label': i % 10} for i in range(12)]
+  cache = cache_moments(tmp_path / 'kl', {'train': examples}, encode,
+                        preprocess=imagenet.preprocess, batch_size=4,
+                        meta={'dataset': 'fake', 'latent_scale': imagenet.KL16_SCALE})
+  config = mar_config('mar_base', tiny=True)
+  config.model.update(encoder_embed_dim=32, encoder_depth=1, encoder_num_heads=2,
+                      decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2, diffloss_d=1,
+                      diffloss_w=32)  # keeps the compile short
+  config.data.cache_dir = str(cache)
+  config.runtime.compilation_cache = CACHE
+  config.train.update(batch_size=4, num_steps=2, log_every=1, checkpoint_every=2, num_devices=1)
+  res = loop.train(config, tmp_path / 'run', export=str(tmp_path / 'm'), print_fn=lambda s: None)
+  assert res.step == 2 and np.isfinite(res.last_metrics['loss'])
+  from disa_jax.checkpoint import load_mar
+
+  assert load_mar(tmp_path / 'm').config.seq_len == 16
