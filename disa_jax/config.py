@@ -124,4 +124,91 @@ def mar_config(variant: str, *, cpu: bool = False, tiny: bool = False) -> ml_col
   if tiny:
     c.sampling.update(num_iter=8, upper_steps=10, lower_steps=3, cfg=2.0)
   c.runtime = runtime_config()
+  c.data = data_config()
+  c.train = train_config()
+  if cpu or tiny:
+    c.train.update(batch_size=8, num_steps=100, warmup_steps=10, log_every=10,
+                   checkpoint_every=50)
+  return c
+
+
+def train_config(**overrides) -> ml_collections.ConfigDict:
+  """`disa-train` options; defaults are the official recipe (LTH14/mar main_mar.py)."""
+  c = ml_collections.ConfigDict()
+  c.batch_size = 2048            # global batch (official: 32 GPUs x 64)
+  c.num_steps = 250_000          # updates (the official recipe counts 400-800 epochs)
+  c.blr = 1e-4                   # lr = blr * batch_size / 256 (unless lr > 0)
+  c.lr = 0.0
+  c.warmup_steps = 62_500        # official: 100 epochs of linear warmup
+  c.lr_schedule = 'constant'     # constant | cosine
+  c.min_lr = 0.0
+  c.weight_decay = 0.02
+  c.b1 = 0.9
+  c.b2 = 0.95
+  c.grad_clip = 3.0
+  c.ema_rate = 0.9999
+  c.seed = 1
+  c.log_every = 100
+  c.checkpoint_every = 5000
+  c.keep_checkpoints = 2
+  c.async_checkpointing = False
+  c.tensorboard = True
+  c.num_devices = 0              # 0 = all devices
+  c.fsdp = 1                     # >1: shard parameters / optimizer over an fsdp mesh axis
+  c.update(overrides)
+  return c
+
+
+def data_config(**overrides) -> ml_collections.ConfigDict:
+  """Training data: a moments cache (ArrayRecord) read with grain."""
+  c = ml_collections.ConfigDict()
+  c.kind = 'cache'               # cache (built by `disa-cache`) | digits (built on first use)
+  c.cache_dir = ''
+  c.split = 'train'
+  c.flip_prob = 0.5              # use the cached h-flip moments with this probability
+  c.latent_scale = 0.0           # 0 = the cache's (ImageNet KL-16: 0.2325)
+  c.update(overrides)
+  return c
+
+
+# The bundled default model: a small class-conditional MAR trained on the embedded digits.
+DIGITS_MODEL = dict(encoder_embed_dim=96, encoder_depth=2, encoder_num_heads=4,
+                    decoder_embed_dim=96, decoder_depth=2, decoder_num_heads=4,
+                    diffloss_d=2, diffloss_w=128, img_size=16, vae_stride=1, patch_size=2,
+                    vae_embed_dim=1, buffer_size=16, class_num=10, diffusion_batch_mul=2,
+                    attn_dropout=0.0, proj_dropout=0.0)
+DIGITS_TOKEN_SCALE = 1.4
+
+
+def bundled_digits_checkpoint() -> str:
+  """Path of the digits model shipped inside the package."""
+  from pathlib import Path
+
+  return str(Path(__file__).resolve().parent / 'assets' / 'digits_mar')
+
+
+def digits_config(*, tiny: bool = False) -> ml_collections.ConfigDict:
+  """Config of the bundled digits model (sampling, demo and its `disa-train` recipe)."""
+  c = ml_collections.ConfigDict()
+  c.name = 'digits' + ('-tiny' if tiny else '')
+  model = dict(DIGITS_MODEL)
+  if tiny:  # unit-test size, with the official dropout so that path is exercised
+    model.update(encoder_embed_dim=32, encoder_depth=1, encoder_num_heads=2,
+                 decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2, diffloss_d=1,
+                 diffloss_w=32, attn_dropout=0.1, proj_dropout=0.1)
+  c.model = model_config(**model)
+  c.checkpoint = '' if tiny else bundled_digits_checkpoint()
+  c.tokenizer = tokenizer_config(kind='pixels', scale=DIGITS_TOKEN_SCALE)
+  c.sampling = sampling_config(num_iter=16, cfg=2.0, num_images=20, batch_size=20)
+  c.runtime = runtime_config()
+  c.data = data_config(kind='digits', cache_dir='~/.cache/disa_jax/digits_cache', flip_prob=0.0,
+                       latent_scale=DIGITS_TOKEN_SCALE)
+  # Sized for ~40 min on a shared 2-core CPU: peak lr 6e-4 (blr 2.4e-3 at batch 64),
+  # cosine decay, a short EMA (the official 0.9999 averages over far more steps).
+  c.train = train_config(batch_size=64, num_steps=1800, blr=2.4e-3, warmup_steps=100,
+                         lr_schedule='cosine', min_lr=1e-5, ema_rate=0.995, log_every=50,
+                         checkpoint_every=200, keep_checkpoints=2)
+  if tiny:  # lr 1e-3, constant: the step's program does not depend on num_steps
+    c.train.update(batch_size=16, num_steps=20, blr=0.016, warmup_steps=2,
+                   lr_schedule='constant', log_every=5, checkpoint_every=10)
   return c

@@ -11,7 +11,7 @@ def _commands():
 
 def test_readme_starts_with_two_commands_and_ci_runs_the_test_one():
   demo, tests = _commands()
-  assert 'disa-sample' in demo and 'pip install' in demo
+  assert 'disa-demo' in demo and 'pip install' in demo
   assert 'pytest' in tests and 'pip install' in tests
   ci = (REPO / '.ci' / 'run').read_text()
   assert tests in ci.splitlines()

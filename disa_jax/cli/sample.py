@@ -1,5 +1,6 @@
 """disa-sample: generate images with MAR + DiSA (or the original MAR schedule).
 
+  disa-sample --num-images=20 --out=outputs/digits     # the bundled digits model
   disa-sample --config=configs/mar_base.py:cpu --num-images=8 --out=outputs/demo
   disa-sample --config=configs/mar_base.py --checkpoint=ckpt/mar_base --vae=ckpt/kl16 \\
       --classes=207,360,387 --num-images=12 --preset=disa --out=outputs/mar_b_disa
@@ -22,7 +23,8 @@ from ml_collections import config_flags
 from disa_jax.cli import common
 
 _CONFIG = config_flags.DEFINE_config_file(
-  'config', None, 'Config file, e.g. configs/mar_base.py or configs/mar_base.py:cpu.',
+  'config', None, 'Config file, e.g. configs/mar_base.py or configs/mar_base.py:cpu '
+  '(default: the bundled digits model, configs/digits.py).',
   lock_config=True)
 flags.DEFINE_string('checkpoint', None, 'Model directory (disa-convert / disa-train output). '
                     'Default: config.checkpoint; none = random weights.')
@@ -231,7 +233,10 @@ def _metrics(config, plan, sampler, totals, load_s, decode_s, source, mesh):
 def _run(argv):
   del argv
   config = _CONFIG.value
-  common.check_config(config)
+  if config is None:  # the bundled digits model (works from an installed package)
+    from disa_jax.config import digits_config
+
+    config = digits_config()
   config = apply_flags(config)
   common.setup_runtime(config)
   out = FLAGS.out or os.path.join('outputs', f'sample-{config.get("name", "run")}')

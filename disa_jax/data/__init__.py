@@ -1,0 +1,1 @@
+"""Data: VAE-moment caches in ArrayRecord, the embedded digits dataset, grain input pipelines."""

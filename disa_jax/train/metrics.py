@@ -1,0 +1,76 @@
+"""Training metrics: JSON lines + TensorBoard event files + a periodic console report.
+
+Only process 0 writes. `metrics.jsonl` has one object per report ({"step": s, "loss": ...});
+TensorBoard scalars go to `<workdir>/tensorboard` (tensorboardX, which needs no TensorFlow,
+imported lazily so sampling never loads it). On resume, lines logged after the restored
+checkpoint are dropped so the file describes one consistent run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+
+class MetricWriter:
+  def __init__(self, workdir, *, enabled: bool = True, tensorboard: bool = True):
+    self.enabled = enabled
+    self.path = Path(workdir) / 'metrics.jsonl'
+    self._tb = None
+    if enabled and tensorboard:
+      from tensorboardX import SummaryWriter
+
+      self._tb = SummaryWriter(str(Path(workdir) / 'tensorboard'), flush_secs=30)
+
+  def truncate_after(self, step: int) -> None:
+    """Drops lines with step > `step` (they belong to an interrupted stretch of the run)."""
+    if not self.enabled or not self.path.exists():
+      return
+    keep = [ln for ln in self.path.read_text().splitlines()
+            if ln.strip() and json.loads(ln).get('step', 0) <= step]
+    tmp = self.path.with_suffix('.tmp')
+    tmp.write_text(''.join(ln + '\n' for ln in keep))
+    os.replace(tmp, self.path)
+
+  def write(self, step: int, scalars: dict) -> None:
+    if not self.enabled:
+      return
+    row = {'step': int(step), **{k: float(v) for k, v in scalars.items()}}
+    with open(self.path, 'a') as f:
+      f.write(json.dumps(row, sort_keys=True) + '\n')
+    if self._tb is not None:
+      for k, v in scalars.items():
+        self._tb.add_scalar(f'train/{k}', float(v), int(step))
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+
+class Report:
+  """steps/s over the last reporting window and an ETA."""
+
+  def __init__(self, start_step: int, total_steps: int):
+    self.total = total_steps
+    self.t0, self.s0 = time.perf_counter(), start_step
+
+  def line(self, step: int, scalars: dict) -> str:
+    now = time.perf_counter()
+    rate = (step - self.s0) / max(now - self.t0, 1e-9)
+    self.t0, self.s0 = now, step
+    eta = (self.total - step) / rate if rate > 0 else float('inf')
+    parts = [f'step {step}/{self.total}', f'loss {scalars["loss"]:.4f}',
+             f'mse {scalars["mse"]:.4f}', f'vb {scalars["vb"]:.4f}', f'lr {scalars["lr"]:.2e}',
+             f'{rate:.2f} steps/s', f'eta {_fmt(eta)}']
+    return '  '.join(parts)
+
+
+def _fmt(seconds: float) -> str:
+  if seconds == float('inf'):
+    return '?'
+  m, s = divmod(int(seconds), 60)
+  h, m = divmod(m, 60)
+  return f'{h}h{m:02d}m' if h else f'{m}m{s:02d}s'
