@@ -6,19 +6,10 @@ from helpers import max_rel_error
 
 
 @pytest.fixture(scope='module')
-def torch_ref(tmp_path_factory):
-  """A random-weight PyTorch reference, its .pth file and the converted model directory."""
-  torch = pytest.importorskip('torch')
-  from disa_jax.convert.inception import convert
-  from disa_jax.reference.torch_inception import TorchInceptionV3, randomize_
-
-  tmp = tmp_path_factory.mktemp('inception')
-  model = randomize_(TorchInceptionV3(), seed=1)
-  sd = model.state_dict()
-  assert any(k.endswith('num_batches_tracked') for k in sd)   # dropped by the converter
-  torch.save(sd, tmp / 'pt_inception.pth')
-  out = convert(tmp / 'pt_inception.pth', tmp / 'converted')
-  return model, tmp / 'pt_inception.pth', out
+def torch_ref(random_inception):
+  model = random_inception[0]
+  assert any(k.endswith('num_batches_tracked') for k in model.state_dict())  # dropped on convert
+  return random_inception
 
 
 def test_parity_with_torch_reference(torch_ref):

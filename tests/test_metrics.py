@@ -5,8 +5,13 @@ import pytest
 from scipy import linalg
 
 from disa_jax.eval.frechet import feature_stats, frechet_distance
-from disa_jax.eval.metrics import (ReferenceError, ReferenceStats, inception_score,
-                                   manifold_radii, precision_recall)
+from disa_jax.eval.metrics import (
+  ReferenceError,
+  ReferenceStats,
+  inception_score,
+  manifold_radii,
+  precision_recall,
+)
 
 
 def _spd(rng, d):
@@ -130,3 +135,16 @@ def test_reference_files_both_formats_and_errors(tmp_path):
                         ('text.npz', 'is not a .npz')):
     with pytest.raises(ReferenceError, match=message):
       ReferenceStats.load(tmp_path / name)
+
+
+def test_frechet_to_features_low_rank_path():
+  from disa_jax.eval.frechet import frechet_distance_to_features
+
+  rng = np.random.default_rng(7)
+  s2, m2 = _spd(rng, 48), rng.standard_normal(48)
+  for n in (12, 48, 90):                      # N < D and N = D: exact N x N form; N > D: sqrtm
+    f = rng.standard_normal((n, 48))
+    want = frechet_distance(*feature_stats(f), m2, s2)
+    assert frechet_distance_to_features(f, m2, s2) == pytest.approx(want, rel=1e-7)
+  few = rng.standard_normal((6, 2048))
+  assert abs(frechet_distance_to_features(few, *feature_stats(few))) < 1e-9

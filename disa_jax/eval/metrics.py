@@ -28,7 +28,7 @@ import zipfile
 
 import numpy as np
 
-from disa_jax.eval.frechet import feature_stats, frechet_distance
+from disa_jax.eval.frechet import frechet_distance_to_features
 from disa_jax.eval.inception import NUM_LOGITS, POOL_DIM, SPATIAL_DIM
 
 
@@ -237,16 +237,15 @@ class InceptionQuality:
     pool = np.asarray(feats['pool'])
     if pool.ndim != 2 or pool.shape[1] != POOL_DIM or len(pool) < 2:
       raise ValueError(f'FID needs pool features [N >= 2, {POOL_DIM}], got {pool.shape}')
-    mu, sigma = feature_stats(pool)
-    out = {'fid': frechet_distance(mu, sigma, self.ref.mu, self.ref.sigma),
+    out = {'fid': frechet_distance_to_features(pool, self.ref.mu, self.ref.sigma),
            'num_images': int(len(pool))}
     logits = np.asarray(feats['logits_unbiased'])
     assert logits.shape[1] == NUM_LOGITS
     if len(logits) >= self.splits:
       out['inception_score'], out['inception_score_std'] = inception_score(logits, self.splits)
     if self.ref.mu_s is not None:
-      mu_s, sigma_s = feature_stats(feats['spatial'])
-      out['sfid'] = frechet_distance(mu_s, sigma_s, self.ref.mu_s, self.ref.sigma_s)
+      out['sfid'] = frechet_distance_to_features(feats['spatial'], self.ref.mu_s,
+                                                 self.ref.sigma_s)
     if self.want_pr and len(pool) > self.k:
       ref_pool = self.reference_pool()
       if ref_pool is not None and len(ref_pool) > self.k:
