@@ -148,3 +148,31 @@ def test_frechet_to_features_low_rank_path():
     assert frechet_distance_to_features(f, m2, s2) == pytest.approx(want, rel=1e-7)
   few = rng.standard_normal((6, 2048))
   assert abs(frechet_distance_to_features(few, *feature_stats(few))) < 1e-9
+
+
+def test_inception_quality_against_its_own_reference(random_inception, tmp_path):
+  """Images scored against statistics and a reference batch made of themselves: FID and sFID
+  vanish, every sample lies on the reference manifold and vice versa."""
+  from disa_jax.eval.inception import InceptionExtractor, load_inception
+  from disa_jax.eval.metrics import InceptionQuality
+
+  images = np.random.default_rng(8).integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
+  f = InceptionExtractor(load_inception(random_inception[2]), batch_size=2)(images)
+  mu, sigma = feature_stats(f['pool'])
+  mu_s, sigma_s = feature_stats(f['spatial'])
+  np.savez(tmp_path / 'ref.npz', mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s, arr_0=images)
+  q = InceptionQuality(random_inception[2], tmp_path / 'ref.npz', batch_size=2,
+                       ref_features_cache=str(tmp_path / 'ref_pool.npz'))
+  assert (q.name, q.primary, q.higher_is_better) == ('inception', 'fid', False)
+  res = q.evaluate(images, np.zeros(6, np.int32))
+  assert abs(res['fid']) < 1e-6 * np.trace(sigma) and abs(res['sfid']) < 1e-6 * np.trace(sigma_s)
+  assert res['precision'] == 1.0 and res['recall'] == 1.0 and res['num_images'] == 6
+  assert 'inception_score' not in res                       # needs >= 10 images (splits)
+  np.testing.assert_allclose(np.load(tmp_path / 'ref_pool.npz')['pool'], f['pool'], rtol=1e-6)
+  shifted = q.evaluate(255 - images, np.zeros(6, np.int32))
+  assert shifted['fid'] > 1e-3
+  only_mu = tmp_path / 'mar.npz'
+  np.savez(only_mu, mu=mu, sigma=sigma)                      # MAR's adm_in256_stats format
+  res2 = InceptionQuality(random_inception[2], only_mu, batch_size=2).evaluate(
+    images, np.zeros(6, np.int32))
+  assert set(res2) == {'fid', 'num_images'}
