@@ -98,8 +98,7 @@ def run_commands(config, commands: list[str], out: str, *, overwrite=False) -> d
   plan = runner.step_plan(config.sampling)
   s = config.sampling
   writer = Writer(out, overwrite)
-  names = ['variance' if c == 'variance' else c for c in commands]
-  writer.check(names)
+  writer.check(commands)
   runs = []
   if 'curves' in commands:
     try:

@@ -27,7 +27,7 @@ from disa_jax import runner
 SHARD_META = ('ids', 'labels', 'generate_s', 'decode_s', 'features_s')
 
 
-class IncompleteRunError(RuntimeError):
+class IncompleteRunError(ValueError):
   """Shards do not cover the run (missing or duplicated image ids)."""
 
 
