@@ -62,6 +62,7 @@ def test_inception_eval_and_resume_reproduce_the_same_images(random_inception, r
   assert res['fid'] > 0 and np.isfinite(res['sfid']) and 0 <= res['precision'] <= 1
   t = m['timing']
   assert t['generate_s'] > 0 and t['decode_s'] >= 0 and t['features_s'] > 0
+  assert t['total_s'] >= t['generate_s'] + t['features_s'] - 1e-3
   assert t['generate_s_per_image'] == pytest.approx(t['generate_s'] / 10, rel=1e-3)
   assert m['batches_run'] == 3 and m['batches_reused'] == 0
   assert 'fid' in r.stdout and 's/image' in r.stdout

@@ -188,5 +188,9 @@ def run(sampler, decoder, labels: np.ndarray, *, plan, sampling, key, batch_size
   timing.update(
     generate_s=gen, decode_s=per_batch['decode_s'], features_s=per_batch['features_s'],
     metric_s=time.perf_counter() - t0, generate_s_per_image=gen / n,
+    # MAR's protocol times sample_tokens + VAE decode together
+    generate_decode_s_per_image=(gen + per_batch['decode_s']) / n,
     images_per_s=n / gen if gen > 0 else None)
+  timing['total_s'] = (gen + per_batch['decode_s'] + per_batch['features_s'] +
+                       timing['metric_s'])
   return Outcome(True, results, timing, n, ran, reused, stats)
