@@ -129,7 +129,9 @@ def run_commands(config, commands: list[str], out: str, *, overwrite=False) -> d
           'preset': s.preset, 'strategy': s.strategy, 'num_iter': plan.num_iter,
           'steps_requested': list(plan.steps), 'max_timestep': plan.max_timestep, 'cfg': s.cfg,
           'cfg_schedule': s.cfg_schedule, 'temperature': s.temperature, 'seed': s.seed}
-  tag = f'{config.get("name", "")}, {source.split(" (")[0]}'
+  ckpt = config.get('checkpoint', '')
+  tag = (f'{config.get("name", "")}, '
+         f'{os.path.basename(os.path.normpath(ckpt)) if ckpt else "random weights"}')
   results = {}
 
   def n_images(cmd):
