@@ -35,3 +35,17 @@ def tiny_config():
   from disa_jax.models.mar import MARConfig
 
   return MARConfig.from_dict(TINY_MODEL)
+
+
+@pytest.fixture(scope='session')
+def random_inception(tmp_path_factory):
+  """(PyTorch reference, its .pth file, converted directory) of a random-weight FID Inception
+  (shared by the Inception, metric and disa-eval tests; built once per session)."""
+  torch = pytest.importorskip('torch')
+  from disa_jax.convert.inception import convert
+  from disa_jax.reference.torch_inception import TorchInceptionV3, randomize_
+
+  tmp = tmp_path_factory.mktemp('inception')
+  model = randomize_(TorchInceptionV3(), seed=1)
+  torch.save(model.state_dict(), tmp / 'pt_inception.pth')
+  return model, tmp / 'pt_inception.pth', convert(tmp / 'pt_inception.pth', tmp / 'converted')

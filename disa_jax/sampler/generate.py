@@ -307,6 +307,7 @@ class Sampler:
     noise: Callable | None = None,
     timed: bool = False,
     progress: Callable | None = None,
+    on_backbone: Callable | None = None,
   ):
     """Generates tokens [B, L, C] for `labels` [B] (ints; -1 = unconditional).
 
@@ -315,6 +316,8 @@ class Sampler:
     `orders` [B, L] and `noise(ar_step, n) -> (x_T [B, n, C], eps [A, B, n, C])` replace the
     internal randomness (parity tests). `timed` synchronises after each phase to measure
     backbone and head time separately. `progress(step_index)` is called after each AR step.
+    `on_backbone(ar_step, z, pred_pos, pred_valid)` sees each step's decoder conditions
+    z [B, (2,) n_query, Dd] (cond, uncond under CFG) before the head runs (for analysis).
     Compilation happens before sampling starts and is reported as `last_stats.compile_s`.
     """
     steps = [int(s) for s in steps]
@@ -346,6 +349,8 @@ class Sampler:
         (st, tokens, gen_orders, class_vec, jnp.int32(s.m_cur), jnp.int32(s.n_pred)),
         dict(graphdef=gd, visible_pad=s.visible_pad, n_query=plan.n_query,
              use_cfg=plan.use_cfg))
+      if on_backbone is not None:
+        on_backbone(s, z, pred_pos, pred_valid)
       if timed:
         jax.block_until_ready(z)
         t1 = time.perf_counter()

@@ -40,19 +40,16 @@ def device_tables(num_steps: int, max_timestep: int | None) -> dict[str, jax.Arr
 MODULATION_BUDGET_BYTES = 256 * 2**20
 
 
-def p_sample_loop(net, z, z_uncond, x, tables, *, num_steps: int, cfg, temperature, noise_at,
-                  modulation_budget: int = MODULATION_BUDGET_BYTES):
-  """Runs the loop for rows x [R, C] with conditions z [R, Dz] (z_uncond [R, Dz] or None).
-
-  `tables` hold [A] arrays (A = num_steps, static); `noise_at(i)` returns the [R, C] noise of
-  loop iteration i (i = 0 is the noisiest step). Returns x_0 [R, C] (float32).
+def _step_fn(net, z, z_uncond, tables, *, num_steps: int, cfg, temperature, noise_at,
+             channels: int, modulation_budget: int):
+  """body(i, x) -> x after loop iteration i (i = 0 is the noisiest step).
 
   When the adaLN modulations of all A steps fit in `modulation_budget` bytes they are
-  computed before the loop in one batched pass (same arithmetic; at small batch the loop is
-  bound by reading weights, and this reads ~60% of them once instead of A times).
+  computed here in one batched pass (same arithmetic; at small batch the loop is bound by
+  reading weights, and this reads ~60% of them once instead of A times).
   """
-  c = x.shape[-1]
-  r = x.shape[0]
+  c = channels
+  r = z.shape[0]
   t_emb = net.embed_time(tables['t'])                         # [A, W]
   if z_uncond is None:
     cond = net.embed_cond(z)                                  # [R, W]
@@ -84,7 +81,37 @@ def p_sample_loop(net, z, z_uncond, x, tables, *, num_steps: int, cfg, temperatu
     scale = tables['noise_mask'][i] * temperature
     return mean + scale * jnp.exp(0.5 * log_var) * noise_at(i)
 
+  return body
+
+
+def p_sample_loop(net, z, z_uncond, x, tables, *, num_steps: int, cfg, temperature, noise_at,
+                  modulation_budget: int = MODULATION_BUDGET_BYTES):
+  """Runs the loop for rows x [R, C] with conditions z [R, Dz] (z_uncond [R, Dz] or None).
+
+  `tables` hold [A] arrays (A = num_steps, static); `noise_at(i)` returns the [R, C] noise of
+  loop iteration i (i = 0 is the noisiest step). Returns x_0 [R, C] (float32).
+  """
+  body = _step_fn(net, z, z_uncond, tables, num_steps=num_steps, cfg=cfg,
+                  temperature=temperature, noise_at=noise_at, channels=x.shape[-1],
+                  modulation_budget=modulation_budget)
   return jax.lax.fori_loop(0, num_steps, body, x.astype(jnp.float32))
+
+
+def p_sample_trajectory(net, z, z_uncond, x, tables, *, num_steps: int, cfg, temperature,
+                        noise_at, modulation_budget: int = MODULATION_BUDGET_BYTES):
+  """`p_sample_loop` that also returns every intermediate state: [A + 1, R, C] with x_T first
+  and x_0 last (same numbers; for analysis only, the sampler uses `p_sample_loop`)."""
+  body = _step_fn(net, z, z_uncond, tables, num_steps=num_steps, cfg=cfg,
+                  temperature=temperature, noise_at=noise_at, channels=x.shape[-1],
+                  modulation_budget=modulation_budget)
+  x = x.astype(jnp.float32)
+
+  def scan_body(x, i):
+    x = body(i, x)
+    return x, x
+
+  _, states = jax.lax.scan(scan_body, x, jnp.arange(num_steps))
+  return jnp.concatenate([x[None], states], axis=0)
 
 
 def _row_normal(keys, stream, channels):

@@ -1,0 +1,313 @@
+"""disa-eval: generate the evaluation set (50 images per class) and measure its quality.
+
+  # FID-50K of MAR-B with DiSA (ImageNet 256; weights converted once with disa-convert)
+  disa-eval --config=configs/mar_base.py --checkpoint=ckpt/mar_base --vae=ckpt/kl16 \\
+      --metric=inception --inception=ckpt/inception --ref-stats=VIRTUAL_imagenet256_labeled.npz \\
+      --num-images=50000 --batch-size=256 --out=outputs/eval_mar_base_disa
+  # the original MAR schedule for comparison
+  disa-eval ... --preset=mar --num-iter=256 --upper-steps=100 --out=outputs/eval_mar_base_mar
+  # the bundled digits model with its embedded classifier score
+  disa-eval --config=configs/digits.py --metric=digits --out=outputs/eval_digits
+
+Labels follow the official order (class i repeated num_images / class_num times in a row);
+image i's randomness depends only on (seed, i). Work happens in `<out>.partial/`: one shard
+per batch and process (and `images/NNNNNN.png` with --save-images), so a preempted run
+continues where it stopped when the same command is run again, producing exactly the images an
+uninterrupted run would (`--max-batches` bounds the work of one invocation). When every batch
+is done the metrics are computed, `metrics.json` is written (metrics, timing: generation only,
+decode, Inception features, metric, compile) and `<out>.partial` becomes `<out>`.
+Metrics: `inception` (FID, IS, and sFID / precision / recall when the reference provides what
+they need), `digits` (the bundled model's classifier score), `none` (timing only), or
+`module:Class` for a custom metric.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import shutil
+import time
+
+from absl import flags
+
+from disa_jax.cli import common
+from disa_jax.cli import sample as sample_cli
+
+flags.DEFINE_string('metric', 'inception', 'inception | digits | none | module:Class.')
+flags.DEFINE_string('inception', None, 'FID Inception directory (`disa-convert inception`).')
+flags.DEFINE_string('ref_stats', None, 'Reference statistics .npz (ADM VIRTUAL_imagenet256_'
+                    "labeled.npz or MAR's fid_stats/adm_in256_stats.npz).")
+flags.DEFINE_integer('inception_batch_size', 0, 'Images per Inception call (0: 64 per '
+                     'accelerator, 8 per CPU device).')
+flags.DEFINE_bool('precision_recall', True, 'Compute precision/recall when the reference has '
+                  'images (arr_0) or features.')
+flags.DEFINE_integer('max_batches', 0, 'Stop after this many new batches (0: all); run the '
+                     'same command again to continue.')
+FLAGS = flags.FLAGS
+FLAGS.set_default('save_images', False)
+
+FORMAT = 'disa_jax.eval'
+
+
+def eval_labels(num_images: int, classes: list[int], class_num: int):
+  """The official evaluation order (class i repeated num_images / class_num times in a row),
+  or `classes` cycled when given."""
+  import numpy as np
+
+  from disa_jax import runner
+
+  if classes:
+    return runner.class_labels(num_images, classes, class_num)
+  if num_images % class_num:
+    raise common.CliError(
+      f'--num_images ({num_images}) must be a multiple of the {class_num} classes so that every '
+      'class gets the same number of images (or pass --classes)')
+  return np.arange(class_num, dtype=np.int32).repeat(num_images // class_num)
+
+
+def build_metric(name: str, *, inception=None, ref_stats=None, batch_size=0,
+                 precision_recall=True, cache=None):
+  """A quality metric by name (None for 'none'), with one-line errors for bad input."""
+  from disa_jax.checkpoint import CheckpointError
+  from disa_jax.eval.quality import get_quality_metric
+
+  if name == 'none':
+    return None
+  try:
+    if name == 'inception':
+      return get_quality_metric('inception', inception=inception, ref_stats=ref_stats,
+                                batch_size=batch_size or None,
+                                precision_recall=precision_recall, ref_features_cache=cache)
+    if ':' in name:
+      module, _, cls = name.partition(':')
+      return getattr(importlib.import_module(module), cls)()
+    return get_quality_metric(name)
+  except (ValueError, CheckpointError, ImportError, AttributeError) as e:
+    raise common.CliError(f'--metric={name}: {e}') from None
+
+
+def fingerprint(config, plan, labels, *, metric: str, inception, ref_stats,
+                save_images: bool) -> dict:
+  """What must not change between an interrupted run and its continuation."""
+  s = config.sampling
+  return {
+    'format': FORMAT, 'version': 1,
+    'model': dict(config.model), 'checkpoint': config.get('checkpoint', ''),
+    'tokenizer': dict(config.tokenizer),
+    'steps': list(plan.steps), 'max_timestep': plan.max_timestep, 'cfg': s.cfg,
+    'cfg_schedule': s.cfg_schedule, 'temperature': s.temperature, 'seed': s.seed,
+    'num_images': len(labels), 'batch_size': s.batch_size,
+    'labels_sha1': hashlib.sha1(labels.tobytes()).hexdigest(),
+    'metric': metric, 'inception': inception or '', 'ref_stats': ref_stats or '',
+    'save_images': bool(save_images),
+  }
+
+
+def _prepare_workdir(final: str, partial: str, fp: dict, overwrite: bool) -> bool:
+  """Creates or validates `partial`; returns True when continuing an earlier run."""
+  import jax
+
+  if os.path.exists(final) and not overwrite:
+    raise common.CliError(f'output {final} already exists; pass --overwrite or choose another '
+                          '--out')
+  run_json = os.path.join(partial, 'run.json')
+  old = None
+  if os.path.exists(partial) and not overwrite:
+    try:
+      with open(run_json) as f:
+        old = json.load(f)
+    except (OSError, ValueError):   # interrupted before run.json was written: start afresh
+      old = None
+  if old is not None:
+    if old != json.loads(json.dumps(fp)):
+      diff = sorted(k for k in fp if old.get(k) != json.loads(json.dumps(fp[k])))
+      raise common.CliError(
+        f'{partial} holds an interrupted run with other settings ({", ".join(diff[:6])}); run '
+        'the original command to continue it, or pass --overwrite to discard it')
+    for sub in ('images', 'shards'):          # files a killed process was writing
+      d = os.path.join(partial, sub)
+      for name in os.listdir(d) if os.path.isdir(d) else ():
+        if '.tmp' in name:
+          os.remove(os.path.join(d, name))
+    return True
+  if jax.process_index() == 0:
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+    common.write_json(run_json, fp)
+  _barrier('prepared', final)
+  return False
+
+
+def _barrier(name: str, final: str) -> None:
+  import jax
+
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(f'disa_eval:{name}:{final}')
+
+
+def evaluate(config, out: str, *, metric_name: str = 'inception', inception: str | None = None,
+             ref_stats: str | None = None, inception_batch_size: int = 0,
+             precision_recall: bool = True, overwrite=False, save_images=False, max_batches=0,
+             show_progress=True) -> dict | None:
+  """Runs (or continues) an evaluation; returns the metrics.json content, or None when it
+  stopped early (`max_batches`)."""
+  import jax
+
+  from disa_jax import runner
+  from disa_jax.eval import pipeline
+  from disa_jax.models.mar import MARConfig
+
+  t_start = time.perf_counter()
+  sample_cli.validate(config)
+  plan = runner.step_plan(config.sampling)
+  model_cfg = MARConfig.from_dict(dict(config.model))
+  labels = eval_labels(config.sampling.num_images,
+                       common.parse_int_list(config.sampling.classes, '--classes'),
+                       model_cfg.class_num)
+  if config.tokenizer.kind == 'none' or (config.tokenizer.kind == 'kl16'
+                                         and not config.tokenizer.get('vae')):
+    raise common.CliError('disa-eval needs images: pass --vae DIR (KL-16 models, converted with '
+                          '`disa-convert vae`) or use a config with a pixel tokenizer')
+  final = os.path.abspath(os.path.expanduser(out))
+  partial = final + '.partial'
+  metric = build_metric(metric_name, inception=inception, ref_stats=ref_stats,
+                        batch_size=inception_batch_size, precision_recall=precision_recall,
+                        cache=os.path.join(partial, 'ref_features.npz'))
+  fp = fingerprint(config, plan, labels, metric=metric_name, inception=inception,
+                   ref_stats=ref_stats, save_images=save_images)
+  resumed = _prepare_workdir(final, partial, fp, overwrite)
+  is_main = jax.process_index() == 0
+
+  t_load = time.perf_counter()
+  model, source = runner.build_model(config, seed=config.sampling.seed)
+  decoder = runner.build_tokenizer(config, model.config)
+  mesh = runner.make_mesh(config)
+  sampler = runner.make_sampler(model, config, mesh)
+  load_s = time.perf_counter() - t_load
+  if is_main:
+    print(f'model: {config.get("name", "?")} ({source}); {len(labels)} images, '
+          f'{"continuing " + partial if resumed else "writing " + partial}')
+  image_dir = None
+  if save_images:
+    image_dir = os.path.join(partial, 'images')
+    os.makedirs(image_dir, exist_ok=True)
+  bar = None
+  if show_progress and is_main:
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(labels), desc='images', unit='img', leave=False)
+
+  def progress(done):
+    bar.update(done - bar.n)
+
+  outcome = pipeline.run(
+    sampler, decoder, labels, plan=plan, sampling=config.sampling,
+    key=jax.random.key(config.sampling.seed), batch_size=config.sampling.batch_size,
+    metric=metric, store=pipeline.ShardStore(partial), image_dir=image_dir,
+    max_batches=max_batches, progress=progress if bar else None)
+  if bar:
+    bar.close()
+  if not outcome.complete:
+    if is_main:
+      print(f'stopped after {outcome.batches_run} batches (--max_batches); run the same command '
+            f'again to continue {partial}')
+    return None
+
+  timing = {**{k: _round(v) for k, v in outcome.timing.items()}, 'load_s': round(load_s, 4),
+            'total_s_this_run': round(time.perf_counter() - t_start, 4)}
+  report = plan_report(sampler, config, plan)
+  result = {
+    'metric': metric_name,
+    'primary': getattr(metric, 'primary', None),
+    'higher_is_better': getattr(metric, 'higher_is_better', None),
+    'metrics': outcome.metrics,
+    'timing': timing,
+    'num_images': outcome.num_images,
+    'batches_run': outcome.batches_run,
+    'batches_reused': outcome.batches_reused,
+    'config': config.get('name', ''),
+    'model': source,
+    'devices': jax.device_count(),
+    'processes': jax.process_count(),
+    'backend': jax.default_backend(),
+    'preset': config.sampling.preset,
+    'strategy': config.sampling.strategy,
+    'cfg': config.sampling.cfg,
+    'cfg_schedule': config.sampling.cfg_schedule,
+    'temperature': config.sampling.temperature,
+    'seed': config.sampling.seed,
+    'batch_size': config.sampling.batch_size,
+    **report,
+  }
+  _barrier('scored', final)
+  if is_main:
+    common.write_json(os.path.join(partial, 'metrics.json'), result)
+    if os.path.exists(final):
+      shutil.rmtree(final)
+    os.replace(partial, final)
+  _barrier('renamed', final)
+  if not is_main and os.path.exists(partial):      # per-host (not shared) filesystems
+    os.replace(partial, final + f'.process{jax.process_index()}')
+  if is_main:
+    print(summary_line(result, final))
+  return result
+
+
+def plan_report(sampler, config, plan) -> dict:
+  p = sampler.plan(config.sampling.batch_size, steps=plan.steps, max_timestep=plan.max_timestep,
+                   cfg=config.sampling.cfg, cfg_schedule=config.sampling.cfg_schedule)
+  rep = p.report()
+  return {'num_iter': p.num_iter, 'max_timestep': plan.max_timestep,
+          **{k: rep[k] for k in ('steps_requested', 'steps_actual', 'tokens_per_step',
+                                 'head_token_steps_per_image', 'head_padding_waste')}}
+
+
+def summary_line(result: dict, where: str) -> str:
+  m, t = result['metrics'] or {}, result['timing']
+  parts = [f'{k} {m[k]:.4g}' for k in ('fid', 'inception_score', 'sfid', 'precision', 'recall')
+           if k in m]
+  if result['metric'] not in ('inception', 'none') and m:
+    parts = [f'{k} {v:.4g}' for k, v in m.items() if isinstance(v, float)][:6]
+  gen = t.get('generate_s_per_image')
+  return (f'{result["num_images"]} images: {", ".join(parts) or "no metric"}; generation '
+          f'{gen:.4g} s/image ({t.get("generate_s", 0):.2f} s), decode {t.get("decode_s", 0):.2f}'
+          f' s, features {t.get("features_s", 0):.2f} s; wrote {where}')
+
+
+def _round(v):
+  return round(v, 6) if isinstance(v, float) else v
+
+
+def _run(argv):
+  del argv
+  config = sample_cli._CONFIG.value
+  common.check_config(config)
+  config = sample_cli.apply_flags(config)
+  from disa_jax.models.mar import MARConfig
+
+  class_num = MARConfig.from_dict(dict(config.model)).class_num
+  with config.unlocked():
+    if FLAGS.num_images is None:
+      config.sampling.num_images = 50 * class_num
+    if FLAGS.metric == 'inception' and not (FLAGS.inception and FLAGS.ref_stats):
+      raise common.CliError('--metric=inception needs --inception DIR and --ref_stats FILE (or '
+                            'pass --metric=none for timing only)')
+  common.setup_runtime(config)
+  out = FLAGS.out or os.path.join('outputs', f'eval-{config.get("name", "run")}')
+  evaluate(config, out, metric_name=FLAGS.metric, inception=FLAGS.inception,
+           ref_stats=FLAGS.ref_stats, inception_batch_size=FLAGS.inception_batch_size,
+           precision_recall=FLAGS.precision_recall, overwrite=FLAGS.overwrite,
+           save_images=FLAGS.save_images, max_batches=FLAGS.max_batches,
+           show_progress=FLAGS.progress)
+
+
+def run():
+  common.main(_run)
+
+
+if __name__ == '__main__':
+  run()

@@ -1,0 +1,103 @@
+"""Speed-quality curves: MAR with several constant step counts vs DiSA schedules (the paper's
+trade-off figure), on one model, one label set and one seed.
+
+Every run generates the same images (labels, seed) with its own step schedule; generation time
+(compile excluded), the counted head network evaluations per image and the quality metric
+(`inception` FID or the bundled model's `digits` score) are recorded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from disa_jax.eval import pipeline
+
+
+class RunSpecError(ValueError):
+  pass
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+  """`label=preset:num_iter:upper[:lower[:strategy]]` (the `disa-bench --runs` syntax)."""
+
+  label: str
+  preset: str
+  num_iter: int
+  upper: int
+  lower: int
+  strategy: str
+
+  @classmethod
+  def parse(cls, text: str) -> RunSpec:
+    label, eq, body = text.partition('=')
+    if not eq:
+      body, label = label, label.replace(':', '_')
+    parts = body.split(':')
+    if len(parts) < 3 or parts[0] not in ('mar', 'disa'):
+      raise RunSpecError(
+        f'bad run spec {text!r}; expected label=preset:num_iter:upper[:lower[:strategy]] with '
+        'preset mar or disa, e.g. disa64=disa:64:50:5:linear')
+    try:
+      num_iter, upper = int(parts[1]), int(parts[2])
+      lower = int(parts[3]) if len(parts) > 3 else upper
+    except ValueError:
+      raise RunSpecError(f'bad run spec {text!r}: num_iter/upper/lower must be ints') from None
+    strategy = parts[4] if len(parts) > 4 else ('constant' if parts[0] == 'mar' else 'linear')
+    return cls(label, parts[0], num_iter, upper, lower, strategy)
+
+  @property
+  def family(self) -> str:
+    return 'MAR (constant steps)' if self.preset == 'mar' else f'DiSA {self.strategy}'
+
+  def step_plan(self):
+    from disa_jax.schedules import resolve_steps
+
+    return resolve_steps(num_iter=self.num_iter, preset=self.preset, strategy=self.strategy,
+                         upper=self.upper, lower=self.lower)
+
+
+def default_runs(num_iter: int, upper: int = 50, lower: int = 5,
+                 mar_steps=(5, 10, 25, 50, 100)) -> list[RunSpec]:
+  """MAR at several constant step counts, DiSA linear / cosine / two-stage upper -> lower."""
+  runs = [RunSpec(f'mar{t}', 'mar', num_iter, t, t, 'constant') for t in mar_steps]
+  runs += [RunSpec(f'disa-{s}', 'disa', num_iter, upper, lower, s)
+           for s in ('linear', 'cosine', 'two-stage')]
+  return runs
+
+
+def speed_quality(sampler, decoder, labels, *, runs, sampling, key, batch_size: int, metric,
+                  warmup: bool = True, progress=None) -> list[dict]:
+  """Generates `labels` once per run and scores them; returns one record per run. With
+  `warmup`, one untimed batch per run precedes the timed generation."""
+  out = []
+  for spec in runs:
+    plan = spec.step_plan()
+    if warmup:     # first executions of fresh buckets carry one-off costs: keep them untimed
+      first = labels[np.minimum(np.arange(batch_size), len(labels) - 1)]
+      sampler.generate(first, key, steps=plan.steps,
+                       max_timestep=plan.max_timestep, cfg=sampling.cfg,
+                       cfg_schedule=sampling.cfg_schedule, temperature=sampling.temperature)
+    outcome = pipeline.run(sampler, decoder, labels, plan=plan, sampling=sampling, key=key,
+                           batch_size=batch_size, metric=metric)
+    p = sampler.plan(batch_size, steps=plan.steps, max_timestep=plan.max_timestep,
+                     cfg=sampling.cfg, cfg_schedule=sampling.cfg_schedule)
+    rec = {
+      'label': spec.label, 'family': spec.family, 'preset': spec.preset,
+      'strategy': spec.strategy, 'num_iter': spec.num_iter, 'upper_steps': spec.upper,
+      'lower_steps': spec.lower, 'max_timestep': plan.max_timestep,
+      'steps_actual': [s.actual_steps for s in p.steps],
+      'head_evals_per_image': p.head_token_steps(),
+      'generate_s': outcome.timing['generate_s'],
+      'generate_s_per_image': outcome.timing['generate_s_per_image'],
+      'decode_s': outcome.timing['decode_s'],
+      'metrics': outcome.metrics,
+    }
+    if metric is not None:
+      rec['quality'] = outcome.metrics[metric.primary]
+    out.append(rec)
+    if progress is not None:
+      progress(rec)
+  return out
