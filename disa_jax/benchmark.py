@@ -128,9 +128,14 @@ def precision_report(model_ref, model_test, *, batch_size: int = 4, seed: int = 
 
 def run_benchmark(model, source: str, specs: list[RunSpec], *, sampler_factory: Callable,
                   batch_size: int, cfg: float, cfg_schedule: str, temperature: float,
-                  repeats: int = 1, phases: bool = False, decoder=None, torch_threads: int = 0,
-                  with_torch: bool = False, quality=None, seed: int = 0, log=print) -> dict:
-  """Runs every spec on `model` (same batch/labels/seed); returns the result dict."""
+                  repeats: int = 1, phases: bool = False, calibrate: bool = False,
+                  decoder=None, torch_threads: int = 0, with_torch: bool = False, quality=None,
+                  seed: int = 0, log=print) -> dict:
+  """Runs every spec on `model` (same batch/labels/seed); returns the result dict.
+
+  `phases` adds a synchronised backbone / head timing pass to every run, `calibrate` to the
+  baseline only; either enables the calibrated FLOP prediction (see `calibrated_prediction`).
+  """
   plans = [s.step_plan() for s in specs]
   for s in specs:
     mask_schedule(s.num_iter, model.config.seq_len)
@@ -146,7 +151,7 @@ def run_benchmark(model, source: str, specs: list[RunSpec], *, sampler_factory: 
     'matmul_peak_tflops': _sig(peak / 1e12), 'repeats': repeats, 'runs': [],
   }
   torch_model = _torch_model(model, torch_threads) if with_torch else None
-  for spec, sp in zip(specs, plans, strict=True):
+  for i, (spec, sp) in enumerate(zip(specs, plans, strict=True)):
     kw = dict(steps=sp.steps, max_timestep=sp.max_timestep, cfg=cfg, cfg_schedule=cfg_schedule,
               temperature=temperature)
     plan = sampler.plan(batch_size, steps=sp.steps, max_timestep=sp.max_timestep, cfg=cfg,
@@ -184,7 +189,7 @@ def run_benchmark(model, source: str, specs: list[RunSpec], *, sampler_factory: 
       'achieved_tflops': _sig(achieved / 1e12),
       'fraction_of_matmul_peak': _sig(achieved / peak),
     }
-    if phases:
+    if phases or (calibrate and i == 0):
       sampler.generate(labels, key, timed=True, **kw)
       st = sampler.last_stats
       ph = {'backbone_s': round(st.backbone_s, 3), 'head_s': round(st.head_s, 3)}
@@ -216,7 +221,33 @@ def run_benchmark(model, source: str, specs: list[RunSpec], *, sampler_factory: 
     row['speedup_over_flop_prediction'] = round(row['speedup'] / row['flop_speedup'], 4)
     if 'torch' in row and 'torch' in base:
       row['torch']['speedup'] = round(base['torch']['wall_s'] / row['torch']['wall_s'], 4)
+  calibrated_prediction(result)
   return result
+
+
+def calibrated_prediction(result: dict) -> None:
+  """Adds the speedup predicted by a FLOP model with one cost per FLOP for each component.
+
+  A plain FLOP ratio assumes a head FLOP costs what a backbone FLOP costs; on small batches
+  the head's matmuls are far less efficient, so removing head steps saves more time than its
+  FLOP share. The baseline's phase pass gives its backbone / head split; each run is then
+  predicted as base_wall x (f_bb F_bb / F_bb,base + f_head F_head / F_head,base) with its
+  executed FLOPs. A run slower than this prediction carries overhead the FLOPs do not explain
+  (bucket dispatch, padding, recompiles).
+  """
+  base = result['runs'][0]
+  ph = base.get('phases')
+  if not ph or not ph['backbone_s'] + ph['head_s']:
+    return
+  f_bb = ph['backbone_s'] / (ph['backbone_s'] + ph['head_s'])
+  fb = base['tflop_per_image_executed']
+  for row in result['runs']:
+    fr = row['tflop_per_image_executed']
+    rel = f_bb * fr['backbone'] / fb['backbone'] + (1 - f_bb) * fr['head'] / fb['head']
+    row['predicted_s_per_image'] = round(base['s_per_image'] * rel, 4)
+    row['calibrated_flop_speedup'] = round(1 / rel, 4)
+    row['speedup_over_calibrated_prediction'] = round(row['speedup'] * rel, 4)
+  result['calibration'] = {'run': base['label'], 'backbone_fraction': round(f_bb, 4)}
 
 
 def _bucket_name(key) -> str:
@@ -264,6 +295,9 @@ def format_table(result: dict) -> str:
   """A fixed-width table of the runs of one `run_benchmark` result."""
   header = ['run', 'K', 'steps', 's/img', 'img/s', 'head tok-steps', 'compiles b/h',
             'pad waste h/e', 'TFLOP/s', 'speedup', 'FLOP pred.']
+  has_cal = 'calibration' in result
+  if has_cal:
+    header += ['calibrated pred.']
   has_torch = any('torch' in r for r in result['runs'])
   if has_torch:
     header += ['torch s/img', 'jax/torch']
@@ -276,6 +310,8 @@ def format_table(result: dict) -> str:
              f'{r["compilations"]["backbone"]}/{r["compilations"]["head"]}',
              f'{r["head_padding_waste"]:.1%}/{r["encoder_padding_waste"]:.1%}',
              f'{r["achieved_tflops"]:.3f}', f'{r["speedup"]:.2f}x', f'{r["flop_speedup"]:.2f}x']
+    if has_cal:
+      cells += [f'{r["calibrated_flop_speedup"]:.2f}x']
     if has_torch:
       t = r.get('torch', {})
       cells += [f'{t["s_per_image"]:.3f}' if t else '-',

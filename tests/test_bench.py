@@ -37,6 +37,37 @@ def test_run_benchmark_phases_and_flops():
     assert any(k.startswith('backbone/V') for k in run['compile_s_per_bucket']) or \
       run is disa    # the second run may reuse the first run's backbone buckets
   assert 'table' not in res and 'disa' in bm.format_table(res)
+  assert res['calibration']['run'] == 'mar' and 'calibrated pred.' in bm.format_table(res)
+  assert mar['calibrated_flop_speedup'] == 1.0 and disa['calibrated_flop_speedup'] > 1.0
+
+
+def _row(label, wall, bb, head, phases=None):
+  row = {'label': label, 's_per_image': wall, 'speedup': None,
+         'tflop_per_image_executed': {'backbone': bb, 'head': head}}
+  if phases:
+    row['phases'] = {'backbone_s': phases[0], 'head_s': phases[1]}
+  return row
+
+
+def test_calibrated_prediction_weights_each_component_by_its_measured_cost():
+  # Baseline: 60% of the time in the backbone, 40% in the head. A run with the same backbone
+  # and a fifth of the head FLOPs is predicted at 0.6 + 0.4 / 5 = 0.68 of the baseline time.
+  runs = [_row('base', 10.0, 4.0, 1.0, phases=(6.0, 4.0)), _row('fast', 7.0, 4.0, 0.2),
+          _row('long', 26.0, 16.0, 1.0)]
+  for r in runs:
+    r['speedup'] = 10.0 / r['s_per_image']
+  res = {'runs': runs}
+  bm.calibrated_prediction(res)
+  assert res['calibration'] == {'run': 'base', 'backbone_fraction': 0.6}
+  base, fast, long = runs
+  assert base['calibrated_flop_speedup'] == 1.0
+  assert fast['predicted_s_per_image'] == pytest.approx(6.8)
+  assert fast['calibrated_flop_speedup'] == pytest.approx(1 / 0.68, abs=1e-4)
+  assert fast['speedup_over_calibrated_prediction'] == pytest.approx(6.8 / 7.0, abs=1e-4)
+  assert long['predicted_s_per_image'] == pytest.approx(10 * (0.6 * 4 + 0.4))
+  no_phases = {'runs': [_row('base', 1.0, 1.0, 1.0)]}
+  bm.calibrated_prediction(no_phases)
+  assert 'calibration' not in no_phases
 
 
 def test_bf16_precision_report():

@@ -9,7 +9,8 @@ for speedups. Compilation happens before the timed repeats and is reported (tota
 bucket). Per run: sampling wall time, images/s, head token-steps per image, compilations,
 padding waste, counted TFLOP per image (official algorithm and what runs here), achieved
 TFLOP/s and its fraction of a matmul peak measured in the same process, the measured speedup
-and the one predicted from counted FLOPs. `--phases` adds a synchronised pass splitting time
+and the one predicted from counted FLOPs (and, with `--phases` or `--calibrate`, from a FLOP
+model calibrated on the baseline's backbone / head split). `--phases` adds a synchronised pass splitting time
 into backbone / head (/ VAE decode with --vae); `--torch` times the PyTorch reference
 (`disa_jax.reference.torch_mar`: same weights, batch and schedule); `--dtypes` repeats
 everything per compute dtype and reports bfloat16's error against float32.
@@ -35,6 +36,8 @@ flags.DEFINE_string('runs', 'mar256=mar:256:100,mar64=mar:64:100,disa64=disa:64:
                     'the first is the baseline.')
 flags.DEFINE_integer('repeats', 1, 'Timed repeats per run (the minimum is reported).')
 flags.DEFINE_bool('phases', False, 'Extra synchronised pass timing backbone, head (, decode).')
+flags.DEFINE_bool('calibrate', False, 'Phase pass on the baseline only, for the calibrated FLOP '
+                  'prediction (implied by --phases).')
 flags.DEFINE_bool('torch', False, 'Also time the PyTorch reference on the same weights.')
 flags.DEFINE_integer('torch_threads', 0, 'torch.set_num_threads (0: leave the default).')
 flags.DEFINE_string('dtypes', None, 'Compute dtypes to run, e.g. float32,bfloat16 '
@@ -50,7 +53,7 @@ FLAGS = flags.FLAGS
 
 
 def benchmark(config, specs, *, batch_size: int, dtypes=None, repeats=1, phases=False,
-              with_torch=False, seed=0, cfg=None, cfg_schedule=None, torch_threads=0,
+              calibrate=False, with_torch=False, seed=0, cfg=None, cfg_schedule=None, torch_threads=0,
               quality=None, log=print) -> dict:
   """Runs `specs` (list of `RunSpec`) for each compute dtype; returns the result dict."""
   from disa_jax import benchmark as bm
@@ -77,7 +80,8 @@ def benchmark(config, specs, *, batch_size: int, dtypes=None, repeats=1, phases=
     res = bm.run_benchmark(
       models[dt], source, specs, sampler_factory=lambda m: runner.make_sampler(m, config, mesh),
       batch_size=batch_size, cfg=cfg, cfg_schedule=cfg_schedule,
-      temperature=config.sampling.temperature, repeats=repeats, phases=phases, decoder=decoder,
+      temperature=config.sampling.temperature, repeats=repeats, phases=phases, calibrate=calibrate,
+      decoder=decoder,
       with_torch=with_torch and dt == 'float32', torch_threads=torch_threads, quality=metric,
       seed=seed, log=log)
     res['config'] = out['config']
@@ -131,7 +135,8 @@ def _run(argv):
   else:
     log = print
   result = benchmark(config, specs, batch_size=FLAGS.batch_size, dtypes=dtypes,
-                     repeats=FLAGS.repeats, phases=FLAGS.phases, with_torch=FLAGS.torch,
+                     repeats=FLAGS.repeats, phases=FLAGS.phases,
+                     calibrate=FLAGS.calibrate, with_torch=FLAGS.torch,
                      seed=FLAGS.seed, cfg=FLAGS.cfg, cfg_schedule=FLAGS.cfg_schedule,
                      torch_threads=FLAGS.torch_threads, quality=FLAGS.quality, log=log)
   result['command'] = ' '.join(['disa-bench'] + sys.argv[1:])

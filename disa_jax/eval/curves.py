@@ -50,7 +50,11 @@ class RunSpec:
 
   @property
   def family(self) -> str:
-    return 'MAR (constant steps)' if self.preset == 'mar' else f'DiSA {self.strategy}'
+    if self.preset == 'mar':
+      return 'MAR (constant steps)'
+    if self.strategy == 'constant':    # fixed steps with DiSA's clamp: isolates the clamp
+      return 'constant steps + clamp 950'
+    return f'DiSA {self.strategy}'
 
   def step_plan(self):
     from disa_jax.schedules import resolve_steps
