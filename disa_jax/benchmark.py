@@ -7,7 +7,6 @@ Compilation happens before the timed repeats and is reported per bucket.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable
 
@@ -17,47 +16,12 @@ import numpy as np
 from flax import nnx
 
 from disa_jax.sampler.plan import mask_schedule, plan_flops
+from disa_jax.schedules import RunSpec  # noqa: F401  (re-exported: the --runs syntax)
 
 
 def _sig(x: float, digits: int = 4) -> float:
   """Rounded to significant digits (tiny CPU configs have tiny FLOP counts)."""
   return float(f'{x:.{digits}g}')
-
-
-@dataclasses.dataclass(frozen=True)
-class RunSpec:
-  """One benchmark run: `label=preset:num_iter:upper[:lower[:strategy]]`."""
-
-  label: str
-  preset: str
-  num_iter: int
-  upper: int
-  lower: int
-  strategy: str
-
-  @classmethod
-  def parse(cls, text: str) -> RunSpec:
-    label, eq, body = text.partition('=')
-    if not eq:
-      body, label = label, label.replace(':', '_')
-    parts = body.split(':')
-    if len(parts) < 3 or parts[0] not in ('mar', 'disa'):
-      raise ValueError(
-        f'bad run spec {text!r}; expected label=preset:num_iter:upper[:lower[:strategy]] with '
-        'preset mar or disa, e.g. disa64=disa:64:50:5:linear')
-    try:
-      num_iter, upper = int(parts[1]), int(parts[2])
-      lower = int(parts[3]) if len(parts) > 3 else upper
-    except ValueError:
-      raise ValueError(f'bad run spec {text!r}: num_iter/upper/lower must be ints') from None
-    strategy = parts[4] if len(parts) > 4 else ('constant' if parts[0] == 'mar' else 'linear')
-    return cls(label, parts[0], num_iter, upper, lower, strategy)
-
-  def step_plan(self):
-    from disa_jax.schedules import resolve_steps
-
-    return resolve_steps(num_iter=self.num_iter, preset=self.preset, strategy=self.strategy,
-                         upper=self.upper, lower=self.lower)
 
 
 def matmul_peak(dtype=jnp.float32, n: int | None = None, repeats: int = 5) -> float:

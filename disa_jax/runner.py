@@ -78,6 +78,27 @@ def make_sampler(model, config, mesh) -> Sampler:
                  matmul_precision=rt.matmul_precision or None)
 
 
+@dataclasses.dataclass
+class SamplingSetup:
+  """What an entry point needs to sample: the model (and where it came from), the token
+  decoder (None without a tokenizer), the device mesh, a sampler, and the seconds it took."""
+  model: MAR
+  source: str
+  decoder: object
+  mesh: object
+  sampler: Sampler
+  load_s: float
+
+
+def setup_sampling(config, *, seed: int) -> SamplingSetup:
+  t0 = time.perf_counter()
+  model, source = build_model(config, seed=seed)
+  decoder = build_tokenizer(config, model.config)
+  mesh = make_mesh(config)
+  sampler = make_sampler(model, config, mesh)
+  return SamplingSetup(model, source, decoder, mesh, sampler, time.perf_counter() - t0)
+
+
 def make_mesh(config):
   n = config.runtime.get('num_devices', 0) or None
   if n and jax.process_count() > 1 and n != jax.device_count():

@@ -138,3 +138,50 @@ def resolve_steps(
   elif max_timestep is not None:
     max_timestep = _check_int('max_timestep', max_timestep, 0)
   return StepPlan(steps=tuple(plan), max_timestep=max_timestep)
+
+
+class RunSpecError(ValueError):
+  """A malformed `label=preset:num_iter:upper[:lower[:strategy]]` run spec."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+  """One sampling run of `disa-bench --runs` / `disa-evidence curves --runs`:
+  `label=preset:num_iter:upper[:lower[:strategy]]`."""
+
+  label: str
+  preset: str
+  num_iter: int
+  upper: int
+  lower: int
+  strategy: str
+
+  @classmethod
+  def parse(cls, text: str) -> RunSpec:
+    label, eq, body = text.partition('=')
+    if not eq:
+      body, label = label, label.replace(':', '_')
+    parts = body.split(':')
+    if len(parts) < 3 or parts[0] not in ('mar', 'disa'):
+      raise RunSpecError(
+        f'bad run spec {text!r}; expected label=preset:num_iter:upper[:lower[:strategy]] with '
+        'preset mar or disa, e.g. disa64=disa:64:50:5:linear')
+    try:
+      num_iter, upper = int(parts[1]), int(parts[2])
+      lower = int(parts[3]) if len(parts) > 3 else upper
+    except ValueError:
+      raise RunSpecError(f'bad run spec {text!r}: num_iter/upper/lower must be ints') from None
+    strategy = parts[4] if len(parts) > 4 else ('constant' if parts[0] == 'mar' else 'linear')
+    return cls(label, parts[0], num_iter, upper, lower, strategy)
+
+  @property
+  def family(self) -> str:
+    if self.preset == 'mar':
+      return 'MAR (constant steps)'
+    if self.strategy == 'constant':    # fixed steps with DiSA's clamp: isolates the clamp
+      return 'constant steps + clamp 950'
+    return f'DiSA {self.strategy}'
+
+  def step_plan(self) -> StepPlan:
+    return resolve_steps(num_iter=self.num_iter, preset=self.preset, strategy=self.strategy,
+                         upper=self.upper, lower=self.lower)

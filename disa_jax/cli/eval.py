@@ -182,12 +182,8 @@ def evaluate(config, out: str, *, metric_name: str = 'inception', inception: str
   resumed = _prepare_workdir(final, partial, fp, overwrite)
   is_main = jax.process_index() == 0
 
-  t_load = time.perf_counter()
-  model, source = runner.build_model(config, seed=config.sampling.seed)
-  decoder = runner.build_tokenizer(config, model.config)
-  mesh = runner.make_mesh(config)
-  sampler = runner.make_sampler(model, config, mesh)
-  load_s = time.perf_counter() - t_load
+  setup = runner.setup_sampling(config, seed=config.sampling.seed)
+  source, decoder, sampler, load_s = setup.source, setup.decoder, setup.sampler, setup.load_s
   if is_main:
     print(f'model: {config.get("name", "?")} ({source}); {len(labels)} images, '
           f'{"continuing " + partial if resumed else "writing " + partial}')

@@ -121,12 +121,10 @@ def sample(config, out: str, *, overwrite=False, save_images=True, save_tokens=F
                                common.parse_int_list(config.sampling.classes, '--classes'),
                                class_num)
   with common.OutputDir(out, overwrite=overwrite) as od:
-    t_load = time.perf_counter()
-    model, source = runner.build_model(config, seed=config.sampling.seed)
-    decoder = runner.build_tokenizer(config, model.config)
-    mesh = runner.make_mesh(config)
-    sampler = runner.make_sampler(model, config, mesh)
-    load_s = time.perf_counter() - t_load
+    setup = runner.setup_sampling(config, seed=config.sampling.seed)
+    model, source, decoder, mesh, sampler = (setup.model, setup.source, setup.decoder,
+                                             setup.mesh, setup.sampler)
+    load_s = setup.load_s
     is_main = jax.process_index() == 0
     if is_main:
       print(f'model: {config.get("name", "?")} ({source})')

@@ -23,6 +23,17 @@ class CheckpointReadError(ValueError):
   """The file cannot be read as a weights file; the message says why and what to do."""
 
 
+def _weights_file(path) -> str:
+  """`path` expanded, or a CheckpointReadError when it is missing or a directory."""
+  path = os.path.expanduser(os.fspath(path))
+  if not os.path.exists(path):
+    raise CheckpointReadError(f'checkpoint file {path} does not exist')
+  if os.path.isdir(path):
+    raise CheckpointReadError(
+      f'{path} is a directory; pass the weights file itself (.pth, .ckpt or .safetensors)')
+  return path
+
+
 def load_state_dict(path: str | os.PathLike, *, key: str | None = None,
                     fallback_keys: tuple[str, ...] = ()) -> tuple[dict[str, np.ndarray], str]:
   """Reads `path` and returns (flat state dict of float32 numpy arrays, entry used).
@@ -30,12 +41,7 @@ def load_state_dict(path: str | os.PathLike, *, key: str | None = None,
   For pickled checkpoints holding several entries (e.g. {'model', 'model_ema'}), `key` picks
   one, then `fallback_keys` are tried in order; '' means the file itself is the state dict.
   """
-  path = os.path.expanduser(os.fspath(path))
-  if not os.path.exists(path):
-    raise CheckpointReadError(f'checkpoint file {path} does not exist')
-  if os.path.isdir(path):
-    raise CheckpointReadError(
-      f'{path} is a directory; pass the weights file itself (.pth, .ckpt or .safetensors)')
+  path = _weights_file(path)
   if path.endswith('.safetensors'):
     return _read_safetensors(path), ''
   obj = _torch_load(path)
@@ -55,12 +61,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]
   .safetensors file), else {entry: sd} for each top-level entry that holds tensors (e.g.
   'model' and 'model_ema' of a MAR training checkpoint; 'optimizer', 'args', ... are skipped).
   """
-  path = os.path.expanduser(os.fspath(path))
-  if not os.path.exists(path):
-    raise CheckpointReadError(f'checkpoint file {path} does not exist')
-  if os.path.isdir(path):
-    raise CheckpointReadError(
-      f'{path} is a directory; pass the weights file itself (.pth, .ckpt or .safetensors)')
+  path = _weights_file(path)
   if path.endswith('.safetensors'):
     return {'': _read_safetensors(path)}
   obj = _torch_load(path)

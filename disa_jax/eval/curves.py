@@ -8,59 +8,10 @@ Every run generates the same images (labels, seed) with its own step schedule; g
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 
 from disa_jax.eval import pipeline
-
-
-class RunSpecError(ValueError):
-  pass
-
-
-@dataclasses.dataclass(frozen=True)
-class RunSpec:
-  """`label=preset:num_iter:upper[:lower[:strategy]]` (the `disa-bench --runs` syntax)."""
-
-  label: str
-  preset: str
-  num_iter: int
-  upper: int
-  lower: int
-  strategy: str
-
-  @classmethod
-  def parse(cls, text: str) -> RunSpec:
-    label, eq, body = text.partition('=')
-    if not eq:
-      body, label = label, label.replace(':', '_')
-    parts = body.split(':')
-    if len(parts) < 3 or parts[0] not in ('mar', 'disa'):
-      raise RunSpecError(
-        f'bad run spec {text!r}; expected label=preset:num_iter:upper[:lower[:strategy]] with '
-        'preset mar or disa, e.g. disa64=disa:64:50:5:linear')
-    try:
-      num_iter, upper = int(parts[1]), int(parts[2])
-      lower = int(parts[3]) if len(parts) > 3 else upper
-    except ValueError:
-      raise RunSpecError(f'bad run spec {text!r}: num_iter/upper/lower must be ints') from None
-    strategy = parts[4] if len(parts) > 4 else ('constant' if parts[0] == 'mar' else 'linear')
-    return cls(label, parts[0], num_iter, upper, lower, strategy)
-
-  @property
-  def family(self) -> str:
-    if self.preset == 'mar':
-      return 'MAR (constant steps)'
-    if self.strategy == 'constant':    # fixed steps with DiSA's clamp: isolates the clamp
-      return 'constant steps + clamp 950'
-    return f'DiSA {self.strategy}'
-
-  def step_plan(self):
-    from disa_jax.schedules import resolve_steps
-
-    return resolve_steps(num_iter=self.num_iter, preset=self.preset, strategy=self.strategy,
-                         upper=self.upper, lower=self.lower)
+from disa_jax.schedules import RunSpec, RunSpecError  # noqa: F401  (re-exported)
 
 
 def default_runs(num_iter: int, upper: int = 50, lower: int = 5,

@@ -8,7 +8,7 @@ import matplotlib
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import MaxNLocator, NullFormatter  # noqa: E402
 
 
 def _save(fig, path: str) -> str:
@@ -71,16 +71,21 @@ def speed_quality(runs: list[dict], *, metric_name: str, higher_is_better: bool,
     for fam, rows in families.items():
       rows = sorted(rows, key=lambda r: r[xkey])
       xs, ys = [r[xkey] for r in rows], [r['quality'] for r in rows]
-      style = '-' if fam.startswith('MAR') else ''
-      ax.plot(xs, ys, style, marker=markers.get(fam, 'x'), ms=6, label=fam)
+      swept = rows[0]['strategy'] == 'constant'    # a sweep of step counts: draw its curve
+      ax.plot(xs, ys, '-' if swept else '', marker=markers.get(fam, 'x'), ms=6, label=fam)
       for r in rows:
-        if fam.startswith('MAR'):
+        if swept:
           ax.annotate(str(r['upper_steps']), (r[xkey], r['quality']), fontsize=7,
                       xytext=(3, 3), textcoords='offset points')
     ax.set_xlabel(xlabel)
     ax.set_ylabel(f'{metric_name} ({"higher" if higher_is_better else "lower"} is better)')
     ax.grid(alpha=0.3)
   axes[1].set_xscale('log')
+  axes[1].xaxis.set_minor_formatter(NullFormatter())
+  qs = [r['quality'] for r in runs if r['quality'] > 0]
+  if qs and max(qs) > 20 * min(qs):          # e.g. a failing baseline next to working runs
+    for ax in axes:
+      ax.set_yscale('log')
   axes[0].legend(fontsize=8)
   fig.suptitle(title, fontsize=10)
   if note:
