@@ -5,24 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import tiny_model
+from helpers import official_keys, tiny_model
 
 from disa_jax.config import MAR_VARIANTS
 from disa_jax.convert.mapping import flax_state_to_torch
 from disa_jax.models.mar import MAR, MARConfig, count_params, patchify, unpatchify
 from disa_jax.models.vit import dot_product_attention
-
-
-def _official_keys(data_dir, variant):
-  keys, on = {}, False
-  for line in (data_dir / 'mar_state_dict_keys.txt').read_text().splitlines():
-    if line.startswith('## '):
-      on = line.startswith(f'## {variant} ')
-      continue
-    if on and '\t' in line:
-      k, shape = line.split('\t')
-      keys[k] = tuple(int(x) for x in shape.strip('()').split(',') if x.strip())
-  return keys
 
 
 @pytest.mark.parametrize('variant,params', [('mar_base', 207_924_768),
@@ -32,7 +20,7 @@ def test_state_tree_mirrors_official_state_dict(data_dir, variant, params):
   cfg = MARConfig.from_dict(MAR_VARIANTS[variant])
   abstract = nnx.eval_shape(lambda: MAR(cfg, rngs=nnx.Rngs(0)))
   assert count_params(abstract) == params
-  official = _official_keys(data_dir, variant)
+  official = official_keys(data_dir, variant)
   ours = {}
   for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
     ours['.'.join(map(str, path))] = var
