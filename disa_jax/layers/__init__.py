@@ -1,0 +1,1 @@
+"""Shared neural layers (attention, blocks, norms, RoPE, adaLN, LLM decoders)."""

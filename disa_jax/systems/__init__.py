@@ -1,0 +1,1 @@
+"""Per-system packages, found by name: `disa_jax.systems.<config.system>`."""

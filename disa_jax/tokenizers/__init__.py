@@ -1,0 +1,1 @@
+"""Tokenizers: image (KL-16 VAE, pixels, D-AR) and text."""

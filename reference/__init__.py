@@ -1,0 +1,1 @@
+"""PyTorch reference implementations (parity tests, `disa-bench --torch`); not installed."""
