@@ -1,0 +1,213 @@
+"""One prepared GPU call: every GPU figure the issues ask for, within a device-time budget.
+
+  bash bench/gpu_suite.sh                      # on a lent GPU machine (see docs/benchmarks.md)
+  python bench/gpu_suite.py --dry-run --out=outputs/gpu_suite_dry   # CPU check of the wiring
+
+A job is one `disa-bench`-style command (a subprocess with its own timeout) whose JSON result is
+collected. Jobs run in priority order; a job whose estimated time no longer fits the remaining
+budget is skipped and recorded as such. After every job the suite rewrites (atomically)
+`gpu_suite.json` (every job's command, status, seconds and full result) and `gpu_suite.md` (one
+Markdown table: images/s per run, speedup vs the job's baseline, fraction of the measured matmul
+peak, compile seconds, JAX / PyTorch), so a call cut short still returns what it measured.
+
+`--dry-run` runs every job with the system's `:tiny` config, batch 2 and a few AR / head steps on
+whatever backend is present (the CPU here): it checks commands, flags, parsing and the report,
+not speed. Jobs of a system whose config file is absent are left out, so the list grows as
+systems land (add a `Job` below).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+  """One benchmark command. `runs` is disa-bench's `--runs` (the first run is the baseline)."""
+
+  name: str
+  config: str               # config file, relative to the repo
+  batch: int                # the paper's batch size for this model
+  runs: str
+  estimate_s: float         # expected seconds on an H100/H200, compile included
+  torch: bool = False       # also time the PyTorch reference (same weights, batch, schedule)
+  dtypes: str = 'bfloat16'  # the official samplers run under bf16 autocast
+  tiny_runs: str = 'base=mar:4:4,disa=disa:4:4:2:linear'
+
+
+# MAR: official evaluation is K=64 AR steps, 100 diffusion steps, CFG linear; DiSA 50 -> 5.
+# Batches are the official per-GPU evaluation batches (256 for B / L, 128 for H).
+_MAR_RUNS = 'mar64=mar:64:100,disa64=disa:64:50:5:linear'
+JOBS = [
+  Job('MAR-B', 'configs/mar_base.py', 256, _MAR_RUNS, 120, torch=True, dtypes='float32,bfloat16'),
+  Job('MAR-L', 'configs/mar_large.py', 256, _MAR_RUNS, 120),
+  Job('MAR-H', 'configs/mar_huge.py', 128, _MAR_RUNS, 150),
+  Job('MAR-B K=256', 'configs/mar_base.py', 256, 'mar256=mar:256:100,disa64=disa:64:50:5:linear',
+      120),
+]
+
+
+class SuiteError(Exception):
+  """A problem with the suite's inputs or environment (one line, exit 2)."""
+
+
+def command(job: Job, out_json: Path, *, dry_run: bool, devices: int = 1) -> list[str]:
+  cfg = job.config + (':tiny' if dry_run else '')
+  batch = max(2, devices) if dry_run else job.batch   # the batch is split over the devices
+  argv = [sys.executable, '-m', 'disa_jax.cli.bench', f'--config={cfg}', f'--batch_size={batch}',
+          f'--runs={job.tiny_runs if dry_run else job.runs}', f'--json_out={out_json}', '--json']
+  dtypes = 'float32' if dry_run and 'float32' in job.dtypes else job.dtypes
+  argv.append(f'--dtypes={dtypes}')
+  if job.torch:
+    argv.append('--torch')
+  return argv
+
+
+def rows(job: Job, result: dict) -> list[dict]:
+  """Flattens one disa-bench result (single- or multi-dtype) into table rows."""
+  out = []
+  for res in result.get('results', [result]):
+    for r in res['runs']:
+      t = r.get('torch') or {}
+      out.append({
+        'job': job.name, 'run': r['label'], 'dtype': res['dtype'], 'batch': res['batch_size'],
+        'K': r['num_iter'], 'steps': _steps(r), 'images_per_s': r['images_per_s'],
+        's_per_image': r['s_per_image'], 'speedup': r['speedup'],
+        'flop_speedup': r['flop_speedup'], 'mfu': r['fraction_of_matmul_peak'],
+        'achieved_tflops': r['achieved_tflops'], 'compile_s': r['compile_s'],
+        'torch_s_per_image': t.get('s_per_image'), 'jax_over_torch': t.get('jax_over_torch'),
+        'device': f'{res["backend"]} {res["device_kind"]} x{res["devices"]}',
+      })
+  return out
+
+
+def _steps(r: dict) -> str:
+  if r['preset'] == 'disa':
+    return f'{r["upper_steps"]}->{r["lower_steps"]} {r["strategy"]}'
+  return str(r['upper_steps'])
+
+
+def markdown(report: dict) -> str:
+  head = ['job', 'run', 'dtype', 'batch', 'K', 'head steps', 'images/s', 'speedup',
+          'FLOP pred.', 'of matmul peak', 'compile s', 'JAX / PyTorch']
+  lines = [f'GPU suite ({report["mode"]}): {report["device"]}, total {report["total_s"]:.0f} s '
+           f'of a {report["budget_s"]:.0f} s budget', '',
+           '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+  for row in report['rows']:
+    jt = row['jax_over_torch']
+    cells = [row['job'], row['run'], row['dtype'], row['batch'], row['K'], row['steps'],
+             f'{row["images_per_s"]:.3g}', f'{row["speedup"]:.2f}x',
+             f'{row["flop_speedup"]:.2f}x', f'{row["mfu"]:.0%}', f'{row["compile_s"]:.1f}',
+             '-' if jt is None else f'{jt:.2f}']
+    lines.append('| ' + ' | '.join(map(str, cells)) + ' |')
+  for job in report['jobs']:
+    if job['status'] != 'ok':
+      lines.append(f'\n{job["name"]}: {job["status"]} {job.get("detail", "")}'.rstrip())
+  return '\n'.join(lines) + '\n'
+
+
+def _write(path: Path, text: str) -> None:
+  tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
+  tmp.write_text(text)
+  os.replace(tmp, path)
+
+
+def _device() -> tuple[str, int]:
+  code = ('import jax; d = jax.devices()[0]; '
+          'print(jax.default_backend(), d.device_kind, "x%d" % jax.device_count())')
+  r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=REPO)
+  if r.returncode:
+    raise SuiteError(f'cannot start JAX: {r.stderr.strip().splitlines()[-1:]}')
+  text = r.stdout.strip()
+  return text, int(text.rsplit('x', 1)[1])
+
+
+def run_suite(out: Path, *, dry_run: bool, budget_s: float, only: list[str] | None = None,
+              log=print) -> dict:
+  device, devices = _device()
+  if not dry_run and not device.startswith('gpu'):
+    raise SuiteError(f'no GPU found (JAX sees {device}); use --dry-run to check the suite on CPU')
+  out.mkdir(parents=True, exist_ok=True)
+  jobs = [j for j in JOBS if (REPO / j.config).exists() and (not only or j.name in only)]
+  if only and not jobs:
+    raise SuiteError(f'--only matched no job; jobs: {", ".join(j.name for j in JOBS)}')
+  if dry_run:   # one job per config file: the others differ only in sizes
+    seen, unique = set(), []
+    for j in jobs:
+      if j.config not in seen:
+        seen.add(j.config)
+        unique.append(j)
+    jobs = unique
+  report = {'mode': 'dry run' if dry_run else 'full', 'device': device, 'budget_s': budget_s,
+            'jobs': [], 'rows': [], 'total_s': 0.0}
+  t_start = time.perf_counter()
+  for job in jobs:
+    left = budget_s - (time.perf_counter() - t_start)
+    entry = {'name': job.name, 'config': job.config}
+    if not dry_run and job.estimate_s > left:
+      entry.update(status='skipped', detail=f'(estimated {job.estimate_s:.0f} s > {left:.0f} s left)')
+      report['jobs'].append(entry)
+      continue
+    out_json = out / f'{job.name.replace(" ", "_").replace("=", "")}.json'
+    argv = command(job, out_json, dry_run=dry_run, devices=devices)
+    entry['command'] = ' '.join(argv[2:])
+    log(f'== {job.name}: {entry["command"]}')
+    t0 = time.perf_counter()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [str(REPO)] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]))
+    try:
+      r = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=env,
+                         timeout=max(30.0, left))
+      entry['seconds'] = round(time.perf_counter() - t0, 1)
+      if r.returncode == 0 and out_json.exists():
+        result = json.loads(out_json.read_text())
+        entry.update(status='ok', result=result)
+        report['rows'] += rows(job, result)
+      else:
+        tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
+        entry.update(status=f'failed (exit {r.returncode})', detail=' | '.join(tail))
+    except subprocess.TimeoutExpired:
+      entry.update(status='timed out', seconds=round(time.perf_counter() - t0, 1))
+    log(f'   {entry["status"]} in {entry.get("seconds", 0):.1f} s')
+    report['jobs'].append(entry)
+    report['total_s'] = round(time.perf_counter() - t_start, 1)
+    _write(out / 'gpu_suite.json', json.dumps(report, indent=2, sort_keys=True))
+    _write(out / 'gpu_suite.md', markdown(report))
+  report['total_s'] = round(time.perf_counter() - t_start, 1)
+  _write(out / 'gpu_suite.json', json.dumps(report, indent=2, sort_keys=True))
+  _write(out / 'gpu_suite.md', markdown(report))
+  return report
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--out', default='outputs/gpu_suite', help='folder for the JSON / Markdown')
+  p.add_argument('--dry-run', action='store_true', help='tiny configs on any backend (CPU check)')
+  p.add_argument('--budget-s', type=float, default=480.0,
+                 help='device seconds for all jobs (default 480 = 8 min)')
+  p.add_argument('--only', default='', help='comma-separated job names')
+  a = p.parse_args(argv)
+  if not a.budget_s > 0:
+    print('error: --budget-s must be a positive number of seconds', file=sys.stderr)
+    return 2
+  try:
+    report = run_suite(Path(a.out), dry_run=a.dry_run, budget_s=a.budget_s,
+                       only=[s for s in a.only.split(',') if s] or None)
+  except SuiteError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  print(markdown(report))
+  return 0 if all(j['status'] in ('ok', 'skipped') for j in report['jobs']) else 1
+
+
+if __name__ == '__main__':
+  sys.exit(main())

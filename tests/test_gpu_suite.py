@@ -1,0 +1,39 @@
+"""bench/gpu_suite.py: the one-call GPU suite, checked on the CPU in dry-run mode."""
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO
+
+SUITE = [sys.executable, str(REPO / 'bench' / 'gpu_suite.py')]
+
+
+def _run(*args, cwd=REPO):
+  return subprocess.run([*SUITE, *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def test_dry_run_writes_json_and_table(tmp_path):
+  r = _run('--dry-run', f'--out={tmp_path}', '--only=MAR-B')
+  assert r.returncode == 0, r.stderr
+  report = json.loads((tmp_path / 'gpu_suite.json').read_text())
+  (job,) = report['jobs']
+  assert job['status'] == 'ok' and '--torch' in job['command']
+  runs = [row['run'] for row in report['rows']]
+  assert runs == ['base', 'disa']
+  base, disa = report['rows']
+  assert base['speedup'] == 1.0 and disa['flop_speedup'] > 1.0   # DiSA does less head work
+  assert all(row['images_per_s'] > 0 and row['jax_over_torch'] > 0 for row in report['rows'])
+  table = (tmp_path / 'gpu_suite.md').read_text()
+  assert table.count('| MAR-B |') == 2 and 'JAX / PyTorch' in table
+  assert not list(tmp_path.glob('.*.tmp'))                       # atomic writes left nothing
+
+
+def test_refuses_full_run_without_gpu_and_unknown_jobs(tmp_path):
+  r = _run(f'--out={tmp_path}')
+  assert r.returncode == 2 and r.stderr.startswith('error: no GPU found')
+  assert not (tmp_path / 'gpu_suite.json').exists()
+  r = _run('--dry-run', f'--out={tmp_path}', '--only=nope')
+  assert r.returncode == 2 and '--only matched no job' in r.stderr
+  r = _run('--dry-run', '--budget-s=nan')
+  assert r.returncode == 2 and r.stderr.count('\n') == 1
