@@ -135,7 +135,7 @@ def load_vae(directory, *, overrides: dict | None = None):
 
   `overrides` changes runtime-only fields (e.g. {'dtype': 'bfloat16'}).
   """
-  from disa_jax.models.vae import AutoencoderKL, VAEConfig
+  from disa_jax.tokenizers.kl16 import AutoencoderKL, VAEConfig
 
   meta, stored = read_meta(directory)
   if meta.get('kind') != 'vae':
@@ -156,7 +156,7 @@ def load_mar(directory, *, expect_config: dict | None = None, overrides: dict | 
   a difference in any architecture field raises a `CheckpointError` naming it. `overrides`
   changes runtime-only fields (dtype, attn_splits).
   """
-  from disa_jax.models.mar import MAR, MARConfig
+  from disa_jax.systems.mar.model import MAR, MARConfig
 
   meta, stored = read_meta(directory)
   if meta.get('kind') != 'mar':

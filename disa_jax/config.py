@@ -37,7 +37,7 @@ TINY_MODEL = dict(CPU_MODEL, img_size=64, buffer_size=8, class_num=10)
 
 def model_config(**fields) -> ml_collections.ConfigDict:
   """Every `MARConfig` field (so each is overridable from the command line)."""
-  from disa_jax.models.mar import MARConfig
+  from disa_jax.systems.mar.model import MARConfig
 
   return ml_collections.ConfigDict(MARConfig.from_dict(fields).to_dict())
 

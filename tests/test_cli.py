@@ -80,7 +80,7 @@ def test_config_checkpoint_mismatch(tmp_path):
 
   from disa_jax.checkpoint import save_model
   from disa_jax.config import TINY_MODEL
-  from disa_jax.models.mar import MAR, MARConfig
+  from disa_jax.systems.mar.model import MAR, MARConfig
 
   cfg = MARConfig.from_dict({**TINY_MODEL, 'encoder_depth': 3})
   ckpt = save_model(tmp_path / 'ckpt', MAR(cfg, rngs=nnx.Rngs(0)), kind='mar',

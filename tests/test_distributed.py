@@ -182,8 +182,8 @@ def _watch(path, stop):
 
 def _check_images(images_dir, ids, ref_tokens):
   from disa_jax.config import TINY_MODEL, tokenizer_config
-  from disa_jax.models.mar import MARConfig
-  from disa_jax.tokenizer import PixelTokenizer
+  from disa_jax.systems.mar.model import MARConfig
+  from disa_jax.tokenizers.image import PixelTokenizer
 
   expected = PixelTokenizer(MARConfig.from_dict({**TINY_MODEL, 'vae_embed_dim': 3}),
                             scale=tokenizer_config().scale)

@@ -9,8 +9,8 @@ from helpers import TOKEN_PARITY_CASES, max_rel_error, tiny_model, token_parity
 
 import disa_jax
 from disa_jax.diffusion.gaussian import spaced_schedule
-from disa_jax.sampler.generate import TRACE_COUNTS, Sampler
 from disa_jax.schedules import resolve_steps
+from disa_jax.systems.mar.sampling import TRACE_COUNTS, Sampler
 
 
 @pytest.fixture(scope='module')
@@ -155,8 +155,8 @@ def test_token_parity_with_torch_reference(preset, k, cfg, schedule, temp):
   """From an in-memory state dict (tests/test_convert.py repeats this through the converter)."""
   pytest.importorskip('torch')
   from disa_jax.convert.mapping import convert_state_dict
-  from disa_jax.models.mar import MAR
-  from disa_jax.reference import torch_mar as tr
+  from disa_jax.systems.mar.model import MAR
+  from reference import mar as tr
 
   model_cfg = tiny_model().config
   tm = tr.randomize_(tr.TorchMAR(model_cfg).eval(), seed=4)

@@ -12,7 +12,7 @@ TFLOP/s and its fraction of a matmul peak measured in the same process, the meas
 and the one predicted from counted FLOPs (and, with `--phases` or `--calibrate`, from a FLOP
 model calibrated on the baseline's backbone / head split). `--phases` adds a synchronised pass splitting time
 into backbone / head (/ VAE decode with --vae); `--torch` times the PyTorch reference
-(`disa_jax.reference.torch_mar`: same weights, batch and schedule); `--dtypes` repeats
+(`reference.mar`: same weights, batch and schedule); `--dtypes` repeats
 everything per compute dtype and reports bfloat16's error against float32.
 """
 
@@ -57,7 +57,7 @@ def benchmark(config, specs, *, batch_size: int, dtypes=None, repeats=1, phases=
               quality=None, log=print) -> dict:
   """Runs `specs` (list of `RunSpec`) for each compute dtype; returns the result dict."""
   from disa_jax import benchmark as bm
-  from disa_jax import runner
+  from disa_jax.engine import runner
 
   cfg = config.sampling.cfg if cfg is None else cfg
   cfg_schedule = cfg_schedule or config.sampling.cfg_schedule

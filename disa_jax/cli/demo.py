@@ -45,13 +45,13 @@ def parse_args(argv):
 def demo(args, print_fn=print) -> dict:
   import jax
 
-  from disa_jax import runner
   from disa_jax.checkpoint import load_mar
   from disa_jax.config import digits_config
   from disa_jax.diffusion.gaussian import DISA_MAX_TIMESTEP
+  from disa_jax.engine import runner
   from disa_jax.eval.digits_quality import DigitsQuality
   from disa_jax.schedules import resolve_steps
-  from disa_jax.tokenizer import PixelTokenizer, make_grid
+  from disa_jax.tokenizers.image import PixelTokenizer, make_grid
 
   config = digits_config()
   s = config.sampling

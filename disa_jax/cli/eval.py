@@ -56,7 +56,7 @@ def eval_labels(num_images: int, classes: list[int], class_num: int):
   or `classes` cycled when given."""
   import numpy as np
 
-  from disa_jax import runner
+  from disa_jax.engine import runner
 
   if classes:
     return runner.class_labels(num_images, classes, class_num)
@@ -157,9 +157,9 @@ def evaluate(config, out: str, *, metric_name: str = 'inception', inception: str
   stopped early (`max_batches`)."""
   import jax
 
-  from disa_jax import runner
+  from disa_jax.engine import runner
   from disa_jax.eval import pipeline
-  from disa_jax.models.mar import MARConfig
+  from disa_jax.systems.mar.model import MARConfig
 
   t_start = time.perf_counter()
   sample_cli.validate(config)
@@ -283,7 +283,7 @@ def _run(argv):
   config = sample_cli._CONFIG.value
   common.check_config(config)
   config = sample_cli.apply_flags(config)
-  from disa_jax.models.mar import MARConfig
+  from disa_jax.systems.mar.model import MARConfig
 
   class_num = MARConfig.from_dict(dict(config.model)).class_num
   with config.unlocked():

@@ -77,7 +77,7 @@ class Writer:
 def _labels(num_images: int, config, class_num: int):
   import numpy as np
 
-  from disa_jax import runner
+  from disa_jax.engine import runner
 
   classes = common.parse_int_list(config.sampling.classes, '--classes')
   if not classes and num_images % class_num == 0:
@@ -88,7 +88,7 @@ def _labels(num_images: int, config, class_num: int):
 def run_commands(config, commands: list[str], out: str, *, overwrite=False) -> dict:
   import jax
 
-  from disa_jax import runner
+  from disa_jax.engine import runner
   from disa_jax.eval import evidence, plots
   from disa_jax.eval.curves import RunSpec, RunSpecError, default_runs
 

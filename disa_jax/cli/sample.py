@@ -83,7 +83,7 @@ def validate(config):
     raise common.CliError(f'--cfg_schedule must be linear or constant, got {s.cfg_schedule!r}')
   if s.temperature <= 0:
     raise common.CliError(f'--temperature must be > 0, got {s.temperature}')
-  from disa_jax.models.mar import MARConfig
+  from disa_jax.systems.mar.model import MARConfig
 
   seq = MARConfig.from_dict(dict(config.model)).seq_len
   if not 1 <= s.num_iter <= seq:
@@ -108,13 +108,13 @@ def sample(config, out: str, *, overwrite=False, save_images=True, save_tokens=F
   import numpy as np
   from PIL import Image
 
-  from disa_jax import runner
-  from disa_jax import tokenizer as tok
+  from disa_jax.engine import runner
+  from disa_jax.tokenizers import image as tok
 
   validate(config)
   plan = runner.step_plan(config.sampling)                   # schedule errors before loading
   model_cfg_dict = dict(config.model)
-  from disa_jax.models.mar import MARConfig
+  from disa_jax.systems.mar.model import MARConfig
 
   class_num = MARConfig.from_dict(model_cfg_dict).class_num
   labels = runner.class_labels(config.sampling.num_images,

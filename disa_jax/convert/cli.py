@@ -4,7 +4,8 @@
   disa-convert vae --torch-checkpoint kl16.ckpt --out ckpt/kl16
   disa-convert inception --torch-checkpoint pt_inception-2015-12-05-6726825d.pth --out ckpt/inc
 
-Each KIND is a module `disa_jax.convert.<kind>` exposing
+Each KIND is a module `disa_jax.systems.<kind>.convert` (a system) or `disa_jax.convert.<kind>`
+(a shared model) exposing
 `convert(torch_checkpoint, out, *, weights, variant, overwrite) -> pathlib.Path`, which
 validates strictly and writes atomically. Errors are one line (exit status 2); nothing is
 written on failure.
@@ -43,6 +44,18 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
+def converter_module(kind: str):
+  """`disa_jax.systems.<kind>.convert` (a system's weights) or `disa_jax.convert.<kind>`
+  (shared models: the VAE, Inception), or None."""
+  for name in (f'disa_jax.systems.{kind}.convert', f'disa_jax.convert.{kind}'):
+    try:
+      return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+      if not name.startswith(e.name or '<none>'):
+        raise
+  return None
+
+
 def main(argv=None) -> int:
   from disa_jax.checkpoint import CheckpointError
   from disa_jax.convert.mapping import ConversionError
@@ -53,9 +66,8 @@ def main(argv=None) -> int:
     print(f'error: --num-heads applies to `disa-convert mar` only, not {args.kind}',
           file=sys.stderr)
     return 2
-  try:
-    module = importlib.import_module(f'disa_jax.convert.{args.kind}')
-  except ModuleNotFoundError:
+  module = converter_module(args.kind)
+  if module is None:
     print(f'error: converting {args.kind} checkpoints is not available in this version',
           file=sys.stderr)
     return 2

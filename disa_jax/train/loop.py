@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from disa_jax import sharding as shd
-from disa_jax.models.mar import MAR, MARConfig
+from disa_jax.systems.mar.model import MAR, MARConfig
 from disa_jax.train import optim
 from disa_jax.train.partition import state_shardings
 from disa_jax.train.step import TrainState, train_step

@@ -13,9 +13,9 @@ from flax import nnx
 
 from disa_jax import sharding as shd
 from disa_jax.checkpoint import load_mar
-from disa_jax.models.mar import MAR, MARConfig
-from disa_jax.sampler.generate import Sampler
 from disa_jax.schedules import StepPlan, resolve_steps
+from disa_jax.systems.mar.model import MAR, MARConfig
+from disa_jax.systems.mar.sampling import Sampler
 
 _log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def build_model(config, *, seed: int = 0) -> tuple[MAR, str]:
 
 def build_tokenizer(config, model_cfg: MARConfig):
   """The decoder from tokens to images for this config, or None (tokens only)."""
-  from disa_jax import tokenizer as tok
+  from disa_jax.tokenizers import image as tok
 
   tk = config.tokenizer
   if tk.kind == 'pixels':

@@ -26,7 +26,7 @@ from collections import defaultdict
 import numpy as np
 
 from disa_jax.diffusion.gaussian import spaced_schedule
-from disa_jax.models.mar import MARConfig
+from disa_jax.systems.mar.model import MARConfig
 
 
 def mask_schedule(num_iter: int, seq_len: int) -> list[tuple[int, int, int]]:

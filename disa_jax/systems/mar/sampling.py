@@ -34,8 +34,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from disa_jax import sharding as shd
-from disa_jax.sampler.head import device_tables, p_sample_loop
-from disa_jax.sampler.plan import SamplingPlan, make_plan
+from disa_jax.diffusion.ddpm import device_tables, p_sample_loop
+from disa_jax.systems.mar.plan import SamplingPlan, make_plan
 
 ORDER_STREAM, NOISE_STREAM = 0, 1
 
@@ -188,7 +188,7 @@ class Sampler:
   sampling time.
 
   Args:
-    model: a `disa_jax.models.MAR`.
+    model: a `disa_jax.MAR`.
     mesh: optional mesh; the batch is sharded over its data axis, parameters replicated.
     enc_bucket: encoder lengths are padded to a multiple of this (0: seq_len / 16).
     max_head_waste: largest fraction of padded head row-steps allowed in a bucket.

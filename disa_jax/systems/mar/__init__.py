@@ -1,0 +1,1 @@
+"""MAR (LTH14/mar) as a disa_jax system."""
