@@ -16,7 +16,8 @@ import numpy as np
 from flax import nnx
 
 from disa_jax.schedules import RunSpec  # noqa: F401  (re-exported: the --runs syntax)
-from disa_jax.systems.mar.plan import mask_schedule, plan_flops
+from disa_jax.systems.mar.flops import plan_flops
+from disa_jax.systems.mar.plan import mask_schedule
 
 
 def _sig(x: float, digits: int = 4) -> float:

@@ -25,11 +25,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from disa_jax.errors import UserError
+
 FORMAT = 'disa_jax.model'
 VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
   """A model directory that cannot be used; the message says why and what to do."""
 
 

@@ -65,7 +65,7 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 def sampling_config(**overrides) -> ml_collections.ConfigDict:
   """Sampler options: AR schedule, CFG, DiSA preset and output size."""
   c = ml_collections.ConfigDict()
-  c.preset = 'disa'          # 'disa' (upper->lower steps, clamp 950) or 'mar' (upper steps)
+  c.preset = 'disa'          # 'disa' (upper->lower steps, clamp 950) or 'baseline' (= 'mar')
   c.strategy = 'linear'      # constant | linear | cosine | two-stage (DiSA preset)
   c.upper_steps = 50
   c.lower_steps = 5
@@ -109,6 +109,7 @@ def mar_config(variant: str, *, cpu: bool = False, tiny: bool = False) -> ml_col
   if variant not in MAR_VARIANTS:
     raise ValueError(f'unknown MAR variant {variant!r}; choose one of {sorted(MAR_VARIANTS)}')
   c = ml_collections.ConfigDict()
+  c.system = 'mar'
   c.name = variant + ('-tiny' if tiny else '-cpu' if cpu else '')
   model = dict(MAR_VARIANTS[variant])
   if tiny:
@@ -190,6 +191,7 @@ def bundled_digits_checkpoint() -> str:
 def digits_config(*, tiny: bool = False) -> ml_collections.ConfigDict:
   """Config of the bundled digits model (sampling, demo and its `disa-train` recipe)."""
   c = ml_collections.ConfigDict()
+  c.system = 'mar'
   c.name = 'digits' + ('-tiny' if tiny else '')
   model = dict(DIGITS_MODEL)
   if tiny:  # unit-test size, with the official dropout so that path is exercised

@@ -22,14 +22,12 @@ import json
 import sys
 
 from absl import flags
-from ml_collections import config_flags
 
 from disa_jax.cli import common
+from disa_jax.cli import flags as cli_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-  'config', None, 'Config file, e.g. configs/mar_base.py.', lock_config=True)
-flags.DEFINE_string('checkpoint', None, 'Model directory; default random weights.')
-flags.DEFINE_string('vae', None, 'KL-16 VAE directory: adds VAE decode to --phases.')
+_CONFIG = cli_flags.define_config()
+cli_flags.define_model()
 flags.DEFINE_integer('batch_size', 4, 'Batch size (images per run).')
 flags.DEFINE_string('runs', 'mar256=mar:256:100,mar64=mar:64:100,disa64=disa:64:50:5:linear',
                     'Comma-separated runs label=preset:num_iter:upper[:lower[:strategy]]; '
@@ -64,7 +62,7 @@ def benchmark(config, specs, *, batch_size: int, dtypes=None, repeats=1, phases=
   for s in specs:
     s.step_plan()                                              # validate before loading
   model, source = runner.build_model(config, seed=seed)
-  decoder = runner.build_tokenizer(config, model.config)
+  decoder = runner.build_decoder(config, model)
   metric = None
   if quality:
     from disa_jax.eval.quality import get_quality_metric
@@ -106,7 +104,7 @@ def _run(argv):
   del argv
   from disa_jax.benchmark import RunSpec, format_table
 
-  config = _CONFIG.value
+  config = common.config_value(_CONFIG)
   common.check_config(config)
   common.setup_runtime(config)
   with config.unlocked():
