@@ -7,8 +7,8 @@ import pytest
 
 from disa_jax.config import MAR_VARIANTS
 from disa_jax.schedules import resolve_steps, step_schedule
-from disa_jax.systems.mar.model import MARConfig
 from disa_jax.systems.mar.flops import backbone_flops, plan_flops
+from disa_jax.systems.mar.model import MARConfig
 from disa_jax.systems.mar.plan import make_plan, mask_schedule
 
 BASE = MARConfig.from_dict(MAR_VARIANTS['mar_base'])

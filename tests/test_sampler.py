@@ -10,7 +10,7 @@ from helpers import TOKEN_PARITY_CASES, max_rel_error, tiny_model, token_parity
 import disa_jax
 from disa_jax.diffusion.gaussian import spaced_schedule
 from disa_jax.schedules import resolve_steps
-from disa_jax.systems.mar.sampling import TRACE_COUNTS, Sampler
+from disa_jax.systems.mar.sampling import Sampler
 
 
 @pytest.fixture(scope='module')
@@ -106,18 +106,19 @@ def test_image_independent_of_batch(sampler):
 
 
 def test_compiles_once_per_bucket():
-  s = Sampler(tiny_model(diffloss_w=96), enc_bucket=4)
+  m = tiny_model(diffloss_w=96)
+  s = Sampler(m, enc_bucket=4)
   plan = s.plan(2, steps=DISA.steps, max_timestep=950, cfg=2.0)
-  before = dict(TRACE_COUNTS)
   s.generate(np.array([1, 2]), jax.random.key(0), steps=DISA.steps, max_timestep=950, cfg=2.0)
-  traced = {k: TRACE_COUNTS[k] - before.get(k, 0) for k in ('init', 'backbone', 'head')}
-  assert traced == {'init': 1, 'backbone': len(plan.backbone_buckets),
-                    'head': len(plan.head_buckets)}
+  want = {'init': 1, 'backbone': len(plan.backbone_buckets), 'head': len(plan.head_buckets)}
+  assert dict(s.trace_counts) == want and s.last_stats.compiles == want
   assert len(s.compile_log) == 1 + len(plan.backbone_buckets) + len(plan.head_buckets)
-  before = dict(TRACE_COUNTS)
   s.generate(np.array([3, 4]), jax.random.key(1), steps=DISA.steps, max_timestep=950, cfg=2.0)
-  assert all(TRACE_COUNTS[k] == before.get(k, 0) for k in ('init', 'backbone', 'head'))
+  assert dict(s.trace_counts) == want
+  assert s.last_stats.compiles == {'init': 0, 'backbone': 0, 'head': 0}
   assert s.last_stats.compile_s == 0.0
+  # A second sampler of the same model keeps its own counts (no module-level counter).
+  assert Sampler(m, enc_bucket=4).trace_counts == {}
 
 
 def test_generate_function_api(model):

@@ -77,12 +77,12 @@ def demo(args, print_fn=print) -> dict:
   import jax
 
   from disa_jax.checkpoint import load_mar
-  from disa_jax.config import digits_config
   from disa_jax.diffusion.gaussian import DISA_MAX_TIMESTEP
   from disa_jax.engine import runner
   from disa_jax.eval.digits_quality import DigitsQuality
   from disa_jax.io.output import OutputDir, write_json
   from disa_jax.schedules import resolve_steps
+  from disa_jax.systems.mar.variants import digits_config
   from disa_jax.tokenizers.image import PixelTokenizer, make_grid
 
   config = digits_config()
@@ -203,7 +203,7 @@ def format_table(summary: dict) -> str:
 
 
 def _run(argv):
-  from disa_jax.config import digits_config
+  from disa_jax.systems.mar.variants import digits_config
 
   if len(argv) > 1:
     raise common.CliError(f'unexpected argument {argv[1]!r} (disa-demo takes only flags)')

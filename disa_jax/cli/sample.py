@@ -168,7 +168,7 @@ def _run(argv):
   del argv
   config = common.config_value(_CONFIG)
   if config is None:  # the bundled digits model (works from an installed package)
-    from disa_jax.config import digits_config
+    from disa_jax.systems.mar.variants import digits_config
 
     config = digits_config()
   config = apply_flags(config)
