@@ -108,13 +108,30 @@ def _parse_flags(argv):
     print(f'error: {_one_line(e)}', file=sys.stderr)
     print(f'Try --help for the flags of {os.path.basename(argv[0])}.', file=sys.stderr)
     sys.exit(2)
-  except KeyError as e:   # `--config.a.b=v` naming a field the (locked) config lacks
-    print(f'error: unknown config field {_one_line(e)!r} in a --config.* override; the fields '
-          'are those of the config file (override an existing one)', file=sys.stderr)
+  except (UserError, KeyError, AttributeError, TypeError, ValueError, OSError,
+          SyntaxError) as e:   # config file / override problems raised while parsing
+    override = _bad_override(argv, e)
+    if override:
+      print(f'error: unknown config field in {override}; override a field the config file '
+            'has (see its sections)', file=sys.stderr)
+    else:
+      print(f'error: config: {_last_line(e)}', file=sys.stderr)
     sys.exit(2)
-  except (UserError, AttributeError, TypeError, ValueError, OSError, SyntaxError) as e:
-    print(f'error: config: {_last_line(e)}', file=sys.stderr)
-    sys.exit(2)
+
+
+def _bad_override(argv, e: BaseException) -> str:
+  """The `--config.a.b=v` argument an AttributeError / KeyError of the config points at."""
+  if not isinstance(e, KeyError | AttributeError):
+    return ''
+  import re
+
+  names = re.findall(r"[A-Za-z_][A-Za-z0-9_]*", str(e).split('\n')[0])
+  for arg in argv:
+    if arg.startswith('--config.'):
+      path = arg[len('--config.'):].partition('=')[0].split('.')
+      if any(n in path for n in names):
+        return arg
+  return ''
 
 
 def _last_line(e: BaseException) -> str:
