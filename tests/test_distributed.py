@@ -209,7 +209,8 @@ def test_two_processes_one_shared_output_dir(tmp_path):
   assert proc.returncode == 0, err + _logs(logs)
   # The directory appeared complete (renamed from out.partial after every process finished).
   top, images = seen
-  assert top == ['grid.png', 'images', 'labels.npy', 'metrics.json', 'tokens.npy'], seen
+  assert top == ['.disa_jax-output', 'grid.png', 'images', 'labels.npy', 'metrics.json',
+                 'tokens.npy'], seen
   assert images == [f'{i:06d}.png' for i in range(NUM_IMAGES)]
   assert not list(tmp_path.glob('*.partial'))
   m = json.loads((out / 'metrics.json').read_text())
