@@ -1,19 +1,13 @@
-"""MAR-Large (official architecture) sampled with DiSA by default.
+"""Forwards to configs/mar/large.py (the MAR-L (479M) config); kept so older commands work.
 
-Official weights, converted once (see README):
-  disa-sample --config=configs/mar_large.py --checkpoint=ckpt/mar_large --vae=ckpt/kl16 \
-      --num_images=64 --out=outputs/mar_large
-Original MAR schedule (K=256, 100 steps, no clamp):
-  disa-sample --config=configs/mar_large.py --preset=mar --config.sampling.num_iter=256 \
-      --config.sampling.upper_steps=100 ...
-CPU-sized stand-in with random weights (same 256-token layout, tiny widths):
   disa-sample --config=configs/mar_large.py:cpu --out=outputs/mar_large_cpu
-Unit-test size (16 tokens): --config=configs/mar_large.py:tiny
 """
 
-from disa_jax.config import mar_config, parse_arg
+import importlib.util
+import os
 
-
-def get_config(arg=None):
-  a = parse_arg(arg, cpu=False, tiny=False)
-  return mar_config('mar_large', cpu=a.cpu, tiny=a.tiny)
+_spec = importlib.util.spec_from_file_location(
+  'configs_mar_large', os.path.join(os.path.dirname(os.path.abspath(__file__)), 'mar', 'large.py'))
+_module = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_module)
+get_config = _module.get_config

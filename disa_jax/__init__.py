@@ -13,12 +13,12 @@ Public API:
 __version__ = '0.1.0'
 
 from disa_jax.checkpoint import load_mar, load_vae
+from disa_jax.diffusion.ddpm import sample_head
 from disa_jax.diffusion.gaussian import respaced_timesteps
-from disa_jax.models.mar import MAR, MARConfig
-from disa_jax.models.vae import AutoencoderKL, VAEConfig
-from disa_jax.sampler.generate import Sampler, generate
-from disa_jax.sampler.head import sample_head
 from disa_jax.schedules import resolve_steps, step_schedule
+from disa_jax.systems.mar.model import MAR, MARConfig
+from disa_jax.systems.mar.sampling import Sampler, generate
+from disa_jax.tokenizers.kl16 import AutoencoderKL, VAEConfig
 
 __all__ = ['MAR', 'AutoencoderKL', 'MARConfig', 'Sampler', 'VAEConfig', 'generate', 'load_mar',
            'load_vae', 'resolve_steps', 'respaced_timesteps', 'sample_head', 'step_schedule']

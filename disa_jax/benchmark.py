@@ -15,8 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from disa_jax.sampler.plan import mask_schedule, plan_flops
 from disa_jax.schedules import RunSpec  # noqa: F401  (re-exported: the --runs syntax)
+from disa_jax.systems.mar.flops import plan_flops
+from disa_jax.systems.mar.plan import mask_schedule
 
 
 def _sig(x: float, digits: int = 4) -> float:
@@ -45,7 +46,7 @@ def matmul_peak(dtype=jnp.float32, n: int | None = None, repeats: int = 5) -> fl
 
 def with_dtype(model, dtype: str):
   """The same parameters in a model whose compute dtype is `dtype` (params stay fp32)."""
-  from disa_jax.models.mar import MAR, MARConfig
+  from disa_jax.systems.mar.model import MAR, MARConfig
 
   if model.config.dtype == dtype:
     return model
@@ -223,11 +224,29 @@ def _bucket_name(key) -> str:
   return name
 
 
+def torch_reference():
+  """The PyTorch MAR reference (`reference/mar.py` of a repository checkout, not installed)."""
+  import importlib
+
+  from disa_jax.errors import UserError
+
+  try:
+    return importlib.import_module('reference.mar')
+  except ModuleNotFoundError as e:
+    missing = e.name or ''
+    if missing.startswith('torch'):
+      raise UserError('--torch needs PyTorch: pip install torch==2.13.0') from None
+    raise UserError('--torch needs the PyTorch reference reference/mar.py of a repository '
+                    'checkout: run disa-bench from the repository root (or put it on '
+                    'PYTHONPATH)') from None
+
+
 def _torch_model(model, threads: int):
   import torch
 
   from disa_jax.convert.mapping import flax_state_to_torch
-  from disa_jax.reference.torch_mar import TorchMAR
+
+  TorchMAR = torch_reference().TorchMAR
 
   if threads:
     torch.set_num_threads(threads)
@@ -240,7 +259,7 @@ def _torch_model(model, threads: int):
 def _torch_run(tm, labels, spec, sp, cfg, cfg_schedule, temperature, batch_size, seed):
   import torch
 
-  from disa_jax.reference.torch_mar import sample_tokens
+  sample_tokens = torch_reference().sample_tokens
 
   np.random.seed(seed)
   torch.manual_seed(seed)

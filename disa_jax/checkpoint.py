@@ -25,11 +25,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from disa_jax.errors import UserError
+
 FORMAT = 'disa_jax.model'
 VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
   """A model directory that cannot be used; the message says why and what to do."""
 
 
@@ -135,7 +137,7 @@ def load_vae(directory, *, overrides: dict | None = None):
 
   `overrides` changes runtime-only fields (e.g. {'dtype': 'bfloat16'}).
   """
-  from disa_jax.models.vae import AutoencoderKL, VAEConfig
+  from disa_jax.tokenizers.kl16 import AutoencoderKL, VAEConfig
 
   meta, stored = read_meta(directory)
   if meta.get('kind') != 'vae':
@@ -156,7 +158,7 @@ def load_mar(directory, *, expect_config: dict | None = None, overrides: dict | 
   a difference in any architecture field raises a `CheckpointError` naming it. `overrides`
   changes runtime-only fields (dtype, attn_splits).
   """
-  from disa_jax.models.mar import MAR, MARConfig
+  from disa_jax.systems.mar.model import MAR, MARConfig
 
   meta, stored = read_meta(directory)
   if meta.get('kind') != 'mar':

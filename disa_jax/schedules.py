@@ -13,9 +13,10 @@ The step count depends only on the AR step index, never on how many tokens remai
 *requested* count becomes fewer actual network evaluations under DiSA's 950 timestep clamp
 (see `disa_jax.diffusion.gaussian.respaced_timesteps`).
 
-Presets bundle a schedule with its clamp so both papers' settings are one flag away:
-  `mar`   original MAR: `upper` steps at every AR step, no clamp (K=256, 100 steps in the paper)
-  `disa`  DiSA: `strategy` from `upper` to `lower`, timesteps clamped at 950 (K=64, 50->5)
+Presets bundle a schedule with its clamp so both papers' settings are one flag away (the step
+counts are solver-agnostic: one count per AR stage, whatever the inner solver):
+  `baseline` (alias `mar`)  original MAR: `upper` steps at every AR step, no clamp (K=256, 100 steps in the paper)
+  `disa`      DiSA: `strategy` from `upper` to `lower`, timesteps clamped at 950 (K=64, 50->5)
 """
 
 from __future__ import annotations
@@ -25,12 +26,19 @@ import math
 from collections.abc import Sequence
 
 from disa_jax.diffusion.gaussian import DISA_MAX_TIMESTEP, NUM_TRAIN_TIMESTEPS
+from disa_jax.errors import UserError
 
 STRATEGIES = ('constant', 'linear', 'cosine', 'two-stage')
-PRESETS = ('mar', 'disa')
+PRESETS = ('baseline', 'disa')
+PRESET_ALIASES = {'mar': 'baseline'}   # the original name of the baseline preset, still accepted
 
 
-class ScheduleError(ValueError):
+def canonical_preset(preset: str | None) -> str | None:
+  """'mar' -> 'baseline'; other names unchanged."""
+  return PRESET_ALIASES.get(preset, preset)
+
+
+class ScheduleError(UserError):
   """A step schedule that cannot be built; the message names the fix."""
 
 
@@ -122,14 +130,16 @@ def resolve_steps(
   preset's clamp (950 for `disa`, none for `mar`); an int or None sets it explicitly.
   """
   num_iter = _check_int('num_iter', num_iter, 1)
+  preset = canonical_preset(preset)
   if preset not in (*PRESETS, None):
-    raise ScheduleError(f'unknown preset {preset!r}; choose one of {", ".join(PRESETS)}')
+    raise ScheduleError(f'unknown preset {preset!r}; choose one of {", ".join(PRESETS)} '
+                        '(mar = baseline)')
   if steps is not None and not (isinstance(steps, str) and not steps.strip()):
     if isinstance(steps, int | float) and not isinstance(steps, bool):
       plan = [_check_int('diffusion steps', steps, 1, NUM_TRAIN_TIMESTEPS)] * num_iter
     else:
       plan = explicit_schedule(steps, num_iter)
-  elif preset == 'mar':
+  elif preset == 'baseline':
     plan = [_check_int('upper steps', upper, 1, NUM_TRAIN_TIMESTEPS)] * num_iter
   else:
     plan = step_schedule(strategy, num_iter, upper, lower)
@@ -140,7 +150,7 @@ def resolve_steps(
   return StepPlan(steps=tuple(plan), max_timestep=max_timestep)
 
 
-class RunSpecError(ValueError):
+class RunSpecError(UserError):
   """A malformed `label=preset:num_iter:upper[:lower[:strategy]]` run spec."""
 
 
@@ -162,21 +172,21 @@ class RunSpec:
     if not eq:
       body, label = label, label.replace(':', '_')
     parts = body.split(':')
-    if len(parts) < 3 or parts[0] not in ('mar', 'disa'):
+    if len(parts) < 3 or parts[0] not in ('mar', 'baseline', 'disa'):
       raise RunSpecError(
         f'bad run spec {text!r}; expected label=preset:num_iter:upper[:lower[:strategy]] with '
-        'preset mar or disa, e.g. disa64=disa:64:50:5:linear')
+        'preset baseline (or mar) or disa, e.g. disa64=disa:64:50:5:linear')
     try:
       num_iter, upper = int(parts[1]), int(parts[2])
       lower = int(parts[3]) if len(parts) > 3 else upper
     except ValueError:
       raise RunSpecError(f'bad run spec {text!r}: num_iter/upper/lower must be ints') from None
-    strategy = parts[4] if len(parts) > 4 else ('constant' if parts[0] == 'mar' else 'linear')
+    strategy = parts[4] if len(parts) > 4 else ('constant' if parts[0] != 'disa' else 'linear')
     return cls(label, parts[0], num_iter, upper, lower, strategy)
 
   @property
   def family(self) -> str:
-    if self.preset == 'mar':
+    if canonical_preset(self.preset) == 'baseline':
       return 'MAR (constant steps)'
     if self.strategy == 'constant':    # fixed steps with DiSA's clamp: isolates the clamp
       return 'constant steps + clamp 950'

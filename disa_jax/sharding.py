@@ -16,6 +16,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from disa_jax.errors import UserError
+
 DATA = 'data'
 FSDP = 'fsdp'
 
@@ -23,7 +25,7 @@ _log = logging.getLogger(__name__)
 _distributed_initialized = False
 
 
-class DistributedConfigError(ValueError):
+class DistributedConfigError(UserError):
   """The JAX_* / DISA_JAX_DISTRIBUTED environment variables do not describe a valid job."""
 
 

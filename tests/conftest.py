@@ -32,7 +32,7 @@ def data_dir():
 @pytest.fixture(scope='session')
 def tiny_config():
   from disa_jax.config import TINY_MODEL
-  from disa_jax.models.mar import MARConfig
+  from disa_jax.systems.mar.model import MARConfig
 
   return MARConfig.from_dict(TINY_MODEL)
 
@@ -43,7 +43,7 @@ def random_inception(tmp_path_factory):
   (shared by the Inception, metric and disa-eval tests; built once per session)."""
   torch = pytest.importorskip('torch')
   from disa_jax.convert.inception import convert
-  from disa_jax.reference.torch_inception import TorchInceptionV3, randomize_
+  from reference.inception import TorchInceptionV3, randomize_
 
   tmp = tmp_path_factory.mktemp('inception')
   model = randomize_(TorchInceptionV3(), seed=1)

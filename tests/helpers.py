@@ -4,7 +4,7 @@ import numpy as np
 from flax import nnx
 
 from disa_jax.config import TINY_MODEL
-from disa_jax.models.mar import MAR, MARConfig
+from disa_jax.systems.mar.model import MAR, MARConfig
 
 
 def tiny_model(seed=0, **overrides):
@@ -48,9 +48,9 @@ def token_parity(model, torch_model, *, preset, k, cfg, schedule, temp, batch=3)
   `torch_model`, same weights), with the generation orders and all noise injected into both."""
   import jax
 
-  from disa_jax.reference import torch_mar as tr
-  from disa_jax.sampler.generate import Sampler
   from disa_jax.schedules import resolve_steps
+  from disa_jax.systems.mar.sampling import Sampler
+  from reference import mar as tr
 
   sp = resolve_steps(num_iter=k, preset=preset, upper=30 if preset == 'disa' else 20, lower=4)
   rng = np.random.default_rng(k)
@@ -102,8 +102,8 @@ def torch_vae(cfg, seed=0, *, logvar_bias=None):
   other half stays unclamped)."""
   import torch
 
-  from disa_jax.reference.torch_mar import randomize_
-  from disa_jax.reference.torch_vae import TorchAutoencoderKL
+  from reference.mar import randomize_
+  from reference.vae import TorchAutoencoderKL
 
   tv = randomize_(TorchAutoencoderKL(cfg).eval(), seed=seed)
   if logvar_bias is not None:

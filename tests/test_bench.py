@@ -4,7 +4,7 @@ import pytest
 from helpers import tiny_model
 
 from disa_jax import benchmark as bm
-from disa_jax.sampler.generate import Sampler
+from disa_jax.systems.mar.sampling import Sampler
 
 
 def test_run_spec_parsing():

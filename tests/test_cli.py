@@ -33,7 +33,7 @@ def test_sample_happy_path(tmp_path):
   assert r.returncode == 0, r.stderr
   assert 'RANDOM WEIGHTS' in r.stdout
   files = sorted(os.listdir(out))
-  assert files == ['grid.png', 'labels.npy', 'metrics.json', 'tokens.npy']
+  assert files == ['.disa_jax-output', 'grid.png', 'labels.npy', 'metrics.json', 'tokens.npy']
   tokens = np.load(out / 'tokens.npy')
   assert tokens.shape == (5, 16, 16) and np.isfinite(tokens).all()
   assert list(np.load(out / 'labels.npy')) == [3, 7, 3, 7, 3]
@@ -58,8 +58,10 @@ def test_sample_sharded_over_8_devices(tmp_path):
 
 @pytest.mark.parametrize('args,message', [
   (['--upper-steps=3', '--lower-steps=10'], 'upper steps (3) must be >= lower steps (10)'),
-  (['--lower-steps=0'], 'lower steps must be in [1, 1000]'),
-  (['--strategy=fast'], "unknown step strategy 'fast'"),
+  (['--lower-steps=0'], 'flag --lower_steps=0: 0 is not a positive integer'),
+  (['--lower-steps=1001'], 'lower steps must be in [1, 1000]'),
+  (['--strategy=fast'], 'flag --strategy=fast: value should be one of <constant|linear'),
+  (['--config.sampling.strategy=fast'], "unknown step strategy 'fast'"),
   (['--num-iter=17'], '--num_iter must be in [1, 16]'),
   (['--steps=5,4'], 'explicit step list has 2 entries but num_iter is 8'),
   (['--checkpoint=/no/such/dir'], 'checkpoint /no/such/dir does not exist'),
@@ -80,7 +82,7 @@ def test_config_checkpoint_mismatch(tmp_path):
 
   from disa_jax.checkpoint import save_model
   from disa_jax.config import TINY_MODEL
-  from disa_jax.models.mar import MAR, MARConfig
+  from disa_jax.systems.mar.model import MAR, MARConfig
 
   cfg = MARConfig.from_dict({**TINY_MODEL, 'encoder_depth': 3})
   ckpt = save_model(tmp_path / 'ckpt', MAR(cfg, rngs=nnx.Rngs(0)), kind='mar',

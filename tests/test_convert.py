@@ -31,12 +31,12 @@ from helpers import (
 
 from disa_jax.checkpoint import load_mar
 from disa_jax.config import TINY_MODEL
-from disa_jax.convert import mar as convert_mar
 from disa_jax.convert import vae as convert_vae
 from disa_jax.convert.cli import main as convert_main
 from disa_jax.convert.mapping import ConversionError
-from disa_jax.models.mar import MARConfig
-from disa_jax.models.vae import VAEConfig
+from disa_jax.systems.mar import convert as convert_mar
+from disa_jax.systems.mar.model import MARConfig
+from disa_jax.tokenizers.kl16 import VAEConfig
 
 PARITY_TOL = 1e-5
 TINY_HEADS = str(TINY_MODEL['encoder_num_heads'])
@@ -54,7 +54,7 @@ def files(tmp_path_factory):
   torch = pytest.importorskip('torch')
   from safetensors.torch import save_file
 
-  from disa_jax.reference import torch_mar as tr
+  from reference import mar as tr
 
   d = tmp_path_factory.mktemp('official')
   cfg = MARConfig.from_dict(TINY_MODEL)

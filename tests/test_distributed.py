@@ -182,8 +182,8 @@ def _watch(path, stop):
 
 def _check_images(images_dir, ids, ref_tokens):
   from disa_jax.config import TINY_MODEL, tokenizer_config
-  from disa_jax.models.mar import MARConfig
-  from disa_jax.tokenizer import PixelTokenizer
+  from disa_jax.systems.mar.model import MARConfig
+  from disa_jax.tokenizers.image import PixelTokenizer
 
   expected = PixelTokenizer(MARConfig.from_dict({**TINY_MODEL, 'vae_embed_dim': 3}),
                             scale=tokenizer_config().scale)
@@ -209,7 +209,8 @@ def test_two_processes_one_shared_output_dir(tmp_path):
   assert proc.returncode == 0, err + _logs(logs)
   # The directory appeared complete (renamed from out.partial after every process finished).
   top, images = seen
-  assert top == ['grid.png', 'images', 'labels.npy', 'metrics.json', 'tokens.npy'], seen
+  assert top == ['.disa_jax-output', 'grid.png', 'images', 'labels.npy', 'metrics.json',
+                 'tokens.npy'], seen
   assert images == [f'{i:06d}.png' for i in range(NUM_IMAGES)]
   assert not list(tmp_path.glob('*.partial'))
   m = json.loads((out / 'metrics.json').read_text())

@@ -14,11 +14,11 @@ import pytest
 from conftest import CACHE, REPO
 from helpers import tiny_model
 
+from disa_jax.diffusion.ddpm import device_tables, p_sample_loop, p_sample_trajectory
 from disa_jax.eval import evidence
 from disa_jax.eval.curves import RunSpec, RunSpecError, default_runs, speed_quality
-from disa_jax.sampler.generate import Sampler
-from disa_jax.sampler.head import device_tables, p_sample_loop, p_sample_trajectory
 from disa_jax.schedules import resolve_steps
+from disa_jax.systems.mar.sampling import Sampler
 
 SAMPLING = ml_collections.ConfigDict(dict(cfg=2.0, cfg_schedule='linear', temperature=1.0))
 
@@ -65,7 +65,7 @@ def test_probes_cover_every_ar_step_and_real_token(sampler):
   res = evidence.probe_steps(sampler, labels, jax.random.key(0), plan=plan, sampling=SAMPLING,
                              batch_size=4, measures=('variance', 'straightness'), samples=6,
                              probe_steps=6)
-  from disa_jax.sampler.plan import mask_schedule
+  from disa_jax.systems.mar.plan import mask_schedule
 
   n_pred = [n for _, _, n in mask_schedule(4, 16)]
   for m in ('variance', 'straightness'):
@@ -91,7 +91,7 @@ def test_collected_pairs_are_the_generated_tokens(sampler):
     rows = y[image == i]
     assert len(rows) == 16                                 # every token exactly once
     assert {tuple(r) for r in rows.round(5)} == {tuple(t) for t in tokens[i].round(5)}
-  from disa_jax.sampler.plan import mask_schedule
+  from disa_jax.systems.mar.plan import mask_schedule
 
   assert np.bincount(step).tolist() == [4 * n for _, _, n in mask_schedule(4, 16)]
 
@@ -131,7 +131,7 @@ def test_run_specs_and_curves(sampler):
     def evaluate(self, images, labels):
       return {'brightness': float(images.mean())}
 
-  from disa_jax.tokenizer import token_preview
+  from disa_jax.tokenizers.image import token_preview
 
   class Preview:
     def decode(self, tokens):

@@ -39,7 +39,7 @@ def test_parity_with_torch_reference(torch_ref):
 def test_tf1_resize_matches_reference(size_in):
   torch = pytest.importorskip('torch')
   from disa_jax.eval.inception import resize_bilinear_tf1
-  from disa_jax.reference.torch_inception import resize_tf1
+  from reference.inception import resize_tf1
 
   x = np.random.default_rng(size_in).integers(0, 256, (1, size_in, size_in, 3)).astype(np.float32)
   got = np.asarray(resize_bilinear_tf1(x))

@@ -9,8 +9,8 @@ from helpers import official_keys, tiny_model
 
 from disa_jax.config import MAR_VARIANTS
 from disa_jax.convert.mapping import flax_state_to_torch
-from disa_jax.models.mar import MAR, MARConfig, count_params, patchify, unpatchify
-from disa_jax.models.vit import dot_product_attention
+from disa_jax.layers.vit import dot_product_attention
+from disa_jax.systems.mar.model import MAR, MARConfig, count_params, patchify, unpatchify
 
 
 @pytest.mark.parametrize('variant,params', [('mar_base', 207_924_768),

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from disa_jax.config import MAR_VARIANTS
-from disa_jax.models.mar import MARConfig
-from disa_jax.sampler.plan import backbone_flops, make_plan, mask_schedule, plan_flops
 from disa_jax.schedules import resolve_steps, step_schedule
+from disa_jax.systems.mar.flops import backbone_flops, plan_flops
+from disa_jax.systems.mar.model import MARConfig
+from disa_jax.systems.mar.plan import make_plan, mask_schedule
 
 BASE = MARConfig.from_dict(MAR_VARIANTS['mar_base'])
 

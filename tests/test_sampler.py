@@ -9,8 +9,8 @@ from helpers import TOKEN_PARITY_CASES, max_rel_error, tiny_model, token_parity
 
 import disa_jax
 from disa_jax.diffusion.gaussian import spaced_schedule
-from disa_jax.sampler.generate import TRACE_COUNTS, Sampler
 from disa_jax.schedules import resolve_steps
+from disa_jax.systems.mar.sampling import Sampler
 
 
 @pytest.fixture(scope='module')
@@ -106,18 +106,19 @@ def test_image_independent_of_batch(sampler):
 
 
 def test_compiles_once_per_bucket():
-  s = Sampler(tiny_model(diffloss_w=96), enc_bucket=4)
+  m = tiny_model(diffloss_w=96)
+  s = Sampler(m, enc_bucket=4)
   plan = s.plan(2, steps=DISA.steps, max_timestep=950, cfg=2.0)
-  before = dict(TRACE_COUNTS)
   s.generate(np.array([1, 2]), jax.random.key(0), steps=DISA.steps, max_timestep=950, cfg=2.0)
-  traced = {k: TRACE_COUNTS[k] - before.get(k, 0) for k in ('init', 'backbone', 'head')}
-  assert traced == {'init': 1, 'backbone': len(plan.backbone_buckets),
-                    'head': len(plan.head_buckets)}
+  want = {'init': 1, 'backbone': len(plan.backbone_buckets), 'head': len(plan.head_buckets)}
+  assert dict(s.trace_counts) == want and s.last_stats.compiles == want
   assert len(s.compile_log) == 1 + len(plan.backbone_buckets) + len(plan.head_buckets)
-  before = dict(TRACE_COUNTS)
   s.generate(np.array([3, 4]), jax.random.key(1), steps=DISA.steps, max_timestep=950, cfg=2.0)
-  assert all(TRACE_COUNTS[k] == before.get(k, 0) for k in ('init', 'backbone', 'head'))
+  assert dict(s.trace_counts) == want
+  assert s.last_stats.compiles == {'init': 0, 'backbone': 0, 'head': 0}
   assert s.last_stats.compile_s == 0.0
+  # A second sampler of the same model keeps its own counts (no module-level counter).
+  assert Sampler(m, enc_bucket=4).trace_counts == {}
 
 
 def test_generate_function_api(model):
@@ -155,8 +156,8 @@ def test_token_parity_with_torch_reference(preset, k, cfg, schedule, temp):
   """From an in-memory state dict (tests/test_convert.py repeats this through the converter)."""
   pytest.importorskip('torch')
   from disa_jax.convert.mapping import convert_state_dict
-  from disa_jax.models.mar import MAR
-  from disa_jax.reference import torch_mar as tr
+  from disa_jax.systems.mar.model import MAR
+  from reference import mar as tr
 
   model_cfg = tiny_model().config
   tm = tr.randomize_(tr.TorchMAR(model_cfg).eval(), seed=4)

@@ -33,7 +33,7 @@ def test_constant_and_endpoints():
 
 def test_token_weighted_cost_matches_spec():
   # Spec 4.4: sum_s n_s * A_s for K=64 linear 50->5 = 5,246 actual / 5,372 requested.
-  from disa_jax.sampler.plan import mask_schedule
+  from disa_jax.systems.mar.plan import mask_schedule
 
   n = [s[2] for s in mask_schedule(64, 256)]
   req = step_schedule('linear', 64, 50, 5)

@@ -19,7 +19,7 @@ from helpers import randomize
 
 from disa_jax import sharding as shd
 from disa_jax.config import digits_config
-from disa_jax.models.mar import MAR, MARConfig
+from disa_jax.systems.mar.model import MAR, MARConfig
 from disa_jax.train import loop, optim
 from disa_jax.train.partition import state_shardings
 from disa_jax.train.step import mar_loss, train_step
@@ -213,7 +213,7 @@ def _tb_scalars(paths, tag):
 
 def test_export_load_and_sample(tmp_path, digits_cache):
   from disa_jax.checkpoint import load_mar, read_meta
-  from disa_jax.sampler.generate import Sampler
+  from disa_jax.systems.mar.sampling import Sampler
 
   config = _config(digits_cache, num_steps=3, log_every=1, checkpoint_every=3)
   out = tmp_path / 'model'

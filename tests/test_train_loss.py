@@ -139,8 +139,8 @@ def test_weight_decay_mask_matches_official_rule_on_module_tree():
 
   from disa_jax.config import TINY_MODEL
   from disa_jax.convert.mapping import _flat_target, torch_key_to_flax
-  from disa_jax.models.mar import MAR, MARConfig
-  from disa_jax.reference.torch_mar import TorchMAR
+  from disa_jax.systems.mar.model import MAR, MARConfig
+  from reference.mar import TorchMAR
 
   cfg = MARConfig.from_dict(TINY_MODEL)
   params = nnx.state(MAR(cfg, rngs=nnx.Rngs(0)), nnx.Param)

@@ -19,8 +19,8 @@ from helpers import SMALL_VAE, max_rel_error, official_keys, torch_vae
 
 from disa_jax.checkpoint import CheckpointError, load_vae, restore_params, save_model
 from disa_jax.convert.mapping import flax_state_to_torch
-from disa_jax.models.mar import count_params
-from disa_jax.models.vae import AutoencoderKL, VAEConfig
+from disa_jax.systems.mar.model import count_params
+from disa_jax.tokenizers.kl16 import AutoencoderKL, VAEConfig
 
 PARITY_TOL = 1e-5
 
@@ -116,8 +116,8 @@ def test_tokenizer_decodes_like_the_official_postprocessing(small_vae):
   sharded over the 8 test devices (batch padded) and equal to a direct decode."""
   torch = pytest.importorskip('torch')
   from disa_jax.config import TINY_MODEL
-  from disa_jax.models.mar import MARConfig
-  from disa_jax.tokenizer import VAETokenizer, to_uint8
+  from disa_jax.systems.mar.model import MARConfig
+  from disa_jax.tokenizers.image import VAETokenizer, to_uint8
 
   tv, vae, _ = small_vae
   mar_cfg = MARConfig.from_dict(TINY_MODEL)                 # 4x4 latent grid, 16 channels
@@ -159,8 +159,8 @@ def test_bfloat16_decode_is_close():
 
 def test_tokenizer_rejects_a_vae_that_does_not_fit(small_vae):
   from disa_jax.config import TINY_MODEL
-  from disa_jax.models.mar import MARConfig
-  from disa_jax.tokenizer import VAETokenizer
+  from disa_jax.systems.mar.model import MARConfig
+  from disa_jax.tokenizers.image import VAETokenizer
 
   _, vae, _ = small_vae
   with pytest.raises(CheckpointError, match='does not fit the MAR model'):
@@ -170,7 +170,7 @@ def test_tokenizer_rejects_a_vae_that_does_not_fit(small_vae):
 def test_directory_kind_errors(tmp_path, small_vae):
   from disa_jax.checkpoint import load_mar
   from disa_jax.config import TINY_MODEL
-  from disa_jax.models.mar import MAR, MARConfig
+  from disa_jax.systems.mar.model import MAR, MARConfig
 
   _, _, d = small_vae
   with pytest.raises(CheckpointError, match="holds a 'vae' model, not MAR"):

@@ -12,7 +12,7 @@ TFLOP/s and its fraction of a matmul peak measured in the same process, the meas
 and the one predicted from counted FLOPs (and, with `--phases` or `--calibrate`, from a FLOP
 model calibrated on the baseline's backbone / head split). `--phases` adds a synchronised pass splitting time
 into backbone / head (/ VAE decode with --vae); `--torch` times the PyTorch reference
-(`disa_jax.reference.torch_mar`: same weights, batch and schedule); `--dtypes` repeats
+(`reference.mar`: same weights, batch and schedule); `--dtypes` repeats
 everything per compute dtype and reports bfloat16's error against float32.
 """
 
@@ -22,14 +22,12 @@ import json
 import sys
 
 from absl import flags
-from ml_collections import config_flags
 
 from disa_jax.cli import common
+from disa_jax.cli import flags as cli_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-  'config', None, 'Config file, e.g. configs/mar_base.py.', lock_config=True)
-flags.DEFINE_string('checkpoint', None, 'Model directory; default random weights.')
-flags.DEFINE_string('vae', None, 'KL-16 VAE directory: adds VAE decode to --phases.')
+_CONFIG = cli_flags.define_config()
+cli_flags.define_model()
 flags.DEFINE_integer('batch_size', 4, 'Batch size (images per run).')
 flags.DEFINE_string('runs', 'mar256=mar:256:100,mar64=mar:64:100,disa64=disa:64:50:5:linear',
                     'Comma-separated runs label=preset:num_iter:upper[:lower[:strategy]]; '
@@ -57,14 +55,14 @@ def benchmark(config, specs, *, batch_size: int, dtypes=None, repeats=1, phases=
               quality=None, log=print) -> dict:
   """Runs `specs` (list of `RunSpec`) for each compute dtype; returns the result dict."""
   from disa_jax import benchmark as bm
-  from disa_jax import runner
+  from disa_jax.engine import runner
 
   cfg = config.sampling.cfg if cfg is None else cfg
   cfg_schedule = cfg_schedule or config.sampling.cfg_schedule
   for s in specs:
     s.step_plan()                                              # validate before loading
   model, source = runner.build_model(config, seed=seed)
-  decoder = runner.build_tokenizer(config, model.config)
+  decoder = runner.build_decoder(config, model)
   metric = None
   if quality:
     from disa_jax.eval.quality import get_quality_metric
@@ -106,7 +104,7 @@ def _run(argv):
   del argv
   from disa_jax.benchmark import RunSpec, format_table
 
-  config = _CONFIG.value
+  config = common.config_value(_CONFIG)
   common.check_config(config)
   common.setup_runtime(config)
   with config.unlocked():

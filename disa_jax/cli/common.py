@@ -8,7 +8,6 @@ starting with `error:`; the process exits with status 2 and leaves no partial ou
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -16,16 +15,15 @@ from collections.abc import Callable
 
 from absl import app, flags
 
-from disa_jax.checkpoint import CheckpointError
-from disa_jax.convert.mapping import ConversionError
-from disa_jax.schedules import ScheduleError
+from disa_jax.errors import UserError
+from disa_jax.io.output import OutputDir, write_json  # noqa: F401  (re-exported)
 
 
-class CliError(Exception):
+class CliError(UserError):
   """A user error: printed as one line, exit status 2."""
 
 
-USER_ERRORS = (CliError, ScheduleError, CheckpointError, ConversionError, FileNotFoundError)
+USER_ERRORS = (UserError, FileNotFoundError)
 
 
 def normalize_argv(argv: list[str]) -> list[str]:
@@ -39,18 +37,16 @@ def normalize_argv(argv: list[str]) -> list[str]:
   return out
 
 
-def main(run_fn: Callable[[list[str]], None]):
-  """Runs an absl app whose body raises `USER_ERRORS` for bad input."""
+def main(run_fn: Callable[[list[str]], None], *, doc: str | None = None):
+  """Runs an absl app whose body raises `UserError` (or FileNotFoundError) for bad input:
+  printed as one `error:` line, exit status 2. `--help` prints `doc` (default: the docstring
+  of `run_fn`'s module) and the command's own flags."""
 
   def wrapped(argv):
     try:
       run_fn(argv)
     except USER_ERRORS as e:
-      msg = str(e).strip() or e.__class__.__name__
-      first, *rest = msg.splitlines()
-      print(f'error: {first}', file=sys.stderr)
-      for line in rest:
-        print(f'  {line.strip()}', file=sys.stderr)
+      _print_error(e)
       sys.exit(2)
     except ValueError as e:  # validation errors raised below the CLI (configs, plans)
       if _is_validation_error(e):
@@ -59,7 +55,42 @@ def main(run_fn: Callable[[list[str]], None]):
       raise
 
   sys.argv = normalize_argv(sys.argv)
+  if any(a in ('--help', '-h', '--helpshort', '-?') for a in sys.argv[1:]):
+    module = sys.modules.get(run_fn.__module__)
+    print(help_text(doc if doc is not None else getattr(module, '__doc__', '') or ''))
+    sys.exit(0)
   app.run(wrapped, flags_parser=_parse_flags)
+
+
+def _print_error(e: BaseException) -> None:
+  msg = str(e).strip() or e.__class__.__name__
+  if isinstance(e, FileNotFoundError) and e.filename:
+    msg = f'{e.strerror or "no such file"}: {e.filename}'
+  first, *rest = msg.splitlines()
+  print(f'error: {first}', file=sys.stderr)
+  for line in rest:
+    print(f'  {line.strip()}', file=sys.stderr)
+
+
+def help_text(doc: str) -> str:
+  """The command's docstring and its flags (those defined by disa_jax modules)."""
+  lines = [doc.strip(), '', 'flags:']
+  seen = set()
+  for module, module_flags in sorted(flags.FLAGS.flags_by_module_dict().items()):
+    own = ('disa_jax' in module or module in ('__main__', sys.argv[0])
+           or module.endswith('.py'))
+    if not (own or 'ml_collections' in module):
+      continue
+    for f in sorted(module_flags, key=lambda f: f.name):
+      if f.name in seen or (('ml_collections' in module) and f.name != 'config'):
+        continue
+      seen.add(f.name)
+      default = '' if f.default is None else f' (default: {f.default_as_str})'
+      lines.append(f'  --{f.name}: {f.help}{default}')
+  lines.append('')
+  lines.append('Flags accept dashes or underscores (--num-images, --num_images); config fields '
+               'are overridden with --config.SECTION.FIELD=VALUE.')
+  return '\n'.join(lines)
 
 
 def _is_validation_error(e: ValueError) -> bool:
@@ -74,10 +105,43 @@ def _parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    print(f'error: {e}', file=sys.stderr)
-    print(f'Try --helpfull for the list of flags of {os.path.basename(argv[0])}.',
-          file=sys.stderr)
+    print(f'error: {_one_line(e)}', file=sys.stderr)
+    print(f'Try --help for the flags of {os.path.basename(argv[0])}.', file=sys.stderr)
     sys.exit(2)
+  except (UserError, KeyError, AttributeError, TypeError, ValueError, OSError,
+          SyntaxError) as e:   # config file / override problems raised while parsing
+    override = _bad_override(argv, e)
+    if override:
+      print(f'error: unknown config field in {override}; override a field the config file '
+            'has (see its sections)', file=sys.stderr)
+    else:
+      print(f'error: config: {_last_line(e)}', file=sys.stderr)
+    sys.exit(2)
+
+
+def _bad_override(argv, e: BaseException) -> str:
+  """The `--config.a.b=v` argument an AttributeError / KeyError of the config points at."""
+  if not isinstance(e, KeyError | AttributeError):
+    return ''
+  import re
+
+  names = re.findall(r"[A-Za-z_][A-Za-z0-9_]*", str(e).split('\n')[0])
+  for arg in argv:
+    if arg.startswith('--config.'):
+      path = arg[len('--config.'):].partition('=')[0].split('.')
+      if any(n in path for n in names):
+        return arg
+  return ''
+
+
+def _last_line(e: BaseException) -> str:
+  lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+  return lines[-1] if lines else e.__class__.__name__
+
+
+def _one_line(e: BaseException) -> str:
+  text = str(e).strip().strip('"\'') or e.__class__.__name__
+  return text.splitlines()[0]
 
 
 # Python packages that give JAX (through etils.epath / fsspec) access to a remote cache.
@@ -131,31 +195,30 @@ def setup_runtime(config) -> None:
     jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
 
+def config_value(holder):
+  """The parsed `--config` (None when absent); a file that failed to load is a UserError."""
+  try:
+    value = holder.value
+    if value is not None:
+      value.keys()   # ml_collections reports a load failure lazily, on first access
+    return value
+  except Exception as e:
+    raise UserError(f'config: {_last_line(e)}') from None
+
+
 def check_config(config) -> None:
+  """A config was given, is a ConfigDict, and names a known system (`config.system`)."""
+  import ml_collections
+
+  from disa_jax.systems.base import system_of
+
   if config is None:
-    raise CliError('no config given; pass --config=configs/mar_base.py (or another file in '
+    raise CliError('no config given; pass --config=configs/mar/base.py (or another file in '
                    'configs/)')
-
-
-def write_json(path, obj) -> None:
-  """Writes `obj` as JSON atomically (a temporary file named by pid, then a rename)."""
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
-    f.write('\n')
-  os.replace(tmp, path)
-
-
-def _json_default(o):
-  import numpy as np
-
-  if isinstance(o, np.integer):
-    return int(o)
-  if isinstance(o, np.floating):
-    return float(o)
-  if isinstance(o, np.ndarray):
-    return o.tolist()
-  return str(o)
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise CliError(f'the config file\'s get_config() returned {type(config).__name__}, not an '
+                   'ml_collections.ConfigDict')
+  system_of(config)
 
 
 def parse_int_list(text: str, name: str) -> list[int]:
@@ -165,88 +228,3 @@ def parse_int_list(text: str, name: str) -> list[int]:
     return [int(x) for x in text.replace(' ', '').split(',') if x]
   except ValueError:
     raise CliError(f'{name} must be comma-separated integers, got {text!r}') from None
-
-
-class OutputDir:
-  """Writes into `<out>.partial` and renames it to `out` when the block succeeds.
-
-  Single process: a plain write-then-rename. Multi-process (all processes enter and leave
-  the block together; each writes only its own files, e.g. images named by global image
-  id, so nothing collides):
-  - the existence check is collective: every process raises the same error;
-  - process 0 (re)creates `<out>.partial` with a marker file named by a token it broadcasts;
-    another process that sees the marker shares process 0's filesystem (NFS, a bucket mount,
-    or the same machine) and only writes into it; one that does not is on its own disk
-    (e.g. a TPU pod worker's local disk) and creates and finalises its own `<out>.partial`;
-  - after a barrier when all writing is done, each owner renames its `.partial` to `out`,
-    so `out` never exists half-written. `is_main` (process 0) writes the shared files.
-  On failure the partial directory is removed and `out` is never created.
-  """
-
-  MARKER = '.disa-run-'
-
-  def __init__(self, out: str, *, overwrite: bool = False):
-    import jax
-
-    from disa_jax import sharding
-
-    self.final = os.path.abspath(os.path.expanduser(out))
-    self.path = self.final + '.partial'
-    self.overwrite = overwrite
-    self.is_main = jax.process_index() == 0
-    self.owner = self.is_main     # finalises `path` (process 0, or any process on its own disk)
-    self.shared = True            # False on a process that writes to its own disk
-    self._marker = ''
-    self._token = 0
-    if sharding.any_process(os.path.exists(self.final) and not overwrite):
-      raise CliError(f'output {self.final} already exists (on at least one process); pass '
-                     '--overwrite or choose another --out')
-
-  def _make(self):
-    import shutil
-
-    shutil.rmtree(self.path, ignore_errors=True)
-    os.makedirs(self.path)
-
-  def __enter__(self):
-    import time
-
-    from disa_jax import sharding
-
-    token = sharding.broadcast_int(int.from_bytes(os.urandom(4), 'little') & 0x7FFFFFFF)
-    self._token = token
-    self._marker = os.path.join(self.path, f'{self.MARKER}{token:08x}')
-    if self.is_main:
-      self._make()
-      open(self._marker, 'w').close()
-    sharding.sync(f'disa_jax:start:{token}')
-    if not self.is_main:
-      seen = os.path.exists(self._marker)
-      for _ in range(10):   # a shared filesystem may show process 0's new files late
-        if seen or not os.path.exists(self.path):
-          break
-        time.sleep(0.5)
-        seen = os.path.exists(self._marker)
-      if not seen:          # own disk: `path` is absent or a leftover of a failed run
-        self.shared, self.owner = False, True
-        self._make()
-    return self
-
-  def __exit__(self, exc_type, exc, tb):
-    import shutil
-
-    from disa_jax import sharding
-
-    if exc_type is not None:
-      if self.owner:
-        shutil.rmtree(self.path, ignore_errors=True)
-      return False
-    sharding.sync(f'disa_jax:end:{self._token}')
-    if self.owner:
-      if os.path.exists(self._marker):
-        os.remove(self._marker)
-      if os.path.exists(self.final):
-        shutil.rmtree(self.final)
-      os.replace(self.path, self.final)
-    sharding.sync(f'disa_jax:renamed:{self._token}')
-    return False

@@ -17,46 +17,82 @@ Writes <out>/grid.png (one panel per schedule, one row per class) and <out>/metr
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
+import math
 import os
-import sys
 
 import numpy as np
+from absl import flags
 
 from disa_jax.cli import common
+from disa_jax.cli import flags as cli_flags
+
+cli_flags.define_model()
+cli_flags.define_out('outputs/demo')
+cli_flags.define_sampling()
+flags.DEFINE_integer('mar_steps', 100, 'Diffusion steps of the MAR baseline at every AR step.',
+                     lower_bound=1, upper_bound=1000)
+flags.DEFINE_integer('disa_upper', 50, 'DiSA: steps at the first AR step.', lower_bound=1,
+                     upper_bound=1000)
+flags.DEFINE_integer('disa_lower', 5, 'DiSA: steps at the last AR step.', lower_bound=1,
+                     upper_bound=1000)
+FLAGS = flags.FLAGS
+
+# Shared sampling flags the demo does not use (it runs its own three schedules).
+_UNUSED = ('classes', 'preset', 'strategy', 'upper_steps', 'lower_steps', 'steps',
+           'cfg_schedule', 'temperature', 'max_timestep')
 
 
-def parse_args(argv):
-  p = argparse.ArgumentParser(prog='disa-demo', description=__doc__.split('\n\n')[0])
-  p.add_argument('--checkpoint', default=None, help='model directory (default: bundled digits)')
-  p.add_argument('--num-images', '--num_images', type=int, default=100)
-  p.add_argument('--batch-size', '--batch_size', type=int, default=100)
-  p.add_argument('--seed', type=int, default=0)
-  p.add_argument('--num-iter', '--num_iter', type=int, default=None, help='AR steps')
-  p.add_argument('--cfg', type=float, default=None)
-  p.add_argument('--mar-steps', '--mar_steps', type=int, default=100)
-  p.add_argument('--disa-upper', '--disa_upper', type=int, default=50)
-  p.add_argument('--disa-lower', '--disa_lower', type=int, default=5)
-  p.add_argument('--out', default='outputs/demo')
-  p.add_argument('--overwrite', action='store_true')
-  return p.parse_args(argv)
+@dataclasses.dataclass
+class DemoArgs:
+  """The demo's options (`disa-demo` flags)."""
+  checkpoint: str | None = None
+  num_images: int = 100
+  batch_size: int = 100
+  seed: int = 0
+  num_iter: int | None = None
+  cfg: float | None = None
+  mar_steps: int = 100
+  disa_upper: int = 50
+  disa_lower: int = 5
+  out: str = 'outputs/demo'
+  overwrite: bool = False
+
+
+def args_from_flags() -> DemoArgs:
+  for name in _UNUSED:
+    if getattr(FLAGS, name) is not None:
+      raise common.CliError(f'--{name.replace("_", "-")} does not apply to disa-demo (it '
+                            'compares fixed schedules; use disa-sample)')
+  d = DemoArgs()
+  return DemoArgs(
+    checkpoint=FLAGS.checkpoint, out=FLAGS.out, overwrite=FLAGS.overwrite,
+    num_images=d.num_images if FLAGS.num_images is None else FLAGS.num_images,
+    batch_size=d.batch_size if FLAGS.batch_size is None else FLAGS.batch_size,
+    seed=d.seed if FLAGS.seed is None else FLAGS.seed, num_iter=FLAGS.num_iter, cfg=FLAGS.cfg,
+    mar_steps=FLAGS.mar_steps, disa_upper=FLAGS.disa_upper, disa_lower=FLAGS.disa_lower)
 
 
 def demo(args, print_fn=print) -> dict:
   import jax
 
-  from disa_jax import runner
   from disa_jax.checkpoint import load_mar
-  from disa_jax.config import digits_config
   from disa_jax.diffusion.gaussian import DISA_MAX_TIMESTEP
+  from disa_jax.engine import runner
   from disa_jax.eval.digits_quality import DigitsQuality
+  from disa_jax.io.output import OutputDir, write_json
   from disa_jax.schedules import resolve_steps
-  from disa_jax.tokenizer import PixelTokenizer, make_grid
+  from disa_jax.systems.mar.variants import digits_config
+  from disa_jax.tokenizers.image import PixelTokenizer, make_grid
 
   config = digits_config()
   s = config.sampling
-  num_iter = args.num_iter or s.num_iter
+  num_iter = s.num_iter if args.num_iter is None else args.num_iter
   cfg = s.cfg if args.cfg is None else args.cfg
+  if num_iter < 1:
+    raise common.CliError(f'--num-iter must be >= 1, got {num_iter}')
+  if not (math.isfinite(cfg) and cfg >= 0):
+    raise common.CliError(f'--cfg must be a finite number >= 0, got {cfg}')
   if args.num_images < 2:
     raise common.CliError(f'--num-images must be >= 2, got {args.num_images}')
   if args.batch_size < 1:
@@ -71,8 +107,11 @@ def demo(args, print_fn=print) -> dict:
     'DiSA': resolve_steps(num_iter=num_iter, preset='disa', strategy='linear',
                           upper=args.disa_upper, lower=args.disa_lower),
   }
-  with common.OutputDir(args.out, overwrite=args.overwrite) as od:
+  with OutputDir(args.out, overwrite=args.overwrite, inputs=[ckpt]) as od:
     model = load_mar(ckpt, overrides={'attn_splits': 0})
+    if not 1 <= num_iter <= model.config.seq_len:
+      raise common.CliError(f'--num-iter must be in [1, {model.config.seq_len}] for this model, '
+                            f'got {num_iter}')
     tok = PixelTokenizer(model.config, scale=config.tokenizer.scale)
     quality = DigitsQuality()
     sampler = runner.make_sampler(model, config, runner.make_mesh(config))
@@ -111,7 +150,7 @@ def demo(args, print_fn=print) -> dict:
     summary = {'checkpoint': str(ckpt), 'num_images': args.num_images, 'seed': args.seed,
                'num_iter': num_iter, 'cfg': cfg, 'cfg_schedule': s.cfg_schedule,
                'backend': jax.default_backend(), 'runs': results}
-    common.write_json(os.path.join(od.path, 'metrics.json'), summary)
+    write_json(os.path.join(od.path, 'metrics.json'), summary)
   print_fn(format_table(summary))
   print_fn(f'wrote {od.final}/grid.png (panels: {", ".join(runs)}) and metrics.json')
   return summary
@@ -163,16 +202,18 @@ def format_table(summary: dict) -> str:
   return '\n'.join(lines)
 
 
-def run(argv=None):
-  from disa_jax.config import digits_config
+def _run(argv):
+  from disa_jax.systems.mar.variants import digits_config
 
-  args = parse_args(sys.argv[1:] if argv is None else argv)
-  try:
-    common.setup_runtime(digits_config())
-    demo(args)
-  except common.USER_ERRORS as e:
-    print(f'error: {str(e).strip().splitlines()[0]}', file=sys.stderr)
-    sys.exit(2)
+  if len(argv) > 1:
+    raise common.CliError(f'unexpected argument {argv[1]!r} (disa-demo takes only flags)')
+  args = args_from_flags()
+  common.setup_runtime(digits_config())
+  demo(args)
+
+
+def run():
+  common.main(_run)
 
 
 if __name__ == '__main__':

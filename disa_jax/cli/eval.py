@@ -24,7 +24,6 @@ they need), `digits` (the bundled model's classifier score), `none` (timing only
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 import shutil
@@ -33,16 +32,14 @@ import time
 from absl import flags
 
 from disa_jax.cli import common
-from disa_jax.cli import sample as sample_cli
+from disa_jax.cli import flags as cli_flags
 
-flags.DEFINE_string('metric', 'inception', 'inception | digits | none | module:Class.')
-flags.DEFINE_string('inception', None, 'FID Inception directory (`disa-convert inception`).')
-flags.DEFINE_string('ref_stats', None, 'Reference statistics .npz (ADM VIRTUAL_imagenet256_'
-                    "labeled.npz or MAR's fid_stats/adm_in256_stats.npz).")
-flags.DEFINE_integer('inception_batch_size', 0, 'Images per Inception call (0: 64 per '
-                     'accelerator, 8 per CPU device).')
-flags.DEFINE_bool('precision_recall', True, 'Compute precision/recall when the reference has '
-                  'images (arr_0) or features.')
+_CONFIG = cli_flags.define_config()
+cli_flags.define_model()
+cli_flags.define_output()
+cli_flags.define_sampling()
+
+cli_flags.define_metric()
 flags.DEFINE_integer('max_batches', 0, 'Stop after this many new batches (0: all); run the '
                      'same command again to continue.')
 FLAGS = flags.FLAGS
@@ -54,38 +51,12 @@ FORMAT = 'disa_jax.eval'
 def eval_labels(num_images: int, classes: list[int], class_num: int):
   """The official evaluation order (class i repeated num_images / class_num times in a row),
   or `classes` cycled when given."""
-  import numpy as np
+  from disa_jax.engine import runner
 
-  from disa_jax import runner
-
-  if classes:
-    return runner.class_labels(num_images, classes, class_num)
-  if num_images % class_num:
-    raise common.CliError(
-      f'--num_images ({num_images}) must be a multiple of the {class_num} classes so that every '
-      'class gets the same number of images (or pass --classes)')
-  return np.arange(class_num, dtype=np.int32).repeat(num_images // class_num)
+  return runner.class_labels(num_images, classes, class_num, order='blocks')
 
 
-def build_metric(name: str, *, inception=None, ref_stats=None, batch_size=0,
-                 precision_recall=True, cache=None):
-  """A quality metric by name (None for 'none'), with one-line errors for bad input."""
-  from disa_jax.checkpoint import CheckpointError
-  from disa_jax.eval.quality import get_quality_metric
-
-  if name == 'none':
-    return None
-  try:
-    if name == 'inception':
-      return get_quality_metric('inception', inception=inception, ref_stats=ref_stats,
-                                batch_size=batch_size or None,
-                                precision_recall=precision_recall, ref_features_cache=cache)
-    if ':' in name:
-      module, _, cls = name.partition(':')
-      return getattr(importlib.import_module(module), cls)()
-    return get_quality_metric(name)
-  except (ValueError, CheckpointError, ImportError, AttributeError) as e:
-    raise common.CliError(f'--metric={name}: {e}') from None
+build_metric = cli_flags.build_metric
 
 
 def fingerprint(config, plan, labels, *, metric: str, inception, ref_stats,
@@ -157,23 +128,43 @@ def evaluate(config, out: str, *, metric_name: str = 'inception', inception: str
   stopped early (`max_batches`)."""
   import jax
 
-  from disa_jax import runner
+  from disa_jax.engine import runner
   from disa_jax.eval import pipeline
-  from disa_jax.models.mar import MARConfig
+  from disa_jax.io.output import OUTPUT_MARKER, OutputLock, check_output_path
+  from disa_jax.systems.base import system_of
 
   t_start = time.perf_counter()
-  sample_cli.validate(config)
-  plan = runner.step_plan(config.sampling)
-  model_cfg = MARConfig.from_dict(dict(config.model))
-  labels = eval_labels(config.sampling.num_images,
-                       common.parse_int_list(config.sampling.classes, '--classes'),
-                       model_cfg.class_num)
+  system = system_of(config)
+  cli_flags.validate_sampling(config)
+  plan = system.stage_plan(config.sampling)
+  labels = system.conditions(config, config.sampling.num_images, order='blocks')
   if config.tokenizer.kind == 'none' or (config.tokenizer.kind == 'kl16'
                                          and not config.tokenizer.get('vae')):
     raise common.CliError('disa-eval needs images: pass --vae DIR (KL-16 models, converted with '
                           '`disa-convert vae`) or use a config with a pixel tokenizer')
   final = os.path.abspath(os.path.expanduser(out))
   partial = final + '.partial'
+  check_output_path(final, overwrite=overwrite,
+                    inputs=[*cli_flags.input_paths(config), inception, ref_stats])
+  lock = OutputLock(final)
+  if jax.process_index() == 0:
+    lock.acquire()
+  try:
+    return _evaluate(config, final, partial, plan, labels, t_start, OUTPUT_MARKER,
+                     metric_name=metric_name, inception=inception, ref_stats=ref_stats,
+                     inception_batch_size=inception_batch_size,
+                     precision_recall=precision_recall, overwrite=overwrite,
+                     save_images=save_images, max_batches=max_batches,
+                     show_progress=show_progress, runner=runner, pipeline=pipeline)
+  finally:
+    lock.release()
+
+
+def _evaluate(config, final, partial, plan, labels, t_start, output_marker, *,
+              metric_name, inception, ref_stats, inception_batch_size, precision_recall,
+              overwrite, save_images, max_batches, show_progress, runner, pipeline):
+  import jax
+
   metric = build_metric(metric_name, inception=inception, ref_stats=ref_stats,
                         batch_size=inception_batch_size, precision_recall=precision_recall,
                         cache=os.path.join(partial, 'ref_features.npz'))
@@ -242,6 +233,7 @@ def evaluate(config, out: str, *, metric_name: str = 'inception', inception: str
   _barrier('scored', final)
   if is_main:
     common.write_json(os.path.join(partial, 'metrics.json'), result)
+    common.write_json(os.path.join(partial, output_marker), {'format': 'disa_jax.output'})
     if os.path.exists(final):
       shutil.rmtree(final)
     os.replace(partial, final)
@@ -280,15 +272,14 @@ def _round(v):
 
 def _run(argv):
   del argv
-  config = sample_cli._CONFIG.value
+  config = common.config_value(_CONFIG)
   common.check_config(config)
-  config = sample_cli.apply_flags(config)
-  from disa_jax.models.mar import MARConfig
+  config = cli_flags.apply_model_and_sampling(config)
+  from disa_jax.systems.base import system_of
 
-  class_num = MARConfig.from_dict(dict(config.model)).class_num
   with config.unlocked():
-    if FLAGS.num_images is None:
-      config.sampling.num_images = 50 * class_num
+    if FLAGS.num_images is None:   # 50 images per condition (class)
+      config.sampling.num_images = 50 * system_of(config).condition_count(config)
     if FLAGS.metric == 'inception' and not (FLAGS.inception and FLAGS.ref_stats):
       raise common.CliError('--metric=inception needs --inception DIR and --ref_stats FILE (or '
                             'pass --metric=none for timing only)')

@@ -30,8 +30,13 @@ import time
 from absl import flags
 
 from disa_jax.cli import common
-from disa_jax.cli import eval as eval_cli
-from disa_jax.cli import sample as sample_cli
+from disa_jax.cli import flags as cli_flags
+
+_CONFIG = cli_flags.define_config()
+cli_flags.define_model()
+cli_flags.define_output()
+cli_flags.define_sampling()
+cli_flags.define_metric()
 
 COMMANDS = ('variance', 'straightness', 'predictability', 'curves')
 
@@ -75,27 +80,26 @@ class Writer:
 
 
 def _labels(num_images: int, config, class_num: int):
-  import numpy as np
-
-  from disa_jax import runner
+  """The evaluation order (class blocks) when it divides evenly, else classes cycled."""
+  from disa_jax.engine import runner
 
   classes = common.parse_int_list(config.sampling.classes, '--classes')
-  if not classes and num_images % class_num == 0:
-    return np.arange(class_num, dtype=np.int32).repeat(num_images // class_num)
-  return runner.class_labels(num_images, classes, class_num)
+  order = 'blocks' if not classes and num_images % class_num == 0 else 'cycle'
+  return runner.class_labels(num_images, classes, class_num, order=order)
 
 
 def run_commands(config, commands: list[str], out: str, *, overwrite=False) -> dict:
   import jax
 
-  from disa_jax import runner
+  from disa_jax.engine import runner
   from disa_jax.eval import evidence, plots
   from disa_jax.eval.curves import RunSpec, RunSpecError, default_runs
+  from disa_jax.systems.base import system_of
 
   if jax.process_count() > 1:
     raise common.CliError('disa-evidence runs on a single host; start it on one process')
-  sample_cli.validate(config)
-  plan = runner.step_plan(config.sampling)
+  cli_flags.validate_sampling(config)
+  plan = runner.step_plan(config)
   s = config.sampling
   writer = Writer(out, overwrite)
   writer.check(commands)
@@ -114,7 +118,7 @@ def run_commands(config, commands: list[str], out: str, *, overwrite=False) -> d
   if 'curves' in commands:
     if metric_name == 'none':
       raise common.CliError('curves need a quality metric: --metric=digits or inception')
-    metric = eval_cli.build_metric(metric_name, inception=FLAGS.inception,
+    metric = cli_flags.build_metric(metric_name, inception=FLAGS.inception,
                                    ref_stats=FLAGS.ref_stats,
                                    batch_size=FLAGS.inception_batch_size,
                                    precision_recall=FLAGS.precision_recall)
@@ -122,7 +126,7 @@ def run_commands(config, commands: list[str], out: str, *, overwrite=False) -> d
   model, source = runner.build_model(config, seed=s.seed)
   mesh = runner.make_mesh(config)
   sampler = runner.make_sampler(model, config, mesh)
-  class_num = model.config.class_num
+  class_num = system_of(config).condition_count(config)
   key = jax.random.key(s.seed)
   info = {'config': config.get('name', ''), 'model': source, 'backend': jax.default_backend(),
           'devices': jax.device_count(), 'command': ' '.join(['disa-evidence', *sys.argv[1:]]),
@@ -195,11 +199,12 @@ def run_commands(config, commands: list[str], out: str, *, overwrite=False) -> d
   if 'curves' in commands:
     t0 = time.perf_counter()
     n = n_images('curves')
-    decoder = runner.build_tokenizer(config, model.config)
+    decoder = runner.build_decoder(config, model)
     if decoder is None:
       raise common.CliError('curves need images: pass --vae DIR (KL-16 models) or use a config '
                             'with a pixel tokenizer')
-    labels = eval_cli.eval_labels(n, common.parse_int_list(s.classes, '--classes'), class_num)
+    labels = runner.class_labels(n, common.parse_int_list(s.classes, '--classes'), class_num,
+                                 order='blocks')
 
     def report(rec):
       log(f'  {rec["label"]:>16}: {rec["generate_s_per_image"]:.4g} s/image, '
@@ -234,9 +239,9 @@ def _run(argv):
   bad = [c for c in commands if c not in COMMANDS]
   if bad:
     raise common.CliError(f'unknown command {bad[0]!r}; choose from {", ".join(COMMANDS)}, all')
-  config = sample_cli._CONFIG.value
+  config = common.config_value(_CONFIG)
   common.check_config(config)
-  config = sample_cli.apply_flags(config)
+  config = cli_flags.apply_model_and_sampling(config)
   common.setup_runtime(config)
   run_commands(config, commands, FLAGS.out or os.path.join('outputs', 'evidence'),
                overwrite=FLAGS.overwrite)

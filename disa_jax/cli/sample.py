@@ -18,82 +18,22 @@ import os
 import time
 
 from absl import flags
-from ml_collections import config_flags
 
 from disa_jax.cli import common
+from disa_jax.cli import flags as cli_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-  'config', None, 'Config file, e.g. configs/mar_base.py or configs/mar_base.py:cpu '
-  '(default: the bundled digits model, configs/digits.py).',
-  lock_config=True)
-flags.DEFINE_string('checkpoint', None, 'Model directory (disa-convert / disa-train output). '
-                    'Default: config.checkpoint; none = random weights.')
-flags.DEFINE_string('vae', None, 'KL-16 VAE directory (disa-convert vae output).')
-flags.DEFINE_string('out', None, 'Output directory (must not exist unless --overwrite).')
-flags.DEFINE_bool('overwrite', False, 'Replace an existing output directory.')
-flags.DEFINE_integer('num_images', None, 'Number of images (config.sampling.num_images).')
-flags.DEFINE_integer('batch_size', None, 'Global batch size (config.sampling.batch_size).')
-flags.DEFINE_string('classes', None, 'Comma-separated class ids, cycled over the images.')
-flags.DEFINE_integer('seed', None, 'Random seed; image i uses fold_in(key(seed), i).')
-flags.DEFINE_enum('preset', None, ['mar', 'disa'], 'Step schedule preset.')
-flags.DEFINE_string('strategy', None, 'DiSA strategy: constant, linear, cosine, two-stage.')
-flags.DEFINE_integer('upper_steps', None, 'Diffusion steps at the first AR step (T_hi).')
-flags.DEFINE_integer('lower_steps', None, 'Diffusion steps at the last AR step (T_lo).')
-flags.DEFINE_string('steps', None, 'Explicit steps per AR step, "50,49,...".')
-flags.DEFINE_integer('num_iter', None, 'AR steps K.')
-flags.DEFINE_float('cfg', None, 'Classifier-free guidance scale (1.0 = off).')
-flags.DEFINE_string('cfg_schedule', None, 'linear or constant.')
-flags.DEFINE_float('temperature', None, 'Diffusion-noise temperature.')
-flags.DEFINE_integer('max_timestep', None, 'Timestep clamp (DiSA: 950); -1 disables.')
-flags.DEFINE_bool('save_images', True, 'Write one PNG per image (else only the grid).')
-flags.DEFINE_bool('save_tokens', False, 'Also write tokens.npy when there is an image decoder '
-                  '(always written without one).')
-flags.DEFINE_bool('progress', True, 'Show a progress bar.')
+_CONFIG = cli_flags.define_config(
+  'Config file, e.g. configs/mar/base.py or configs/mar/base.py:cpu (default: the bundled '
+  'digits model, configs/mar/digits.py).')
+cli_flags.define_model()
+cli_flags.define_output()
+cli_flags.define_sampling()
 
 FLAGS = flags.FLAGS
 
-SAMPLING_FLAGS = ('num_images', 'batch_size', 'classes', 'seed', 'preset', 'strategy',
-                  'upper_steps', 'lower_steps', 'steps', 'num_iter', 'cfg', 'cfg_schedule',
-                  'temperature', 'max_timestep')
-
-
-def apply_flags(config):
-  """Command-line flags override `config.sampling`, `config.checkpoint`, `config.tokenizer`."""
-  with config.unlocked():
-    for name in SAMPLING_FLAGS:
-      value = getattr(FLAGS, name)
-      if value is not None:
-        config.sampling[name] = value
-    if FLAGS.checkpoint is not None:
-      config.checkpoint = FLAGS.checkpoint
-    if FLAGS.vae is not None:
-      config.tokenizer.vae = FLAGS.vae
-      if config.tokenizer.kind == 'none':    # CPU/tiny configs: --vae asks for images
-        config.tokenizer.kind = 'kl16'
-  return config
-
-
-def validate(config):
-  s = config.sampling
-  if s.num_images < 1:
-    raise common.CliError(f'--num_images must be >= 1, got {s.num_images}')
-  if s.batch_size < 1:
-    raise common.CliError(f'--batch_size must be >= 1, got {s.batch_size}')
-  if s.cfg_schedule not in ('linear', 'constant'):
-    raise common.CliError(f'--cfg_schedule must be linear or constant, got {s.cfg_schedule!r}')
-  if s.temperature <= 0:
-    raise common.CliError(f'--temperature must be > 0, got {s.temperature}')
-  from disa_jax.models.mar import MARConfig
-
-  seq = MARConfig.from_dict(dict(config.model)).seq_len
-  if not 1 <= s.num_iter <= seq:
-    raise common.CliError(f'--num_iter must be in [1, {seq}] for this model ({seq} tokens), '
-                          f'got {s.num_iter}')
-  if config.checkpoint and not os.path.exists(os.path.expanduser(config.checkpoint)):
-    raise common.CliError(f'checkpoint {config.checkpoint} does not exist')
-  vae = config.tokenizer.get('vae', '')
-  if vae and not os.path.exists(os.path.expanduser(vae)):
-    raise common.CliError(f'VAE directory {vae} does not exist')
+SAMPLING_FLAGS = cli_flags.SAMPLING_FLAGS
+apply_flags = cli_flags.apply_model_and_sampling
+validate = cli_flags.validate_sampling
 
 
 def sample(config, out: str, *, overwrite=False, save_images=True, save_tokens=False,
@@ -102,25 +42,22 @@ def sample(config, out: str, *, overwrite=False, save_images=True, save_tokens=F
 
   Multi-process: every process samples its rows of each global batch and writes the PNGs of
   its images (named by global image id); tokens are gathered to process 0, which writes
-  tokens.npy, labels.npy, grid.png and metrics.json (see `common.OutputDir`).
+  tokens.npy, labels.npy, grid.png and metrics.json (see `disa_jax.io.output.OutputDir`).
   """
   import jax
   import numpy as np
   from PIL import Image
 
-  from disa_jax import runner
-  from disa_jax import tokenizer as tok
+  from disa_jax.engine import runner
+  from disa_jax.io.output import OutputDir, write_json
+  from disa_jax.systems.base import system_of
+  from disa_jax.tokenizers import image as tok
 
+  system = system_of(config)
   validate(config)
-  plan = runner.step_plan(config.sampling)                   # schedule errors before loading
-  model_cfg_dict = dict(config.model)
-  from disa_jax.models.mar import MARConfig
-
-  class_num = MARConfig.from_dict(model_cfg_dict).class_num
-  labels = runner.class_labels(config.sampling.num_images,
-                               common.parse_int_list(config.sampling.classes, '--classes'),
-                               class_num)
-  with common.OutputDir(out, overwrite=overwrite) as od:
+  plan = system.stage_plan(config.sampling)                  # schedule errors before loading
+  labels = system.conditions(config, config.sampling.num_images)
+  with OutputDir(out, overwrite=overwrite, inputs=cli_flags.input_paths(config)) as od:
     setup = runner.setup_sampling(config, seed=config.sampling.seed)
     model, source, decoder, mesh, sampler = (setup.model, setup.source, setup.decoder,
                                              setup.mesh, setup.sampler)
@@ -161,8 +98,7 @@ def sample(config, out: str, *, overwrite=False, save_images=True, save_tokens=F
       if decoder is not None:
         images = decoder.decode(batch.tokens)
       elif is_main:
-        images = tok.token_preview(model.config,
-                                   batch.all_tokens[: max(0, 64 - len(grid_imgs))])
+        images = system.token_preview(model, batch.all_tokens[: max(0, 64 - len(grid_imgs))])
       else:
         images = []
       decode_s += time.perf_counter() - t0
@@ -178,7 +114,7 @@ def sample(config, out: str, *, overwrite=False, save_images=True, save_tokens=F
       if all_tokens:
         np.save(os.path.join(od.path, 'tokens.npy'), np.concatenate(all_tokens))
       Image.fromarray(tok.make_grid(np.stack(grid_imgs))).save(os.path.join(od.path, 'grid.png'))
-      common.write_json(os.path.join(od.path, 'metrics.json'), metrics)
+      write_json(os.path.join(od.path, 'metrics.json'), metrics)
   if jax.process_index() == 0:
     print(f'{totals.images} images in {totals.sample_s:.2f} s sampling '
           f'({metrics["images_per_s"]:.3f} images/s) + {totals.compile_s:.2f} s compile; '
@@ -230,9 +166,9 @@ def _metrics(config, plan, sampler, totals, load_s, decode_s, source, mesh):
 
 def _run(argv):
   del argv
-  config = _CONFIG.value
+  config = common.config_value(_CONFIG)
   if config is None:  # the bundled digits model (works from an installed package)
-    from disa_jax.config import digits_config
+    from disa_jax.systems.mar.variants import digits_config
 
     config = digits_config()
   config = apply_flags(config)

@@ -15,13 +15,12 @@ from __future__ import annotations
 import os
 
 from absl import flags
-from ml_collections import config_flags
 
 from disa_jax.cli import common
+from disa_jax.cli import flags as cli_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-  'config', None, 'Config file, e.g. configs/digits.py or configs/mar_base.py:cpu.',
-  lock_config=True)
+_CONFIG = cli_flags.define_config(
+  'Config file, e.g. configs/mar/digits.py or configs/mar/base.py:cpu.')
 flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, metrics, config.json.')
 flags.DEFINE_string('export', None, 'Write the final weights as a model directory here.')
 flags.DEFINE_enum('export_weights', 'ema', ['ema', 'raw'], 'Which weights to export.')
@@ -35,7 +34,7 @@ FLAGS = flags.FLAGS
 
 def _run(argv):
   del argv
-  config = _CONFIG.value
+  config = common.config_value(_CONFIG)
   common.check_config(config)
   if not FLAGS.workdir:
     raise common.CliError('--workdir is required (the run directory; an existing one resumes)')

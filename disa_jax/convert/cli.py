@@ -4,7 +4,8 @@
   disa-convert vae --torch-checkpoint kl16.ckpt --out ckpt/kl16
   disa-convert inception --torch-checkpoint pt_inception-2015-12-05-6726825d.pth --out ckpt/inc
 
-Each KIND is a module `disa_jax.convert.<kind>` exposing
+Each KIND is a module `disa_jax.systems.<kind>.convert` (a system) or `disa_jax.convert.<kind>`
+(a shared model) exposing
 `convert(torch_checkpoint, out, *, weights, variant, overwrite) -> pathlib.Path`, which
 validates strictly and writes atomically. Errors are one line (exit status 2); nothing is
 written on failure.
@@ -12,9 +13,10 @@ written on failure.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
+
+from absl import flags
 
 KINDS = {
   'mar': 'MAR-B/L/H checkpoint-last.pth (model / model_ema) or mar-*.safetensors',
@@ -23,52 +25,79 @@ KINDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
-    prog='disa-convert', description='Convert official PyTorch weights to disa_jax (orbax).')
-  p.add_argument('kind', choices=sorted(KINDS), help='what the checkpoint holds: ' +
-                 '; '.join(f'{k}: {v}' for k, v in KINDS.items()))
-  p.add_argument('--torch-checkpoint', '--torch_checkpoint', required=True, dest='checkpoint',
-                 help='the PyTorch (.pth/.ckpt, loaded with weights_only=True) or .safetensors '
-                      'file')
-  p.add_argument('--out', required=True, help='output model directory (must not exist)')
-  p.add_argument('--weights', choices=['ema', 'raw'], default='ema',
-                 help='MAR: which weights of a training checkpoint (default ema = model_ema)')
-  p.add_argument('--variant', choices=['base', 'large', 'huge'], default=None,
-                 help='MAR: variant (heads, head depth/width); inferred from shapes if omitted')
-  p.add_argument('--num-heads', '--num_heads', type=int, default=None, dest='num_heads',
-                 help='MAR: attention heads, only for a non-official width (official widths '
-                      'imply them)')
-  p.add_argument('--overwrite', action='store_true', help='replace an existing --out')
-  return p
+def _define_flags():
+  from disa_jax.cli import flags as cli_flags
+
+  cli_flags.define_out()
+  if 'torch_checkpoint' in FLAGS:
+    return
+  flags.DEFINE_string('torch_checkpoint', None, 'The PyTorch (.pth/.ckpt, loaded with '
+                      'weights_only=True) or .safetensors file.')
+  flags.DEFINE_enum('weights', 'ema', ['ema', 'raw'], 'MAR: which weights of a training '
+                    'checkpoint (ema = model_ema).')
+  flags.DEFINE_enum('variant', None, ['base', 'large', 'huge'], 'MAR: variant (heads, head '
+                    'depth/width); inferred from shapes if omitted.')
+  flags.DEFINE_integer('num_heads', None, 'MAR: attention heads, only for a non-official width '
+                       '(official widths imply them).', lower_bound=1)
+
+
+FLAGS = flags.FLAGS
+_define_flags()
+
+
+def converter_module(kind: str):
+  """`disa_jax.systems.<kind>.convert` (a system's weights) or `disa_jax.convert.<kind>`
+  (shared models: the VAE, Inception), or None."""
+  for name in (f'disa_jax.systems.{kind}.convert', f'disa_jax.convert.{kind}'):
+    try:
+      return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+      if not name.startswith(e.name or '<none>'):
+        raise
+  return None
 
 
 def main(argv=None) -> int:
-  from disa_jax.checkpoint import CheckpointError
-  from disa_jax.convert.mapping import ConversionError
-  from disa_jax.convert.torch_io import CheckpointReadError
+  """`disa-convert KIND --torch-checkpoint FILE --out DIR ...`; returns the exit status."""
+  from disa_jax.cli.common import _print_error, help_text, normalize_argv
+  from disa_jax.errors import UserError
 
-  args = build_parser().parse_args(argv)
-  if args.num_heads is not None and args.kind != 'mar':
-    print(f'error: --num-heads applies to `disa-convert mar` only, not {args.kind}',
-          file=sys.stderr)
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if any(a in ('--help', '-h', '--helpshort') for a in argv):
+    print(help_text(__doc__))
+    return 0
+  FLAGS.unparse_flags()
+  try:
+    rest = FLAGS(['disa-convert', *normalize_argv(argv)])[1:]
+  except flags.Error as e:
+    print(f'error: {str(e).strip().splitlines()[0]}', file=sys.stderr)
     return 2
   try:
-    module = importlib.import_module(f'disa_jax.convert.{args.kind}')
-  except ModuleNotFoundError:
-    print(f'error: converting {args.kind} checkpoints is not available in this version',
-          file=sys.stderr)
+    if len(rest) != 1:
+      raise UserError('name what the checkpoint holds: disa-convert '
+                      f'{{{",".join(sorted(KINDS))}}} --torch-checkpoint FILE --out DIR')
+    kind = rest[0]
+    if not FLAGS.torch_checkpoint or not FLAGS.out:
+      raise UserError('--torch-checkpoint FILE and --out DIR are required')
+    if FLAGS.num_heads is not None and kind != 'mar':
+      raise UserError(f'--num-heads applies to `disa-convert mar` only, not {kind}')
+    module = converter_module(kind)
+    if module is None:
+      raise UserError(f'converting {kind} checkpoints is not available in this version; '
+                      f'choose one of {", ".join(sorted(KINDS))}')
+    extra = {'num_heads': FLAGS.num_heads} if FLAGS.num_heads is not None else {}
+    out = module.convert(FLAGS.torch_checkpoint, FLAGS.out, weights=FLAGS.weights,
+                         variant=FLAGS.variant, overwrite=FLAGS.overwrite, **extra)
+  except UserError as e:
+    _print_error(e)
     return 2
-  try:
-    extra = {'num_heads': args.num_heads} if args.num_heads is not None else {}
-    out = module.convert(args.checkpoint, args.out, weights=args.weights, variant=args.variant,
-                         overwrite=args.overwrite, **extra)
-  except (CheckpointError, ConversionError, CheckpointReadError) as e:
-    first, *rest = str(e).strip().splitlines() or [e.__class__.__name__]
-    print(f'error: {first}', file=sys.stderr)
-    for line in rest:
-      print(f'  {line.strip()}', file=sys.stderr)
-    return 2
+  except Exception as e:   # module errors that are not UserError subclasses yet
+    from disa_jax.convert.torch_io import CheckpointReadError
+
+    if isinstance(e, CheckpointReadError | FileNotFoundError):
+      _print_error(e)
+      return 2
+    raise
   print(f'wrote {out}')
   return 0
 

@@ -18,8 +18,10 @@ import jax
 import numpy as np
 from flax import nnx
 
+from disa_jax.errors import UserError
 
-class ConversionError(ValueError):
+
+class ConversionError(UserError):
   """The checkpoint does not match the model; the message lists what is wrong."""
 
 

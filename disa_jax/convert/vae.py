@@ -21,7 +21,7 @@ from flax import nnx
 from disa_jax.checkpoint import CheckpointError, save_model
 from disa_jax.convert import source
 from disa_jax.convert.mapping import ConversionError, check_state_dict, convert_state_dict
-from disa_jax.models.vae import AutoencoderKL, VAEConfig
+from disa_jax.tokenizers.kl16 import AutoencoderKL, VAEConfig
 
 ENTRIES = ('model', 'state_dict')
 

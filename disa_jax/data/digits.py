@@ -69,7 +69,7 @@ def load_split(split: str) -> tuple[np.ndarray, np.ndarray]:
 
 def load_split_uint8(split: str) -> tuple[np.ndarray, np.ndarray]:
   """(uint8 [N, 16, 16, 3], labels): the real images as a tokenizer would decode them."""
-  from disa_jax.tokenizer import to_uint8
+  from disa_jax.tokenizers.image import to_uint8
 
   x, y = load_split(split)
   return np.repeat(to_uint8(x), 3, axis=-1), y

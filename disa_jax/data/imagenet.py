@@ -7,7 +7,7 @@
   `tfds_source` (TFDS `imagenet2012`, prepared from the manually downloaded tars) or
   `folder_source` (an ImageFolder tree `root/<wnid>/*.JPEG`, labels = sorted wnids, the
   torchvision order the official code uses; TFDS's label order is the same sorted list).
-- `vae_encode_fn` wraps `disa_jax.models.vae.AutoencoderKL.encode` (jitted) as the
+- `vae_encode_fn` wraps `disa_jax.tokenizers.kl16.AutoencoderKL.encode` (jitted) as the
   `encode_fn` of `disa_jax.data.cache.cache_moments`.
 """
 
@@ -125,13 +125,13 @@ def vae_encode_fn(vae, batch_sharding=None):
 
 
 def load_vae_encoder(directory):
-  """The KL-16 VAE (`disa_jax.models.vae`, `disa_jax.checkpoint.load_vae`) from a model dir."""
+  """The KL-16 VAE (`disa_jax.tokenizers.kl16`, `disa_jax.checkpoint.load_vae`) from a model dir."""
   try:
     from disa_jax.checkpoint import load_vae
   except ImportError:
     load_vae = None
   if load_vae is None:
-    raise ImportError('the KL-16 VAE (disa_jax.models.vae / disa_jax.checkpoint.load_vae) is not '
+    raise ImportError('the KL-16 VAE (disa_jax.tokenizers.kl16 / disa_jax.checkpoint.load_vae) is not '
                       'available in this version of disa_jax; update disa_jax or cache with '
                       'another encoder')
   return load_vae(directory)

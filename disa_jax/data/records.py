@@ -20,12 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
+from disa_jax.errors import UserError
+
 FORMAT = 'disa_jax.moments_cache'
 VERSION = 1
 FIELDS = ('mean', 'logvar', 'mean_flip', 'logvar_flip')
 
 
-class CacheError(ValueError):
+class CacheError(UserError):
   """A cache directory that cannot be used; the message says why and what to do."""
 
 

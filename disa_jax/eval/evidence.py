@@ -28,14 +28,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from disa_jax.sampler.head import device_tables, p_sample_loop, p_sample_trajectory
+from disa_jax.diffusion.ddpm import device_tables, p_sample_loop, p_sample_trajectory
 
 
 @dataclasses.dataclass
 class StepContext:
   """The generation state of one AR step of one batch."""
 
-  step: object               # disa_jax.sampler.plan.ARStep
+  step: object               # disa_jax.systems.mar.plan.ARStep
   z: np.ndarray              # [B, (2,) n_query, Dd] decoder conditions (cond, uncond under CFG)
   pred_pos: np.ndarray       # [B, n_query] positions predicted at this step (padded)
   pred_valid: np.ndarray     # [B, n_query]

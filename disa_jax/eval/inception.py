@@ -316,7 +316,7 @@ def check_images(images) -> np.ndarray:
   images = np.asarray(images)
   if images.dtype != np.uint8:
     raise ValueError(f'images must be uint8 (as saved PNGs), got {images.dtype}; convert with '
-                     'disa_jax.tokenizer.to_uint8')
+                     'disa_jax.tokenizers.image.to_uint8')
   if images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(f'images must be RGB [N, H, W, 3], got shape {images.shape}')
   return images

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from disa_jax import runner
+from disa_jax.engine import runner
 
 SHARD_META = ('ids', 'labels', 'generate_s', 'decode_s', 'features_s')
 

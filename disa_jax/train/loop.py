@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from disa_jax import sharding as shd
-from disa_jax.models.mar import MAR, MARConfig
+from disa_jax.systems.mar.model import MAR, MARConfig
 from disa_jax.train import optim
 from disa_jax.train.partition import state_shardings
 from disa_jax.train.step import TrainState, train_step
@@ -189,7 +189,7 @@ def train(config, workdir, *, stop_at: int | None = None, export: str | None = N
   weights as a model directory.
   """
   from disa_jax.data import pipeline
-  from disa_jax.train.metrics import MetricWriter, Report
+  from disa_jax.train.metrics import MetricWriter, Report, parameter_overview
 
   workdir = Path(workdir).expanduser().absolute()
   tc = config.train
@@ -246,6 +246,7 @@ def train(config, workdir, *, stop_at: int | None = None, export: str | None = N
     print_fn(f'training {config.get("name", "")}: {n_params / 1e6:.2f}M params, global batch '
              f'{tc.batch_size} on {jax.device_count()} devices (mesh {dict(mesh.shape)}), '
              f'lr {optim.learning_rate(tc, tc.batch_size):.2e}, steps {start} -> {end}')
+    print_fn(parameter_overview(abstract.params))
   report = Report(start, tc.num_steps)
   window: dict[str, list] = {}
   pending = None

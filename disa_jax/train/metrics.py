@@ -74,3 +74,15 @@ def _fmt(seconds: float) -> str:
   m, s = divmod(int(seconds), 60)
   h, m = divmod(m, 60)
   return f'{h}h{m:02d}m' if h else f'{m}m{s:02d}s'
+
+
+def parameter_overview(params) -> str:
+  """A table of parameter names, shapes, dtypes and sizes (clu.parameter_overview), printed
+  when training starts. Works on abstract (shape-only) parameter trees."""
+  import jax
+  from clu import parameter_overview as po
+  from flax import nnx
+
+  tree = nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
+  tree = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+  return po.get_parameter_overview(tree, include_stats=False)

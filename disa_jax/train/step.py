@@ -128,7 +128,7 @@ def train_step(state: TrainState, batch, *, graphdef, tx: optax.GradientTransfor
   Non-finite loss or gradients leave the state unchanged (and are reported in the metrics as
   `finite` = 0) so the caller can stop with the last good weights.
   """
-  from disa_jax.models.mar import patchify
+  from disa_jax.systems.mar.model import patchify
 
   key = jax.random.wrap_key_data(state.rng)
   key, k_lat, k_loss = jax.random.split(key, 3)

@@ -26,9 +26,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from disa_jax.models.diffloss import DiffLoss
-from disa_jax.models.layers import layer_norm, linear, normal_002, split_key
-from disa_jax.models.vit import Block
+from disa_jax.heads.mlp_adaln import DiffLoss
+from disa_jax.layers.basic import layer_norm, linear, normal_002, split_key
+from disa_jax.layers.vit import Block
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 

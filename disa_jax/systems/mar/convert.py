@@ -22,10 +22,10 @@ from pathlib import Path
 from flax import nnx
 
 from disa_jax.checkpoint import CheckpointError, save_model
-from disa_jax.config import MAR_VARIANTS
 from disa_jax.convert import source
 from disa_jax.convert.mapping import ConversionError, check_state_dict, convert_state_dict
-from disa_jax.models.mar import MAR, MARConfig
+from disa_jax.systems.mar.model import MAR, MARConfig
+from disa_jax.systems.mar.variants import MAR_VARIANTS
 
 HEADS_BY_WIDTH = {768: 12, 1024: 16, 1280: 16}
 # Fixed settings of every official MAR (besides the per-variant widths/depths/head sizes).

@@ -6,7 +6,7 @@ LTH14/mar models/vae.py): NCHW, the official module names and state-dict keys (`
 {i}.block.{j}.*`, `decoder.up.{i}.upsample.conv`, `quant_conv`, `post_quant_conv`, ...),
 GroupNorm(32, eps 1e-6), swish, asymmetric (right/bottom) padding before the stride-2 conv,
 nearest upsampling, single-head 1x1-conv attention with scale C^-1/2. The architecture numbers
-come from a `disa_jax.models.vae.VAEConfig` (its `attn_levels` are the encoder levels with
+come from a `disa_jax.tokenizers.kl16.VAEConfig` (its `attn_levels` are the encoder levels with
 attention, i.e. the official `attn_resolutions=(16,)` at resolution 256).
 """
 

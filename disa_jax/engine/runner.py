@@ -1,4 +1,6 @@
-"""Glue shared by the entry points: models from configs, step plans, labels, batched runs."""
+"""The engine's run loop, shared by every system and command: the system's model / decoder /
+sampler from a config (`disa_jax.systems.base`), class labels, the device mesh, and the one
+batching loop (`sample_batches`) with its run totals."""
 
 from __future__ import annotations
 
@@ -9,100 +11,82 @@ from collections.abc import Callable, Iterator
 
 import jax
 import numpy as np
-from flax import nnx
 
 from disa_jax import sharding as shd
-from disa_jax.checkpoint import load_mar
-from disa_jax.models.mar import MAR, MARConfig
-from disa_jax.sampler.generate import Sampler
-from disa_jax.schedules import StepPlan, resolve_steps
+from disa_jax.errors import UserError
+from disa_jax.schedules import StepPlan
+from disa_jax.systems.base import system_of
 
 _log = logging.getLogger(__name__)
 
 
-def step_plan(sampling) -> StepPlan:
-  """The per-AR-step requested steps and clamp from a `config.sampling` block."""
-  max_t = sampling.get('max_timestep', None)
-  if max_t is None:
-    max_t = 'preset'
-  elif max_t < 0:
-    max_t = None
-  return resolve_steps(num_iter=sampling.num_iter, preset=sampling.preset,
-                       strategy=sampling.strategy, upper=sampling.upper_steps,
-                       lower=sampling.lower_steps, steps=sampling.steps or None,
-                       max_timestep=max_t)
+def step_plan(config_or_sampling, system=None) -> StepPlan:
+  """The stage plan (requested steps per AR stage, clamp) of a config (or its `sampling`
+  block, for MAR configs)."""
+  if system is None:
+    system = system_of(config_or_sampling if 'sampling' in config_or_sampling else None)
+  sampling = config_or_sampling.get('sampling', config_or_sampling)
+  return system.stage_plan(sampling)
 
 
-def build_model(config, *, seed: int = 0) -> tuple[MAR, str]:
-  """(model, description): the checkpoint in `config.checkpoint`, or random weights."""
-  model_cfg = dict(config.model)
-  if config.get('checkpoint'):
-    runtime = {k: model_cfg[k] for k in ('dtype', 'attn_splits') if k in model_cfg}
-    model = load_mar(config.checkpoint, expect_config=model_cfg, overrides=runtime)
-    return model, f'checkpoint {config.checkpoint}'
-  cfg = MARConfig.from_dict(model_cfg)
-  return MAR(cfg, rngs=nnx.Rngs(seed)), 'RANDOM WEIGHTS (no checkpoint given)'
+def build_model(config, *, seed: int = 0):
+  """(model, description): `config.checkpoint`, or random weights, of `config.system`."""
+  return system_of(config).build_model(config, seed=seed)
 
 
-def build_tokenizer(config, model_cfg: MARConfig):
+def build_decoder(config, model):
   """The decoder from tokens to images for this config, or None (tokens only)."""
-  from disa_jax import tokenizer as tok
-
-  tk = config.tokenizer
-  if tk.kind == 'pixels':
-    return tok.PixelTokenizer(model_cfg, scale=tk.scale)
-  if tk.kind == 'kl16' and tk.get('vae'):
-    from disa_jax.checkpoint import load_vae
-
-    rt = config.runtime
-    n = rt.get('num_devices', 0)
-    vae = load_vae(tk.vae, overrides={'dtype': tk.get('dtype', 'float32')})
-    return tok.VAETokenizer(model_cfg, vae, scale=tk.scale,
-                            matmul_precision=rt.get('matmul_precision') or None,
-                            devices=jax.local_devices()[:n] if n else None)
-  return None
+  return system_of(config).make_decoder(config, model)
 
 
-def class_labels(num_images: int, classes: list[int], class_num: int) -> np.ndarray:
-  """Label of every image: `classes` cycled, or 0..class_num-1 cycled when empty."""
+def class_labels(num_images: int, classes: list[int], class_num: int, *,
+                 order: str = 'cycle') -> np.ndarray:
+  """Label of every image: `classes` cycled; without classes, 0..class_num-1 cycled
+  (`order='cycle'`) or each class repeated num_images / class_num times in a row
+  (`order='blocks'`, the official evaluation order; num_images must be a multiple)."""
   for c in classes:
     if not 0 <= c < class_num:
-      raise ValueError(f'class {c} is out of range for a model with {class_num} classes')
+      raise UserError(f'class {c} is out of range for a model with {class_num} classes')
+  if not classes and order == 'blocks':
+    if num_images % class_num:
+      raise UserError(
+        f'--num_images ({num_images}) must be a multiple of the {class_num} classes so that '
+        'every class gets the same number of images (or pass --classes)')
+    return np.arange(class_num, dtype=np.int32).repeat(num_images // class_num)
   pool = np.asarray(classes if classes else np.arange(class_num), np.int32)
   return pool[np.arange(num_images) % len(pool)]
 
 
-def make_sampler(model, config, mesh) -> Sampler:
-  rt = config.runtime
-  return Sampler(model, mesh=mesh, enc_bucket=rt.enc_bucket, max_head_waste=rt.max_head_waste,
-                 matmul_precision=rt.matmul_precision or None)
+def make_sampler(model, config, mesh):
+  return system_of(config).make_sampler(model, config, mesh)
 
 
 @dataclasses.dataclass
 class SamplingSetup:
   """What an entry point needs to sample: the model (and where it came from), the token
   decoder (None without a tokenizer), the device mesh, a sampler, and the seconds it took."""
-  model: MAR
+  model: object
   source: str
   decoder: object
   mesh: object
-  sampler: Sampler
+  sampler: object
   load_s: float
 
 
 def setup_sampling(config, *, seed: int) -> SamplingSetup:
   t0 = time.perf_counter()
-  model, source = build_model(config, seed=seed)
-  decoder = build_tokenizer(config, model.config)
+  system = system_of(config)
+  model, source = system.build_model(config, seed=seed)
+  decoder = system.make_decoder(config, model)
   mesh = make_mesh(config)
-  sampler = make_sampler(model, config, mesh)
+  sampler = system.make_sampler(model, config, mesh)
   return SamplingSetup(model, source, decoder, mesh, sampler, time.perf_counter() - t0)
 
 
 def make_mesh(config):
   n = config.runtime.get('num_devices', 0) or None
   if n and jax.process_count() > 1 and n != jax.device_count():
-    raise ValueError(f'runtime.num_devices={n} selects part of the {jax.device_count()} devices '
+    raise UserError(f'runtime.num_devices={n} selects part of the {jax.device_count()} devices '
                      f'of a {jax.process_count()}-process job; use 0 (all devices)')
   return shd.make_mesh(n) if (n or jax.device_count()) > 1 else None
 
@@ -124,7 +108,7 @@ class RunTotals:
   stats: list = dataclasses.field(default_factory=list)
 
 
-def sample_batches(sampler: Sampler, labels: np.ndarray, *, batch_size: int, plan: StepPlan,
+def sample_batches(sampler, labels: np.ndarray, *, batch_size: int, plan: StepPlan,
                    sampling, key, totals: RunTotals, start: int = 0,
                    on_step: Callable | None = None, gather: bool = False) -> Iterator[Batch]:
   """Yields this process's rows of each global batch of `labels` (global image order).
@@ -136,7 +120,7 @@ def sample_batches(sampler: Sampler, labels: np.ndarray, *, batch_size: int, pla
   n = len(labels)
   mult = shd.data_size(sampler.mesh)   # devices of all processes
   if batch_size % mult:
-    raise ValueError(f'batch size {batch_size} must be a multiple of the {mult} data-parallel '
+    raise UserError(f'batch size {batch_size} must be a multiple of the {mult} data-parallel '
                      f'devices ({jax.process_count()} process(es)); change --batch_size')
   warm = sampler.plan(batch_size, steps=plan.steps, max_timestep=plan.max_timestep,
                       cfg=sampling.cfg, cfg_schedule=sampling.cfg_schedule)

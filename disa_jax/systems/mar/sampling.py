@@ -34,13 +34,11 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from disa_jax import sharding as shd
-from disa_jax.sampler.head import device_tables, p_sample_loop
-from disa_jax.sampler.plan import SamplingPlan, make_plan
+from disa_jax.diffusion.ddpm import device_tables, p_sample_loop
+from disa_jax.systems.mar.plan import SamplingPlan, make_plan
 
 ORDER_STREAM, NOISE_STREAM = 0, 1
 
-# Trace counters: incremented when JAX traces (i.e. compiles) a bucket function.
-TRACE_COUNTS: collections.Counter = collections.Counter()
 
 
 def _positions(orders, start, count, size: int, seq_len: int):
@@ -65,7 +63,6 @@ def _backbone(state, tokens, orders, class_vec, m_cur, n_pred, *, graphdef, visi
 
   The first n_pred of the n_query rows are the tokens predicted at this step (ascending
   position); the rest is padding."""
-  TRACE_COUNTS['backbone'] += 1
   model = nnx.merge(graphdef, state)
   seq = model.config.seq_len
   b = tokens.shape[0]
@@ -89,7 +86,6 @@ def _head(state, z, pred_pos, pred_valid, tokens, image_keys, tables, cfg, tempe
           graphdef, num_steps, n_pad, use_cfg):
   """Samples the predicted tokens of one AR step (the first n_pad of the backbone's query
   rows) and writes them into `tokens`."""
-  TRACE_COUNTS['head'] += 1
   z, pred_pos, pred_valid = z[..., :n_pad, :], pred_pos[:, :n_pad], pred_valid[:, :n_pad]
   b = pred_pos.shape[0]
   ch = tokens.shape[2]
@@ -106,7 +102,6 @@ def _head_explicit(state, z, pred_pos, pred_valid, tokens, x_init, eps, tables, 
                    temperature, *, graphdef, num_steps, n_pad, use_cfg):
   """`_head` with the initial noise x_init [B, n_pad, C] and step noise eps [A, B, n_pad, C]
   given (parity tests inject the reference implementation's noise)."""
-  TRACE_COUNTS['head'] += 1
   z, pred_pos, pred_valid = z[..., :n_pad, :], pred_pos[:, :n_pad], pred_valid[:, :n_pad]
   rows, ch = x_init.shape[0] * x_init.shape[1], x_init.shape[2]
   return _denoise_and_write(graphdef, state, z, pred_pos, pred_valid, tokens, tables, cfg,
@@ -132,7 +127,6 @@ def _denoise_and_write(graphdef, state, z, pred_pos, pred_valid, tokens, tables,
 
 
 def _init(state, labels, image_keys, *, graphdef, seq_len):
-  TRACE_COUNTS['init'] += 1
   model = nnx.merge(graphdef, state)
   orders = jax.vmap(lambda k: jax.random.permutation(
     jax.random.fold_in(k, ORDER_STREAM), seq_len))(image_keys).astype(jnp.int32)
@@ -188,7 +182,7 @@ class Sampler:
   sampling time.
 
   Args:
-    model: a `disa_jax.models.MAR`.
+    model: a `disa_jax.MAR`.
     mesh: optional mesh; the batch is sharded over its data axis, parameters replicated.
     enc_bucket: encoder lengths are padded to a multiple of this (0: seq_len / 16).
     max_head_waste: largest fraction of padded head row-steps allowed in a bucket.
@@ -207,6 +201,8 @@ class Sampler:
     self._tables: dict = {}
     self._executables: dict = {}
     self.compile_log: dict = {}   # bucket key -> compile seconds
+    # Compilations (= traces) per function of this sampler: init, backbone, head.
+    self.trace_counts: collections.Counter = collections.Counter()
     self.last_stats: RunStats | None = None
 
   def plan(self, batch_size: int, *, steps: Sequence[int], max_timestep: int | None,
@@ -251,6 +247,7 @@ class Sampler:
       with self._precision():
         exe = jax.jit(functools.partial(fn, **static), **jit_kwargs).lower(*args).compile()
       self.compile_log[key] = time.perf_counter() - t0
+      self.trace_counts[name.removesuffix('_explicit')] += 1
       self._executables[key] = exe
     return exe(*args)
 
@@ -333,7 +330,7 @@ class Sampler:
                      cfg_schedule=cfg_schedule)
     gd, st = self.graphdef, self.state
     seq, ch = self.config.seq_len, self.config.token_embed_dim
-    before = collections.Counter(TRACE_COUNTS)
+    before = collections.Counter(self.trace_counts)
     stats = RunStats(plan=plan)
     stats.compile_s = self.compile(plan, explicit_noise=noise is not None)
     t_start = time.perf_counter()
@@ -377,7 +374,7 @@ class Sampler:
         progress(s.index)
     jax.block_until_ready(tokens)
     stats.wall_s = time.perf_counter() - t_start
-    stats.compiles = {k: TRACE_COUNTS[k] - before[k] for k in ('init', 'backbone', 'head')}
+    stats.compiles = {k: self.trace_counts[k] - before[k] for k in ('init', 'backbone', 'head')}
     self.last_stats = stats
     return tokens
 

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from disa_jax.models.layers import SiLU, layer_norm, linear, normal_002
+from disa_jax.layers.basic import SiLU, layer_norm, linear, normal_002
 
 FREQUENCY_EMBEDDING_SIZE = 256
 

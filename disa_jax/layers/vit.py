@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from disa_jax.models.layers import dropout, layer_norm, linear, split_key
+from disa_jax.layers.basic import dropout, layer_norm, linear, split_key
 
 
 def default_attention_splits() -> int:

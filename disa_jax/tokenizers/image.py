@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from disa_jax.models.mar import MARConfig, unpatchify
+from disa_jax.systems.mar.model import MARConfig, unpatchify
 
 
 def to_uint8(images) -> np.ndarray:
@@ -37,7 +37,7 @@ class PixelTokenizer:
     return img
 
   def encode(self, images_uint8) -> np.ndarray:
-    from disa_jax.models.mar import patchify
+    from disa_jax.systems.mar.model import patchify
 
     x = np.asarray(images_uint8, np.float32) / 255.0 * 2 - 1
     if x.ndim == 3:
@@ -46,7 +46,7 @@ class PixelTokenizer:
 
 
 class VAETokenizer:
-  """KL-16 VAE decoder (`disa_jax.models.vae.AutoencoderKL`), jitted once per batch size.
+  """KL-16 VAE decoder (`disa_jax.tokenizers.kl16.AutoencoderKL`), jitted once per batch size.
 
   The batch is split over `devices` (default: this process's local devices) and decoded in
   chunks of at most `max_per_device` images per device (a 256x256 decode holds several

@@ -124,7 +124,7 @@ class DiffLoss(nn.Module):
 
 
 class TorchMAR(nn.Module):
-  """Reference MAR; `cfg` is a `disa_jax.models.MARConfig` (only its numbers are read)."""
+  """Reference MAR; `cfg` is a `disa_jax.MARConfig` (only its numbers are read)."""
 
   def __init__(self, cfg):
     super().__init__()

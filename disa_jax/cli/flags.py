@@ -1,0 +1,212 @@
+"""Shared absl flag groups of the commands (defined once per process, whichever command asks).
+
+  define_config()    --config=FILE[:ARG] (ml_collections, locked: unknown keys and unknown
+                     `--config.a.b` overrides are errors)
+  define_model()     --checkpoint, --vae
+  define_out()       --out, --overwrite
+  define_output()    define_out() + --save_images, --save_tokens, --progress
+  define_metric()    --metric, --inception, --ref_stats, --inception_batch_size, ...
+  define_sampling()  --num_images, --batch_size, --classes, --seed, --preset, --strategy,
+                     --upper_steps, --lower_steps, --steps, --num_iter, --cfg, --cfg_schedule,
+                     --temperature, --max_timestep
+Numeric flags are checked where they enter (range and finiteness, absl validators); the same
+rules are applied to the config after `--config.*` overrides by `validate_sampling`, so a value
+is refused whichever way it came in. The system of a config (`config.system`) adds its own
+checks (`System.validate`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+
+from absl import flags
+from ml_collections import config_flags
+
+from disa_jax.errors import UserError
+
+FLAGS = flags.FLAGS
+
+# The DDPM clamp accepts 1..999 (the first timestep of the respaced chain); -1 = no clamp.
+MAX_TIMESTEP_RANGE = (1, 999)
+NO_CLAMP = -1
+
+SAMPLING_FLAGS = ('num_images', 'batch_size', 'classes', 'seed', 'preset', 'strategy',
+                  'upper_steps', 'lower_steps', 'steps', 'num_iter', 'cfg', 'cfg_schedule',
+                  'temperature', 'max_timestep')
+
+
+def _defined(name: str) -> bool:
+  return name in FLAGS
+
+
+def _finite(v) -> bool:
+  return v is None or math.isfinite(v)
+
+
+def define_config(help_text: str = 'Config file, e.g. configs/mar/base.py or '
+                  'configs/mar/base.py:cpu.'):
+  """--config (returns the flag holder; the same one when already defined)."""
+  if _defined('config'):
+    return _CONFIG_HOLDER[0]
+  holder = config_flags.DEFINE_config_file('config', None, help_text, lock_config=True)
+  _CONFIG_HOLDER.append(holder)
+  return holder
+
+
+_CONFIG_HOLDER: list = []
+
+
+def define_model():
+  if _defined('checkpoint'):
+    return
+  flags.DEFINE_string('checkpoint', None, 'Model directory (disa-convert / disa-train output). '
+                      'Default: config.checkpoint; none = random weights.')
+  flags.DEFINE_string('vae', None, 'KL-16 VAE directory (disa-convert vae output).')
+
+
+def define_out(default: str | None = None):
+  """--out, --overwrite."""
+  if _defined('out'):
+    return
+  flags.DEFINE_string('out', default, 'Output directory (must not exist unless --overwrite).')
+  flags.DEFINE_bool('overwrite', False, 'Replace an existing output directory written by this '
+                    'project (never one it did not write, nor an input).')
+
+
+def define_output():
+  """--out, --overwrite, --save_images, --save_tokens, --progress."""
+  define_out()
+  if _defined('save_images'):
+    return
+  flags.DEFINE_bool('save_images', True, 'Write one PNG per image (else only the grid).')
+  flags.DEFINE_bool('save_tokens', False, 'Also write tokens.npy when there is an image decoder '
+                    '(always written without one).')
+  flags.DEFINE_bool('progress', True, 'Show a progress bar.')
+
+
+def define_sampling():
+  if _defined('num_images'):
+    return
+  flags.DEFINE_integer('num_images', None, 'Number of images (config.sampling.num_images).',
+                       lower_bound=1)
+  flags.DEFINE_integer('batch_size', None, 'Global batch size (config.sampling.batch_size).',
+                       lower_bound=1)
+  flags.DEFINE_string('classes', None, 'Comma-separated class ids, cycled over the images.')
+  flags.DEFINE_integer('seed', None, 'Random seed; image i uses fold_in(key(seed), i).')
+  flags.DEFINE_enum('preset', None, ['baseline', 'mar', 'disa'],
+                    'Step schedule preset (mar = baseline: fixed steps, no clamp).')
+  flags.DEFINE_enum('strategy', None, ['constant', 'linear', 'cosine', 'two-stage'],
+                    'DiSA strategy.')
+  flags.DEFINE_integer('upper_steps', None, 'Solver steps at the first AR stage (T_hi).',
+                       lower_bound=1)
+  flags.DEFINE_integer('lower_steps', None, 'Solver steps at the last AR stage (T_lo).',
+                       lower_bound=1)
+  flags.DEFINE_string('steps', None, 'Explicit steps per AR stage, "50,49,...".')
+  flags.DEFINE_integer('num_iter', None, 'AR stages K.', lower_bound=1)
+  flags.DEFINE_float('cfg', None, 'Classifier-free guidance scale (>= 0, finite; 1.0 = off).')
+  flags.DEFINE_enum('cfg_schedule', None, ['linear', 'constant'], 'CFG schedule.')
+  flags.DEFINE_float('temperature', None, 'Solver-noise temperature (> 0, finite).')
+  flags.DEFINE_integer('max_timestep', None, 'Timestep clamp in [1, 999] (DiSA: 950); -1 '
+                       'disables it.')
+  flags.register_validator('cfg', lambda v: v is None or (_finite(v) and v >= 0),
+                           message='--cfg must be a finite number >= 0')
+  flags.register_validator('temperature', lambda v: v is None or (_finite(v) and v > 0),
+                           message='--temperature must be a finite number > 0')
+  flags.register_validator('max_timestep', lambda v: v is None or _valid_max_timestep(v),
+                           message='--max_timestep must be in [1, 999], or -1 for no clamp')
+
+
+def _valid_max_timestep(v) -> bool:
+  return v == NO_CLAMP or MAX_TIMESTEP_RANGE[0] <= v <= MAX_TIMESTEP_RANGE[1]
+
+
+def apply_model_and_sampling(config):
+  """Command-line flags override `config.sampling`, `config.checkpoint`, `config.tokenizer`."""
+  with config.unlocked():
+    if _defined('num_images'):
+      for name in SAMPLING_FLAGS:
+        value = getattr(FLAGS, name)
+        if value is not None:
+          config.sampling[name] = value
+    if _defined('checkpoint'):
+      if FLAGS.checkpoint is not None:
+        config.checkpoint = FLAGS.checkpoint
+      if FLAGS.vae is not None:
+        config.tokenizer.vae = FLAGS.vae
+        if config.tokenizer.kind == 'none':    # CPU/tiny configs: --vae asks for images
+          config.tokenizer.kind = 'kl16'
+  return config
+
+
+def validate_sampling(config) -> None:
+  """Range and finiteness of `config.sampling` (flags and `--config.sampling.*` alike), the
+  input paths, then the system's own checks. Raises UserError; touches nothing on disk."""
+  from disa_jax.systems.base import system_of
+
+  s = config.sampling
+  if s.num_images < 1:
+    raise UserError(f'--num_images must be >= 1, got {s.num_images}')
+  if s.batch_size < 1:
+    raise UserError(f'--batch_size must be >= 1, got {s.batch_size}')
+  if s.cfg_schedule not in ('linear', 'constant'):
+    raise UserError(f'--cfg_schedule must be linear or constant, got {s.cfg_schedule!r}')
+  if not (_finite(s.cfg) and s.cfg >= 0):
+    raise UserError(f'--cfg must be a finite number >= 0, got {s.cfg}')
+  if not (_finite(s.temperature) and s.temperature > 0):
+    raise UserError(f'--temperature must be a finite number > 0, got {s.temperature}')
+  mt = s.get('max_timestep', None)
+  if mt is not None and not _valid_max_timestep(mt):
+    raise UserError(f'--max_timestep must be in [1, 999], or -1 for no clamp, got {mt}')
+  if config.get('checkpoint') and not os.path.exists(os.path.expanduser(config.checkpoint)):
+    raise UserError(f'checkpoint {config.checkpoint} does not exist')
+  vae = config.tokenizer.get('vae', '') if 'tokenizer' in config else ''
+  if vae and not os.path.exists(os.path.expanduser(vae)):
+    raise UserError(f'VAE directory {vae} does not exist')
+  system = system_of(config)
+  if system.validate is not None:
+    system.validate(config)
+
+
+def input_paths(config) -> list[str]:
+  """The paths a sampling run reads (an output must never replace one of them)."""
+  paths = [config.get('checkpoint', '')]
+  if 'tokenizer' in config:
+    paths.append(config.tokenizer.get('vae', ''))
+  return [p for p in paths if p]
+
+
+def define_metric(default: str = 'inception'):
+  """--metric, --inception, --ref_stats, --inception_batch_size, --precision_recall."""
+  if _defined('metric'):
+    return
+  flags.DEFINE_string('metric', default, 'inception | digits | none | module:Class.')
+  flags.DEFINE_string('inception', None, 'FID Inception directory (`disa-convert inception`).')
+  flags.DEFINE_string('ref_stats', None, 'Reference statistics .npz (ADM VIRTUAL_imagenet256_'
+                      "labeled.npz or MAR's fid_stats/adm_in256_stats.npz).")
+  flags.DEFINE_integer('inception_batch_size', 0, 'Images per Inception call (0: 64 per '
+                       'accelerator, 8 per CPU device).')
+  flags.DEFINE_bool('precision_recall', True, 'Compute precision/recall when the reference has '
+                    'images (arr_0) or features.')
+
+
+def build_metric(name: str, *, inception=None, ref_stats=None, batch_size=0,
+                 precision_recall=True, cache=None):
+  """A quality metric by name (None for 'none'), with one-line errors for bad input."""
+  from disa_jax.checkpoint import CheckpointError
+  from disa_jax.eval.quality import get_quality_metric
+
+  if name == 'none':
+    return None
+  try:
+    if name == 'inception':
+      return get_quality_metric('inception', inception=inception, ref_stats=ref_stats,
+                                batch_size=batch_size or None,
+                                precision_recall=precision_recall, ref_features_cache=cache)
+    if ':' in name:
+      module, _, cls = name.partition(':')
+      return getattr(importlib.import_module(module), cls)()
+    return get_quality_metric(name)
+  except (ValueError, CheckpointError, ImportError, AttributeError) as e:
+    raise UserError(f'--metric={name}: {e}') from None

@@ -1,0 +1,1 @@
+"""Sampling engine shared by systems: batching loops, run statistics, labels."""

@@ -1,0 +1,1 @@
+"""Per-token heads (small networks a diffusion or flow solver evaluates per token)."""

@@ -1,0 +1,1 @@
+"""Model directories and run outputs on disk."""

@@ -1,0 +1,84 @@
+"""MAR's architecture presets (LTH14/mar: MAR-B/L/H, head depth/width per the released
+checkpoints), their CPU / unit-test stand-ins, and the config of the bundled digits model
+(the installed package's default, so it lives here rather than only under configs/)."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from disa_jax.config import (
+  base_config,
+  data_config,
+  model_config,
+  runtime_config,
+  sampling_config,
+  tokenizer_config,
+  train_config,
+)
+
+# Official architectures (LTH14/mar; head depth/width per the released checkpoints).
+MAR_VARIANTS = {
+  'mar_base': dict(encoder_embed_dim=768, encoder_depth=12, encoder_num_heads=12,
+                   decoder_embed_dim=768, decoder_depth=12, decoder_num_heads=12,
+                   diffloss_d=6, diffloss_w=1024),
+  'mar_large': dict(encoder_embed_dim=1024, encoder_depth=16, encoder_num_heads=16,
+                    decoder_embed_dim=1024, decoder_depth=16, decoder_num_heads=16,
+                    diffloss_d=8, diffloss_w=1280),
+  'mar_huge': dict(encoder_embed_dim=1280, encoder_depth=20, encoder_num_heads=16,
+                   decoder_embed_dim=1280, decoder_depth=20, decoder_num_heads=16,
+                   diffloss_d=12, diffloss_w=1536),
+}
+# Paper CFG scales (linear schedule) and per-device eval batch sizes.
+PAPER_CFG = {'mar_base': 2.9, 'mar_large': 3.0, 'mar_huge': 3.2}
+PAPER_DISA_CFG = {'mar_base': 2.9, 'mar_large': 3.0, 'mar_huge': 3.3}
+PAPER_BATCH = {'mar_base': 256, 'mar_large': 256, 'mar_huge': 128}
+
+# CPU-sized variants: same token layout as the official model (256 tokens, 64-slot buffer)
+# for `cpu`, and a 16-token toy for `tiny` (unit tests).
+CPU_MODEL = dict(encoder_embed_dim=64, encoder_depth=2, encoder_num_heads=4,
+                 decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4,
+                 diffloss_d=2, diffloss_w=128)
+TINY_MODEL = dict(CPU_MODEL, img_size=64, buffer_size=8, class_num=10)
+
+
+# The bundled default model: a small class-conditional MAR trained on the embedded digits.
+DIGITS_MODEL = dict(encoder_embed_dim=96, encoder_depth=2, encoder_num_heads=4,
+                    decoder_embed_dim=96, decoder_depth=2, decoder_num_heads=4,
+                    diffloss_d=2, diffloss_w=128, img_size=16, vae_stride=1, patch_size=2,
+                    vae_embed_dim=1, buffer_size=16, class_num=10, diffusion_batch_mul=2,
+                    attn_dropout=0.0, proj_dropout=0.0)
+DIGITS_TOKEN_SCALE = 1.4
+
+
+def bundled_digits_checkpoint() -> str:
+  """Path of the digits model shipped inside the package."""
+  from pathlib import Path
+
+  return str(Path(__file__).resolve().parents[2] / 'assets' / 'digits_mar')
+
+
+def digits_config(*, tiny: bool = False) -> ml_collections.ConfigDict:
+  """Config of the bundled digits model (sampling, demo and its `disa-train` recipe)."""
+  c = base_config('mar', 'digits' + ('-tiny' if tiny else ''))
+  model = dict(DIGITS_MODEL)
+  if tiny:  # unit-test size, with the official dropout so that path is exercised
+    model.update(encoder_embed_dim=32, encoder_depth=1, encoder_num_heads=2,
+                 decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2, diffloss_d=1,
+                 diffloss_w=32, attn_dropout=0.1, proj_dropout=0.1)
+  c.model = model_config(**model)
+  c.checkpoint = '' if tiny else bundled_digits_checkpoint()
+  c.tokenizer = tokenizer_config(kind='pixels', scale=DIGITS_TOKEN_SCALE)
+  c.sampling = sampling_config(num_iter=16, cfg=2.0, num_images=20, batch_size=20)
+  c.runtime = runtime_config()
+  c.data = data_config(kind='digits', cache_dir='~/.cache/disa_jax/digits_cache', flip_prob=0.0,
+                       latent_scale=DIGITS_TOKEN_SCALE)
+  # Sized for ~40 min on a shared 2-core CPU: peak lr 6e-4 (blr 2.4e-3 at batch 64),
+  # cosine decay, a short EMA (the official 0.9999 averages over far more steps).
+  c.train = train_config(batch_size=64, num_steps=1800, blr=2.4e-3, warmup_steps=100,
+                         lr_schedule='cosine', min_lr=1e-5, ema_rate=0.995, log_every=50,
+                         checkpoint_every=200, keep_checkpoints=2)
+  if tiny:  # lr 1e-3, constant: the step's program does not depend on num_steps
+    c.train.update(batch_size=16, num_steps=20, blr=0.016, warmup_steps=2,
+                   lr_schedule='constant', log_every=5, checkpoint_every=10)
+  c.lock()
+  return c

@@ -1,0 +1,184 @@
+"""The system seam (systems found by name), the shared flag rules and the output directory rules.
+
+Bad input is answered by one `error:` line and exit status 2 with nothing written (issue 11,
+rules 1, 4 and 6 on the command-line side); one row per case.
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import REPO
+
+from disa_jax.errors import UserError
+from disa_jax.systems.base import System, get_system, system_of
+
+TINY = f'{REPO}/configs/mar/base.py:tiny'
+
+
+def test_mar_system_found_by_name_and_complete():
+  from disa_jax.config import mar_config
+
+  system = get_system('mar')
+  assert isinstance(system, System) and system.name == 'mar'
+  config = mar_config('mar_base', tiny=True)
+  assert config.system == 'mar' and system_of(config) is system
+  plan = system.stage_plan(config.sampling)
+  assert plan.num_iter == config.sampling.num_iter == 8
+  assert plan.steps[0] == 10 and plan.steps[-1] == 3 and plan.max_timestep == 950
+  labels = system.conditions(config, 25, order='cycle')
+  assert labels.dtype == np.int32 and list(labels[:11]) == [*range(10), 0]
+  with pytest.raises(UserError, match='multiple of the 10 classes'):
+    system.conditions(config, 25, order='blocks')
+  assert list(system.conditions(config, 20, order='blocks')[:3]) == [0, 0, 1]
+  assert system.condition_count(config) == 10
+  assert system.converter == 'disa_jax.systems.mar.convert'
+
+
+def test_unknown_system_is_one_line_user_error():
+  with pytest.raises(UserError, match="unknown system 'nosuch'"):
+    get_system('nosuch')
+  with pytest.raises(UserError, match='not a Python identifier'):
+    get_system('../etc')
+
+
+def test_baseline_preset_and_mar_alias_agree():
+  from disa_jax.schedules import RunSpec, resolve_steps
+
+  a = resolve_steps(num_iter=4, preset='baseline', upper=7)
+  b = resolve_steps(num_iter=4, preset='mar', upper=7)
+  assert a == b and a.steps == (7, 7, 7, 7) and a.max_timestep is None
+  assert RunSpec.parse('b=baseline:4:7').step_plan() == a
+  assert RunSpec.parse('m=mar:4:7').family == RunSpec.parse('b=baseline:4:7').family
+
+
+def test_configs_are_locked_and_old_paths_forward():
+  import importlib.util
+
+  def load(rel):
+    spec = importlib.util.spec_from_file_location('c', os.path.join(REPO, rel))
+    m = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(m)
+    return m.get_config
+
+  new, old = load('configs/mar/base.py')('cpu'), load('configs/mar_base.py')('cpu')
+  assert new.to_dict() == old.to_dict() and new.system == 'mar'
+  with pytest.raises(AttributeError):
+    new.sampling.no_such_field = 1
+  assert load('configs/digits.py')('tiny').to_dict() == load('configs/mar/digits.py')('tiny').to_dict()
+
+
+class _Out:
+  """OutputDir on a single process."""
+
+  @staticmethod
+  def make(out, **kw):
+    from disa_jax.io.output import OutputDir
+
+    return OutputDir(str(out), **kw)
+
+
+def test_output_dir_marker_inputs_file_and_lock(tmp_path):
+  from disa_jax.io.output import OUTPUT_MARKER, OutputLock
+
+  out = tmp_path / 'out'
+  with _Out.make(out) as od:
+    (tmp_path / 'out.partial' / 'a.txt').write_text('1')
+    assert od.path.endswith('.partial')
+  assert (out / OUTPUT_MARKER).exists() and not (tmp_path / 'out.lock').exists()
+  with _Out.make(out, overwrite=True) as od:     # ours: replaced
+    pass
+  assert not (out / 'a.txt').exists()
+  user = tmp_path / 'user'
+  user.mkdir()
+  (user / 'precious').write_text('x')
+  with pytest.raises(UserError, match='not written by disa_jax'):
+    _Out.make(user, overwrite=True)
+  assert (user / 'precious').exists()
+  ckpt = tmp_path / 'ckpt'
+  ckpt.mkdir()
+  with pytest.raises(UserError, match='would overwrite the input'):
+    _Out.make(ckpt, overwrite=True, inputs=[str(ckpt)])
+  with pytest.raises(UserError, match='would overwrite the input'):
+    _Out.make(tmp_path, overwrite=True, inputs=[str(ckpt)])
+  (tmp_path / 'file').write_text('x')
+  with pytest.raises(UserError, match='is not a directory'):
+    _Out.make(tmp_path / 'file', overwrite=True)
+  held = OutputLock(str(tmp_path / 'busy'))
+  held.acquire()
+  with pytest.raises(UserError, match='another run .* is writing'):
+    _Out.make(tmp_path / 'busy')
+  held.release()
+  stale = tmp_path / 'stale.lock'            # a dead process's lock on this host is taken over
+  import socket
+
+  dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
+                        capture_output=True, text=True).stdout.strip()
+  stale.write_text(f'{dead}@{socket.gethostname()}')
+  with _Out.make(tmp_path / 'stale'):
+    pass
+  assert (tmp_path / 'stale').exists() and not stale.exists()
+
+
+def _env():
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=1'
+  env['PYTHONPATH'] = str(REPO) + os.pathsep + env.get('PYTHONPATH', '')
+  return env
+
+
+BAD_INPUT = [
+  # (command, args, expected start of the one error line)
+  ('sample', ['--cfg=nan'], 'error: flag --cfg=nan: --cfg must be a finite number >= 0'),
+  ('sample', ['--cfg=-2'], 'error: flag --cfg=-2.0: --cfg must be a finite number >= 0'),
+  ('sample', ['--temperature=inf'], 'error: flag --temperature=inf: --temperature must be'),
+  ('sample', ['--temperature=nan'], 'error: flag --temperature=nan: --temperature must be'),
+  ('sample', ['--max-timestep=0'], 'error: flag --max_timestep=0: --max_timestep must be in'),
+  ('sample', ['--max-timestep=5000'], 'error: flag --max_timestep=5000: --max_timestep must'),
+  ('sample', [f'--config={TINY}', '--config.sampling.cfg=nan'],
+   'error: --cfg must be a finite number >= 0, got nan'),
+  ('sample', [f'--config={TINY}', '--config.sampling.max_timestep=0'],
+   'error: --max_timestep must be in [1, 999], or -1 for no clamp, got 0'),
+  ('sample', [f'--config={TINY}', '--config.sampling.foo=1'],
+   'error: unknown config field in --config.sampling.foo=1'),
+  ('sample', ['--config=/no/such/config.py'], 'error: config: [Errno 2] No such file'),
+  ('sample', [f'--config={TINY}', '--config.system=nosuch'], "error: unknown system 'nosuch'"),
+  ('eval', [f'--config={TINY}', '--temperature=0'], 'error: flag --temperature=0.0'),
+  ('evidence', ['variance', f'--config={TINY}', '--cfg=inf'], 'error: flag --cfg=inf'),
+  ('demo', ['--num-iter=0'], 'error: flag --num_iter=0'),
+  ('demo', ['--cfg=nan'], 'error: flag --cfg=nan'),
+  ('demo', ['--preset=disa'], 'error: --preset does not apply to disa-demo'),
+]
+
+
+@pytest.mark.parametrize('command,args,expected', BAD_INPUT,
+                         ids=[f'{c}:{" ".join(a)[-40:]}' for c, a, _ in BAD_INPUT])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, command, args, expected):
+  out = tmp_path / 'out'
+  r = subprocess.run([sys.executable, '-m', f'disa_jax.cli.{command}', *args, f'--out={out}'],
+                     capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=300)
+  assert r.returncode == 2, r.stderr
+  assert r.stderr.startswith(expected), r.stderr
+  assert 'Traceback' not in r.stderr
+  assert not out.exists() and not (tmp_path / 'out.partial').exists()
+
+
+@pytest.mark.parametrize('command', ['sample', 'eval', 'bench', 'evidence', 'train', 'demo'])
+def test_help_lists_the_commands_own_flags(command):
+  r = subprocess.run([sys.executable, '-m', f'disa_jax.cli.{command}', '--help'],
+                     capture_output=True, text=True, env=_env(), timeout=300)
+  assert r.returncode == 0, r.stderr
+  assert '--config' in r.stdout or command == 'demo'
+  assert 'Try --helpfull' not in r.stdout and 'flags:' in r.stdout
+  assert r.stdout.count('\n  --') >= 3
+
+
+def test_convert_help_and_missing_flags(tmp_path):
+  from disa_jax.convert.cli import main
+
+  assert main(['--help']) == 0
+  assert main(['mar', '--out', str(tmp_path / 'x')]) == 2
+  assert main(['nosuch', '--torch-checkpoint', 'f', '--out', str(tmp_path / 'x')]) == 2
+  assert not (tmp_path / 'x').exists()
