@@ -2,7 +2,7 @@
 its documented scheme prescribes, and those draws are independent across AR steps, denoising
 steps, tokens and images.
 
-Scheme (disa_jax/sampler/generate.py): image i of a run with key k uses
+Scheme (disa_jax/systems/mar/sampling.py): image i of a run with key k uses
 k_i = fold_in(k, image_id[i]); its order is permutation(fold_in(k_i, 0), L); the token at
 position p has row key r = fold_in(fold_in(k_i, 1), p), initial noise normal(fold_in(r, 0))
 and the noise of denoising step j (0-based) normal(fold_in(r, j + 1)).
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from helpers import max_rel_error, tiny_model
 
-from disa_jax.sampler.generate import Sampler
+from disa_jax.systems.mar.sampling import Sampler
 from disa_jax.schedules import resolve_steps
 
 SPEC = resolve_steps(num_iter=5, preset='disa', upper=6, lower=2)

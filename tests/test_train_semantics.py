@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from disa_jax.config import digits_config, train_config
-from disa_jax.models.mar import MAR, MARConfig
+from disa_jax.systems.mar.model import MAR, MARConfig
 from disa_jax.train import loop, optim
 from disa_jax.train.step import mar_loss, train_step
 
