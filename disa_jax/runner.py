@@ -12,6 +12,7 @@ import numpy as np
 from flax import nnx
 
 from disa_jax import sharding as shd
+from disa_jax import validation
 from disa_jax.checkpoint import load_mar
 from disa_jax.models.mar import MAR, MARConfig
 from disa_jax.sampler.generate import Sampler
@@ -156,6 +157,7 @@ def sample_batches(sampler: Sampler, labels: np.ndarray, *, batch_size: int, pla
     totals.images += int(real.sum())
     totals.stats.append(st)
     rows, local = shd.local_row_index(tokens, batch_size), shd.local_rows(tokens)
+    validation.check_finite_batch(local, cfg=sampling.cfg, temperature=sampling.temperature)
     keep = real[rows]
     out = Batch(ids=ids[rows][keep], labels=lab[rows][keep], tokens=local[keep])
     if gather:

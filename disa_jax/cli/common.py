@@ -16,8 +16,10 @@ from collections.abc import Callable
 
 from absl import app, flags
 
+from disa_jax import integrity
 from disa_jax.checkpoint import CheckpointError
 from disa_jax.convert.mapping import ConversionError
+from disa_jax.errors import UserError
 from disa_jax.schedules import ScheduleError
 
 
@@ -25,7 +27,7 @@ class CliError(Exception):
   """A user error: printed as one line, exit status 2."""
 
 
-USER_ERRORS = (CliError, ScheduleError, CheckpointError, ConversionError, FileNotFoundError)
+USER_ERRORS = (CliError, UserError, ScheduleError, CheckpointError, ConversionError, FileNotFoundError)
 
 
 def normalize_argv(argv: list[str]) -> list[str]:
@@ -51,6 +53,12 @@ def main(run_fn: Callable[[list[str]], None]):
       print(f'error: {first}', file=sys.stderr)
       for line in rest:
         print(f'  {line.strip()}', file=sys.stderr)
+      sys.exit(2)
+    except OSError as e:     # disk full, permission denied, ...: one line naming the path
+      err = integrity.write_error(e)
+      if err is None:
+        raise
+      print(f'error: {err}', file=sys.stderr)
       sys.exit(2)
     except ValueError as e:  # validation errors raised below the CLI (configs, plans)
       if _is_validation_error(e):

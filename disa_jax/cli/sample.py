@@ -74,6 +74,9 @@ def apply_flags(config):
 
 
 def validate(config):
+  from disa_jax.validation import validate_config
+
+  validate_config(config)
   s = config.sampling
   if s.num_images < 1:
     raise common.CliError(f'--num_images must be >= 1, got {s.num_images}')

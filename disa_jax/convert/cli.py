@@ -47,6 +47,7 @@ def main(argv=None) -> int:
   from disa_jax.checkpoint import CheckpointError
   from disa_jax.convert.mapping import ConversionError
   from disa_jax.convert.torch_io import CheckpointReadError
+  from disa_jax.errors import UserError
 
   args = build_parser().parse_args(argv)
   if args.num_heads is not None and args.kind != 'mar':
@@ -63,7 +64,15 @@ def main(argv=None) -> int:
     extra = {'num_heads': args.num_heads} if args.num_heads is not None else {}
     out = module.convert(args.checkpoint, args.out, weights=args.weights, variant=args.variant,
                          overwrite=args.overwrite, **extra)
-  except (CheckpointError, ConversionError, CheckpointReadError) as e:
+  except OSError as e:   # disk full, permission denied, ...: one line naming the path
+    from disa_jax.integrity import write_error
+
+    err = write_error(e)
+    if err is None:
+      raise
+    print(f'error: {err}', file=sys.stderr)
+    return 2
+  except (CheckpointError, ConversionError, CheckpointReadError, UserError) as e:
     first, *rest = str(e).strip().splitlines() or [e.__class__.__name__]
     print(f'error: {first}', file=sys.stderr)
     for line in rest:

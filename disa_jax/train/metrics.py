@@ -25,11 +25,23 @@ class MetricWriter:
       self._tb = SummaryWriter(str(Path(workdir) / 'tensorboard'), flush_secs=30)
 
   def truncate_after(self, step: int) -> None:
-    """Drops lines with step > `step` (they belong to an interrupted stretch of the run)."""
-    if not self.enabled or not self.path.exists():
+    """Drops lines (and TensorBoard events) with step > `step`: they belong to an
+    interrupted stretch of the run."""
+    if not self.enabled:
+      return
+    if self._tb is not None:       # closed while its event files are rewritten, then reopened
+      from tensorboardX import SummaryWriter
+
+      from disa_jax.integrity import purge_event_files
+
+      logdir = self._tb.logdir
+      self._tb.close()
+      purge_event_files(logdir, step)
+      self._tb = SummaryWriter(logdir, flush_secs=30)
+    if not self.path.exists():
       return
     keep = [ln for ln in self.path.read_text().splitlines()
-            if ln.strip() and json.loads(ln).get('step', 0) <= step]
+            if ln.strip() and _step_of(ln) <= step]
     tmp = self.path.with_suffix('.tmp')
     tmp.write_text(''.join(ln + '\n' for ln in keep))
     os.replace(tmp, self.path)
@@ -48,6 +60,14 @@ class MetricWriter:
     if self._tb is not None:
       self._tb.close()
       self._tb = None
+
+
+def _step_of(line: str) -> float:
+  """The step of a metrics line; a line cut short by a kill counts as after every step."""
+  try:
+    return json.loads(line).get('step', 0)
+  except ValueError:
+    return float('inf')
 
 
 class Report:
