@@ -123,16 +123,32 @@ def verify_checksums(directory) -> dict[str, str] | None:
   if body.get('format') != CHECKSUM_FORMAT or not isinstance(files, dict):
     raise CorruptModelError(f'model directory {directory} has an invalid {CHECKSUM_FILE}; '
                             're-create the directory (disa-convert / disa-train --export)')
-  for rel, want in sorted(files.items()):
-    path = directory / rel
-    if not path.is_file():
+  for rel in sorted(files):
+    if not (directory / rel).is_file():
       raise CorruptModelError(f'model directory {directory} is incomplete: {rel} is missing; '
                               're-create it (disa-convert / disa-train --export)')
+  # a directory verified earlier in this process, unchanged since (same sizes and mtimes), is
+  # not hashed again (loading then fingerprinting a 4 GB model reads it once)
+  signature = (str(directory.absolute()), json.dumps(files, sort_keys=True),
+               tuple((rel, *_stat_key(directory / rel)) for rel in sorted(files)))
+  if signature in _verified:
+    return files
+  for rel, want in sorted(files.items()):
+    path = directory / rel
     if file_sha256(path) != want:
       raise CorruptModelError(
         f'model directory {directory} is corrupt: {rel} does not match its checksum (truncated '
         'or altered); re-create it (disa-convert / disa-train --export) or copy it again')
+  _verified.add(signature)
   return files
+
+
+_verified: set = set()
+
+
+def _stat_key(path: Path) -> tuple[int, int]:
+  st = path.stat()
+  return st.st_size, st.st_mtime_ns
 
 
 def model_fingerprint(directory) -> str:

@@ -341,6 +341,15 @@ def test_cli_prints_environment_errors_as_one_line(monkeypatch, capsys):
   assert err == ('error: cannot write /full/out.partial/x.png: no space left on the device; '
                  'free some space or write elsewhere\n')
 
+  def wrapped(argv):      # as orbax / tensorstore report it: no errno, the text only
+    raise ValueError('Error writing "params/d/1": [OSError] No space left on device [os_error]')
+
+  with pytest.raises(SystemExit) as e:
+    common.main(wrapped)
+  assert e.value.code == 2
+  assert capsys.readouterr().err == ('error: cannot write: no space left on the device; free '
+                                     'some space or write elsewhere\n')
+
 
 # ------------------------------------------------------------------------------------------
 # Accepted inputs and safe fallbacks

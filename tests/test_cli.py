@@ -58,7 +58,7 @@ def test_sample_sharded_over_8_devices(tmp_path):
 
 @pytest.mark.parametrize('args,message', [
   (['--upper-steps=3', '--lower-steps=10'], 'upper steps (3) must be >= lower steps (10)'),
-  (['--lower-steps=0'], 'lower steps must be in [1, 1000]'),
+  (['--lower-steps=0'], '--config.sampling.lower_steps must be an integer in [1, 1000]'),
   (['--strategy=fast'], "unknown step strategy 'fast'"),
   (['--num-iter=17'], '--num_iter must be in [1, 16]'),
   (['--steps=5,4'], 'explicit step list has 2 entries but num_iter is 8'),

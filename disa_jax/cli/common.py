@@ -64,10 +64,22 @@ def main(run_fn: Callable[[list[str]], None]):
       if _is_validation_error(e):
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
+      _exit_if_write_error(e)
+      raise
+    except Exception as e:  # noqa: BLE001 - e.g. orbax/tensorstore wrapping ENOSPC
+      _exit_if_write_error(e)
       raise
 
   sys.argv = normalize_argv(sys.argv)
   app.run(wrapped, flags_parser=_parse_flags)
+
+
+def _exit_if_write_error(e: BaseException) -> None:
+  """Exits with one line when `e` wraps an environment error of a write (disk full, ...)."""
+  err = integrity.write_error(e)
+  if err is not None:
+    print(f'error: {err}', file=sys.stderr)
+    sys.exit(2)
 
 
 def _is_validation_error(e: ValueError) -> bool:
@@ -143,6 +155,9 @@ def check_config(config) -> None:
   if config is None:
     raise CliError('no config given; pass --config=configs/mar_base.py (or another file in '
                    'configs/)')
+  from disa_jax.validation import validate_config
+
+  validate_config(config)        # ranges and finiteness of every numeric field
 
 
 def write_json(path, obj) -> None:

@@ -8,6 +8,10 @@ maps to one Flax path by a rename of its last component:
   Embedding `P.weight` -> `P.embedding`
   bare parameters (pos-embeds, mask_token, fake_latent) copied as they are
 and numeric path components (`encoder_blocks.3`, `mlp.0`) index `nnx.List`s.
+
+Values: only floating tensors become parameters (float16 / bfloat16 / float32 / float64, cast
+to float32); integer, boolean and complex tensors and any NaN/Inf value are refused naming
+the tensor (`parameter_array`).
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@
   `pip install disa_jax[torch]`.
 
 Errors name the file and the problem (missing, not a checkpoint, needs torch, unsafe pickle).
+A pickle that references code is refused naming the referenced global; torch's own advice
+(`weights_only=False`, allow-listing globals) is never passed on. Floating tensors are read
+as float32; other dtypes are kept so that the converter refuses them by name.
 """
 
 from __future__ import annotations
