@@ -212,6 +212,18 @@ def _nan_batch(ctx, monkeypatch):
   return _sample(ctx, _sample_config(ctx, ''))
 
 
+def _bad_run_json(ctx):
+  from disa_jax.cli.eval import _prepare_workdir
+
+  partial = ctx.tmp / 'eval.partial'
+  (partial / 'shards').mkdir(parents=True)
+  (partial / 'shards' / 'b0000000.p000.npz').write_bytes(b'kept')
+  (partial / 'run.json').write_text('{"format": "disa_jax.eval", "ver')
+  text = user_error(lambda: _prepare_workdir(str(ctx.tmp / 'eval'), str(partial), {}, False))
+  assert (partial / 'shards' / 'b0000000.p000.npz').exists()       # the work is kept
+  return text
+
+
 ROWS = [
   # Rule 2: converters accept only what a model can be.
   Row('int-tensor', 'disa-convert mar (int64 z_proj.weight)',
@@ -239,6 +251,10 @@ ROWS = [
       lambda c: convert(c, 'mar', c.save_sd('x.pth', **{'z_proj.bias': _tensor(
         c, lambda w: c.base['sd']['z_proj.bias'].double() + 1e300)}), '--num-heads', TINY_HEADS),
       'tensor z_proj.bias contains', ('out',)),
+  Row('wrong-ndim', 'disa-convert mar (z_proj.weight flattened)',
+      lambda c: convert(c, 'mar', c.save_sd('x.pth', **{'z_proj.weight': _tensor(
+        c, lambda w: w.reshape(-1))}), '--num-heads', TINY_HEADS),
+      'z_proj.weight has shape (', ('out',)),
   Row('code-pickle', 'disa-convert mar (a pickle calling os.system)', _code_pickle,
       'contains objects other than tensors; refusing to unpickle it (it references posix.system',
       ('out', 'PWNED')),
@@ -285,6 +301,8 @@ ROWS = [
   Row('sample-cfg-nan', 'disa-sample --cfg=nan',
       lambda c: _sample(c, _sample_config(c, '', cfg=float('nan'))),
       '--config.sampling.cfg must be', ('out', 'out.partial')),
+  Row('run-json', 'disa-eval (resuming; run.json damaged)', _bad_run_json,
+      'run.json is not valid JSON', ('eval',)),
   # Rule 7 pieces: reference statistics.
   Row('ref-not-npz', 'disa-eval --ref-stats=PICKLE', _pickled_reference,
       'is not a .npz reference statistics file (not a zip archive)', ()),

@@ -118,12 +118,12 @@ def _prepare_workdir(final: str, partial: str, fp: dict, overwrite: bool) -> boo
                           '--out')
   run_json = os.path.join(partial, 'run.json')
   old = None
-  if os.path.exists(partial) and not overwrite:
-    try:
-      with open(run_json) as f:
-        old = json.load(f)
-    except (OSError, ValueError):   # interrupted before run.json was written: start afresh
-      old = None
+  if os.path.exists(partial) and not overwrite and os.path.exists(run_json):
+    try:      # run.json is written atomically: unreadable means damaged, never half-written
+      old = integrity.read_json(run_json, what='run fingerprint')
+    except integrity.InvalidFileError as e:
+      raise common.CliError(f'{e}; pass --overwrite to discard the interrupted run in '
+                            f'{partial}') from None
   if old is not None:
     if old != json.loads(json.dumps(fp)):
       diff = integrity.fingerprint_diff(old, json.loads(json.dumps(fp)))
