@@ -224,6 +224,13 @@ def _bad_run_json(ctx):
   return text
 
 
+def _nan_model_dir(ctx):
+  model = tiny_model(seed=3, **PIXELS)
+  model.mask_token[...] = np.full(model.mask_token.shape, np.nan, np.float32)
+  save_model(ctx.tmp / 'nan', model, kind='mar', model_config=model.config.to_dict())
+  return user_error(lambda: load_mar(ctx.tmp / 'nan'))
+
+
 ROWS = [
   # Rule 2: converters accept only what a model can be.
   Row('int-tensor', 'disa-convert mar (int64 z_proj.weight)',
@@ -266,6 +273,8 @@ ROWS = [
   Row('flipped-sample', 'disa-sample --checkpoint=ALTERED',
       lambda c: _sample(c, _sample_config(c, _flip(c))), 'is corrupt: params/', ('out',
                                                                                  'out.partial')),
+  Row('nan-model-dir', 'load_mar (a directory saved with NaN weights)', _nan_model_dir,
+      'holds non-finite values (NaN/Inf) in parameter mask_token', ()),
   Row('meta-json', 'load_mar (meta.json not JSON)', _bad_meta,
       'meta.json is not valid JSON', ()),
   Row('arch-mismatch', 'disa-sample --config.model.encoder_depth=3 (checkpoint has 2)',

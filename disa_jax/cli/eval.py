@@ -103,6 +103,7 @@ def fingerprint(config, plan, labels, *, metric: str, inception, ref_stats,
     'labels_sha1': hashlib.sha1(labels.tobytes()).hexdigest(),
     'metric': metric, 'inception': inception or '', 'ref_stats': ref_stats or '',
     'save_images': bool(save_images),
+    'matmul_precision': config.runtime.get('matmul_precision', ''),
     # the files behind the paths: a model directory replaced at the same path is another run
     **integrity.model_fingerprints(checkpoint=config.get('checkpoint', ''),
                                    vae=config.tokenizer.get('vae', ''), inception=inception),

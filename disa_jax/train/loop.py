@@ -255,9 +255,13 @@ def train(config, workdir, *, stop_at: int | None = None, export: str | None = N
                           abstract, st_sh)
 
     def restore(manager, step):
-      return manager.restore(step, args=ocp.args.Composite(
+      state = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target),
         data=grain.checkpoint.CheckpointRestore(iterator))).state
+      if jax.process_count() == 1:     # altered bytes that still decode: NaN/Inf weights
+        integrity.check_finite_arrays({'params': state.params, 'ema': state.ema},
+                                      str(workdir / 'checkpoints' / str(step)))
+      return state
 
     # a truncated newest checkpoint: set it aside with a warning, use the previous good one
     mngr, start, state = _restore_newest_good(mngr, workdir, tc, restore)
