@@ -46,15 +46,16 @@ class Rule:
     if self.lo is not None and self.hi is not None:
       rng = f'{"(" if self.lo_open else "["}{_num(self.lo)}, {_num(self.hi)}' \
             f'{")" if self.hi_open else "]"}'
+      rng = f'in {rng}'
     elif self.lo is not None:
       rng = f'{">" if self.lo_open else ">="} {_num(self.lo)}'
     elif self.hi is not None:
       rng = f'{"<" if self.hi_open else "<="} {_num(self.hi)}'
     else:
-      rng = 'finite'
+      rng = ''
     kind = 'an integer' if self.integer else 'a finite number'
     extra = ''.join(f' or {_num(v)}' for v in self.also)
-    return f'{kind} in {rng}{extra}' + (f' ({self.meaning})' if self.meaning else '')
+    return f'{kind} {rng}{extra}'.rstrip() + (f' ({self.meaning})' if self.meaning else '')
 
   def ok(self, v) -> bool:
     if v in self.also:
@@ -87,7 +88,7 @@ RULES: dict[str, dict[str, Rule]] = {
   'train': {
     'batch_size': Rule(1, None, integer=True),
     'num_steps': Rule(1, None, integer=True),
-    'blr': Rule(0.0, 1.0, lo_open=True, meaning='base learning rate (lr = blr * batch / 256)'),
+    'blr': Rule(0.0, 1.0, lo_open=True, meaning='base learning rate; lr = blr * batch / 256'),
     'lr': Rule(0.0, 1.0, meaning='absolute learning rate; 0 = use blr'),
     'warmup_steps': Rule(0, None, integer=True),
     'min_lr': Rule(0.0, 1.0),
