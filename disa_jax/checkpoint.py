@@ -16,7 +16,6 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import jax
@@ -25,6 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from disa_jax import integrity
 from disa_jax.errors import UserError
 
 FORMAT = 'disa_jax.model'
@@ -42,7 +42,7 @@ def atomic_directory(final: str | os.PathLike, *, overwrite: bool = False):
   if final.exists() and not overwrite:
     raise CheckpointError(f'output {final} already exists; choose another path or remove it')
   final.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f'.{final.name}.tmp-', dir=final.parent))
+  tmp = integrity.temporary_dir(final)     # also removes those of killed earlier writes
   try:
     yield tmp
     if final.exists():
@@ -83,6 +83,7 @@ def save_model(directory, module, *, kind: str, model_config: dict, meta: dict |
     (tmp / 'model_config.json').write_text(json.dumps(model_config, indent=2, sort_keys=True))
     info = {'format': FORMAT, 'kind': kind, 'version': VERSION, **(meta or {})}
     (tmp / 'meta.json').write_text(json.dumps(info, indent=2, sort_keys=True))
+    integrity.write_checksums(tmp)
   return Path(directory)
 
 
@@ -100,25 +101,40 @@ def read_meta(directory) -> tuple[dict, dict]:
     raise CheckpointError(
       f'{d} is not a disa_jax model directory (no meta.json / params/); create one with '
       '`disa-convert` or `disa-train`')
-  meta = json.loads(meta_path.read_text())
+  meta = integrity.read_json(meta_path, what='model metadata')
   if meta.get('format') != FORMAT:
     raise CheckpointError(f'{d}/meta.json has format {meta.get("format")!r}, expected {FORMAT}')
-  return meta, json.loads((d / 'model_config.json').read_text())
+  return meta, integrity.read_json(d / 'model_config.json', what='model config')
 
 
 def restore_params(directory, abstract_state):
   """Restores `directory/params` into the structure of `abstract_state` (an nnx State)."""
   target = _stringify_keys(jax.tree.map(
     lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(abstract_state)))
+  integrity.verify_checksums(directory)
   ckptr = ocp.StandardCheckpointer()
   try:
     tree = ckptr.restore(Path(directory).absolute() / 'params', target)
   except (ValueError, KeyError) as e:
+    if 'shape' not in str(e).lower() and 'not found' not in str(e).lower():
+      raise integrity.CorruptModelError(
+        f'cannot read the parameters of model directory {directory} ({_first_line(e)}); it is '
+        'corrupt: re-create it (disa-convert / disa-train --export)') from None
     raise CheckpointError(f'parameters in {directory} do not match the model: {e}') from None
+  except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types on bad files
+    raise integrity.CorruptModelError(
+      f'cannot read the parameters of model directory {directory} ({_first_line(e)}); it is '
+      'corrupt: re-create it (disa-convert / disa-train --export)') from None
+  integrity.check_finite_arrays(tree, str(directory))
   pure = nnx.to_pure_dict(abstract_state)
   _fill(pure, tree)
   nnx.replace_by_pure_dict(abstract_state, pure)
   return abstract_state
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip()
+  return (text.splitlines()[0][:200] if text else e.__class__.__name__)
 
 
 def _fill(pure, tree):

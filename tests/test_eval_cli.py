@@ -134,7 +134,7 @@ def test_eval_refuses_to_continue_a_run_with_other_settings(tmp_path):
   assert r.returncode == 0, r.stderr
   r = run_eval('--metric=none', '--num-images=10', '--batch-size=4', '--cfg=3.0',
                f'--out={out}')
-  assert r.returncode == 2 and 'holds an interrupted run with other settings (cfg)' in r.stderr
+  assert r.returncode == 2 and 'holds an interrupted run with other settings (cfg: was 2.0, now 3.0)' in r.stderr
   r = run_eval('--metric=none', '--num-images=10', '--batch-size=4', '--cfg=3.0',
                '--overwrite', f'--out={out}')
   assert r.returncode == 0, r.stderr

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from helpers import max_rel_error, tiny_model
 
-from disa_jax.systems.mar.sampling import Sampler
 from disa_jax.schedules import resolve_steps
+from disa_jax.systems.mar.sampling import Sampler
 
 SPEC = resolve_steps(num_iter=5, preset='disa', upper=6, lower=2)
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from absl import app, flags
 
+from disa_jax import integrity
 from disa_jax.errors import UserError
 from disa_jax.io.output import OutputDir, write_json  # noqa: F401  (re-exported)
 
@@ -48,10 +49,20 @@ def main(run_fn: Callable[[list[str]], None], *, doc: str | None = None):
     except USER_ERRORS as e:
       _print_error(e)
       sys.exit(2)
+    except OSError as e:     # disk full, permission denied, ...: one line naming the path
+      err = integrity.write_error(e)
+      if err is None:
+        raise
+      print(f'error: {err}', file=sys.stderr)
+      sys.exit(2)
     except ValueError as e:  # validation errors raised below the CLI (configs, plans)
       if _is_validation_error(e):
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
+      _exit_if_write_error(e)
+      raise
+    except Exception as e:  # noqa: BLE001 - e.g. orbax/tensorstore wrapping ENOSPC
+      _exit_if_write_error(e)
       raise
 
   sys.argv = normalize_argv(sys.argv)
@@ -91,6 +102,14 @@ def help_text(doc: str) -> str:
   lines.append('Flags accept dashes or underscores (--num-images, --num_images); config fields '
                'are overridden with --config.SECTION.FIELD=VALUE.')
   return '\n'.join(lines)
+
+
+def _exit_if_write_error(e: BaseException) -> None:
+  """Exits with one line when `e` wraps an environment error of a write (disk full, ...)."""
+  err = integrity.write_error(e)
+  if err is not None:
+    print(f'error: {err}', file=sys.stderr)
+    sys.exit(2)
 
 
 def _is_validation_error(e: ValueError) -> bool:
@@ -219,6 +238,10 @@ def check_config(config) -> None:
     raise CliError(f'the config file\'s get_config() returned {type(config).__name__}, not an '
                    'ml_collections.ConfigDict')
   system_of(config)
+
+  from disa_jax.validation import validate_config
+
+  validate_config(config)        # ranges and finiteness of every numeric field
 
 
 def parse_int_list(text: str, name: str) -> list[int]:

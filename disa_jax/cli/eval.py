@@ -31,6 +31,7 @@ import time
 
 from absl import flags
 
+from disa_jax import integrity
 from disa_jax.cli import common
 from disa_jax.cli import flags as cli_flags
 
@@ -73,6 +74,10 @@ def fingerprint(config, plan, labels, *, metric: str, inception, ref_stats,
     'labels_sha1': hashlib.sha1(labels.tobytes()).hexdigest(),
     'metric': metric, 'inception': inception or '', 'ref_stats': ref_stats or '',
     'save_images': bool(save_images),
+    'matmul_precision': config.runtime.get('matmul_precision', ''),
+    # the files behind the paths: a model directory replaced at the same path is another run
+    **integrity.model_fingerprints(checkpoint=config.get('checkpoint', ''),
+                                   vae=config.tokenizer.get('vae', ''), inception=inception),
   }
 
 
@@ -85,18 +90,19 @@ def _prepare_workdir(final: str, partial: str, fp: dict, overwrite: bool) -> boo
                           '--out')
   run_json = os.path.join(partial, 'run.json')
   old = None
-  if os.path.exists(partial) and not overwrite:
-    try:
-      with open(run_json) as f:
-        old = json.load(f)
-    except (OSError, ValueError):   # interrupted before run.json was written: start afresh
-      old = None
+  if os.path.exists(partial) and not overwrite and os.path.exists(run_json):
+    try:      # run.json is written atomically: unreadable means damaged, never half-written
+      old = integrity.read_json(run_json, what='run fingerprint')
+    except integrity.InvalidFileError as e:
+      raise common.CliError(f'{e}; pass --overwrite to discard the interrupted run in '
+                            f'{partial}') from None
   if old is not None:
     if old != json.loads(json.dumps(fp)):
-      diff = sorted(k for k in fp if old.get(k) != json.loads(json.dumps(fp[k])))
+      diff = integrity.fingerprint_diff(old, json.loads(json.dumps(fp)))
       raise common.CliError(
-        f'{partial} holds an interrupted run with other settings ({", ".join(diff[:6])}); run '
-        'the original command to continue it, or pass --overwrite to discard it')
+        f'{partial} holds an interrupted run with other settings ({"; ".join(diff)}); run '
+        'the original command with the original files to continue it, or pass --overwrite to '
+        'discard it')
     for sub in ('images', 'shards'):          # files a killed process was writing
       d = os.path.join(partial, sub)
       for name in os.listdir(d) if os.path.isdir(d) else ():

@@ -91,6 +91,14 @@ def main(argv=None) -> int:
   except UserError as e:
     _print_error(e)
     return 2
+  except OSError as e:     # disk full, permission denied, ...: one line naming the path
+    from disa_jax.integrity import write_error
+
+    err = write_error(e)
+    if err is None:
+      raise
+    print(f'error: {err}', file=sys.stderr)
+    return 2
   except Exception as e:   # module errors that are not UserError subclasses yet
     from disa_jax.convert.torch_io import CheckpointReadError
 

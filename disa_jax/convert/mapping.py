@@ -8,6 +8,10 @@ maps to one Flax path by a rename of its last component:
   Embedding `P.weight` -> `P.embedding`
   bare parameters (pos-embeds, mask_token, fake_latent) copied as they are
 and numeric path components (`encoder_blocks.3`, `mlp.0`) index `nnx.List`s.
+
+Values: only floating tensors become parameters (float16 / bfloat16 / float32 / float64, cast
+to float32); integer, boolean and complex tensors and any NaN/Inf value are refused naming
+the tensor (`parameter_array`).
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], abstract_state, *,
   plan = _match({k: np.shape(v) for k, v in state_dict.items()}, target, what)
   values = {}
   for key, (fkey, transform) in plan.items():
-    arr = np.asarray(state_dict[key])
+    arr = parameter_array(key, state_dict[key])
     if transform == 'linear' and arr.ndim == 2:
       arr = arr.T
     elif transform == 'conv' and arr.ndim == 4:
@@ -72,6 +76,31 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], abstract_state, *,
   return nnx.from_flat_state(
     [(path, _replace_value(var, values[_path_str(path)]))
      for path, var in nnx.to_flat_state(abstract_state)])
+
+
+FLOAT_DTYPES = ('float16', 'bfloat16', 'float32', 'float64')
+
+
+def parameter_array(key: str, value) -> np.ndarray:
+  """`value` as a float32 array, or a `ConversionError` naming the tensor.
+
+  Only floating tensors can be parameters: float16 / bfloat16 / float32 / float64 are cast to
+  float32 (float64 values beyond the float32 range become +-inf and are refused below);
+  integer, boolean and complex tensors are refused, as is any NaN or +-Inf value.
+  """
+  arr = np.asarray(value)
+  if arr.dtype.kind != 'f' and arr.dtype.name not in FLOAT_DTYPES:
+    raise ConversionError(
+      f'tensor {key} has dtype {arr.dtype.name}; a model parameter must be floating point '
+      f'({", ".join(FLOAT_DTYPES)}). The file is not a weights checkpoint of this model')
+  arr = arr.astype(np.float32, copy=False)
+  finite = np.isfinite(arr)
+  if not finite.all():
+    bad = int(arr.size - np.count_nonzero(finite))
+    raise ConversionError(
+      f'tensor {key} contains {bad} non-finite value(s) (NaN or Inf) of {arr.size}; the '
+      'checkpoint is corrupt or from a diverged run, so it cannot be converted')
+  return arr
 
 
 def check_state_dict(shapes: Mapping[str, tuple], abstract_state, *, what: str = 'model'):

@@ -9,17 +9,23 @@
   `pip install disa_jax[torch]`.
 
 Errors name the file and the problem (missing, not a checkpoint, needs torch, unsafe pickle).
+A pickle that references code is refused naming the referenced global; torch's own advice
+(`weights_only=False`, allow-listing globals) is never passed on. Floating tensors are read
+as float32; other dtypes are kept so that the converter refuses them by name.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 
 import numpy as np
 
+from disa_jax.errors import UserError
 
-class CheckpointReadError(ValueError):
+
+class CheckpointReadError(UserError):
   """The file cannot be read as a weights file; the message says why and what to do."""
 
 
@@ -103,7 +109,8 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
     raw = load_file(path)
   except Exception as e:  # noqa: BLE001 - safetensors raises several error types
     raise CheckpointReadError(f'{path} is not a valid safetensors file ({e})') from None
-  return {k: np.asarray(v, dtype=np.float32) for k, v in raw.items()}
+  return {k: np.asarray(v, dtype=np.float32) if np.asarray(v).dtype.kind == 'f' else np.asarray(v)
+          for k, v in raw.items()}
 
 
 def _torch_load(path: str):
@@ -127,16 +134,36 @@ def _torch_load(path: str):
     with torch.serialization.safe_globals([argparse.Namespace]):
       return torch.load(path, map_location='cpu', weights_only=True, mmap=zipped)
   except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, ...
-    text = str(e)
-    unsupported = [ln.strip() for ln in text.splitlines() if 'Unsupported global' in ln]
-    if unsupported:
-      raise CheckpointReadError(
-        f'{path} contains objects other than tensors; refusing to unpickle it (only '
-        'weights_only=True loading is allowed). Re-save the state dict alone or use '
-        f'safetensors. Detail: {unsupported[0]}') from None
-    detail = next((ln.strip() for ln in text.splitlines()[1:] if 'Unsupported' in ln), None)
-    msg = detail or (text.splitlines()[0] if text else e.__class__.__name__)
-    raise CheckpointReadError(f'{path} is not a PyTorch checkpoint ({msg})') from None
+    raise CheckpointReadError(refusal_message(path, e)) from None
+
+
+# torch's own texts recommend `weights_only=False` or allow-listing globals: never shown.
+_UNSAFE_ADVICE = ('weights_only', 'safe_globals', 'add_safe_globals', 'trust', 'pickle.load',
+                  'allow_pickle')
+_GLOBAL = re.compile(r'GLOBAL\s+([\w.]+)')   # torch's pickle opcode name, upper case
+
+
+def refusal_message(path: str, error: BaseException) -> str:
+  """The one-line refusal for a file torch could not load with `weights_only=True`.
+
+  A pickle that references code (any GLOBAL outside torch's allow-list: `posix.system`,
+  `builtins.eval`, a class) is refused naming the global; torch 2.13 words this both as
+  'Unsupported global: GLOBAL x' and 'unsupported GLOBAL x whose module x is blocked'. No text
+  suggesting `weights_only=False` (or allow-listing) ever reaches the user.
+  """
+  text = str(error)
+  blocked = [ln for ln in text.splitlines()
+             if 'unsupported global' in ln.lower() or _GLOBAL.search(ln)]
+  if blocked:
+    m = next((_GLOBAL.search(ln) for ln in blocked if _GLOBAL.search(ln)), None)
+    what = f'it references {m.group(1)}; ' if m else ''
+    return (f'{path} contains objects other than tensors; refusing to unpickle it ({what}only '
+            'tensors, containers and numbers are read). Re-save the state dict alone or '
+            'convert a .safetensors file')
+  lines = [ln.strip() for ln in text.splitlines()
+           if ln.strip() and not any(w in ln.lower() for w in _UNSAFE_ADVICE)]
+  msg = lines[0] if lines else error.__class__.__name__
+  return f'{path} is not a PyTorch checkpoint ({msg})'
 
 
 def _to_numpy(state: Mapping, path: str) -> dict[str, np.ndarray]:
@@ -145,9 +172,12 @@ def _to_numpy(state: Mapping, path: str) -> dict[str, np.ndarray]:
   out = {}
   for k, v in state.items():
     if isinstance(v, torch.Tensor):
-      out[str(k)] = v.detach().to(torch.float32).cpu().numpy()
+      v = v.detach().cpu()
+      # floating tensors (f16/bf16/f32/f64) -> float32; others keep their dtype so that
+      # `mapping.convert_state_dict` can refuse them by name (ints, bools, complex)
+      out[str(k)] = (v.to(torch.float32) if v.is_floating_point() else v).numpy()
     elif isinstance(v, np.ndarray):
-      out[str(k)] = v.astype(np.float32)
+      out[str(k)] = v.astype(np.float32) if v.dtype.kind == 'f' else v
   if not out:
     raise CheckpointReadError(f'{path} contains no tensors at the top level of the chosen entry')
   return out

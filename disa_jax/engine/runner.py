@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from disa_jax import sharding as shd
+from disa_jax import validation
 from disa_jax.errors import UserError
 from disa_jax.schedules import StepPlan
 from disa_jax.systems.base import system_of
@@ -140,6 +141,7 @@ def sample_batches(sampler, labels: np.ndarray, *, batch_size: int, plan: StepPl
     totals.images += int(real.sum())
     totals.stats.append(st)
     rows, local = shd.local_row_index(tokens, batch_size), shd.local_rows(tokens)
+    validation.check_finite_batch(local, cfg=sampling.cfg, temperature=sampling.temperature)
     keep = real[rows]
     out = Batch(ids=ids[rows][keep], labels=lab[rows][keep], tokens=local[keep])
     if gather:

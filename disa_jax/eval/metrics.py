@@ -28,11 +28,12 @@ import zipfile
 
 import numpy as np
 
+from disa_jax.errors import UserError
 from disa_jax.eval.frechet import frechet_distance_to_features
 from disa_jax.eval.inception import NUM_LOGITS, POOL_DIM, SPATIAL_DIM
 
 
-class ReferenceError(ValueError):
+class ReferenceError(UserError):
   """A reference statistics file that cannot be used; the message says why."""
 
 
@@ -51,21 +52,30 @@ class ReferenceStats:
     path = os.path.expanduser(os.fspath(path))
     if not os.path.isfile(path):
       raise ReferenceError(f'reference statistics file {path} does not exist')
+    with open(path, 'rb') as f:
+      head = f.read(4)
+    if not head.startswith(b'PK'):      # np.savez writes a zip archive; anything else is refused
+      raise ReferenceError(f'{path} is not a .npz reference statistics file (not a zip '
+                           'archive); pass the .npz with mu/sigma (e.g. ADM '
+                           'VIRTUAL_imagenet256_labeled.npz)')
     try:
       data = np.load(path, allow_pickle=False)
       keys = set(data.files)
     except (ValueError, OSError, zipfile.BadZipFile) as e:
-      raise ReferenceError(f'{path} is not a .npz reference statistics file ({e})') from None
+      reason = 'it holds pickled objects' if 'pickle' in str(e).lower() else e.__class__.__name__
+      raise ReferenceError(f'{path} is not a valid .npz reference statistics file ({reason}); '
+                           'pass the .npz with mu/sigma arrays') from None
     mu_key, sigma_key = ('mu', 'sigma') if 'mu' in keys else ('ref_mu', 'ref_sigma')
     if mu_key not in keys or sigma_key not in keys:
       raise ReferenceError(
         f'{path} has no FID statistics (keys {sorted(keys)}); expected mu/sigma as in ADM '
         "VIRTUAL_imagenet256_labeled.npz or MAR's fid_stats/adm_in256_stats.npz")
     ref = cls(path, _stat(data, mu_key, path, (POOL_DIM,)),
-              _stat(data, sigma_key, path, (POOL_DIM, POOL_DIM)))
+              _covariance(_stat(data, sigma_key, path, (POOL_DIM, POOL_DIM)), sigma_key, path))
     if 'mu_s' in keys and 'sigma_s' in keys:
       ref.mu_s = _stat(data, 'mu_s', path, (SPATIAL_DIM,))
-      ref.sigma_s = _stat(data, 'sigma_s', path, (SPATIAL_DIM, SPATIAL_DIM))
+      ref.sigma_s = _covariance(_stat(data, 'sigma_s', path, (SPATIAL_DIM, SPATIAL_DIM)),
+                                'sigma_s', path)
     if 'pool' in keys:
       ref.pool = _stat(data, 'pool', path, (None, POOL_DIM)).astype(np.float32)
     if 'arr_0' in keys:
@@ -81,8 +91,28 @@ class ReferenceStats:
     return arr
 
 
+def _covariance(sigma: np.ndarray, key: str, path: str) -> np.ndarray:
+  """`sigma` if it is a covariance matrix (symmetric, positive semi-definite up to rounding:
+  eigenvalues >= -1e-6 * the largest), else a `ReferenceError`. A matrix that is not one
+  would give a meaningless (even negative or complex) Frechet distance."""
+  scale = max(float(np.max(np.abs(sigma))), 1e-300)
+  if not np.allclose(sigma, sigma.T, rtol=1e-5, atol=1e-8 * scale):
+    raise ReferenceError(f'{path}: {key} is not symmetric, so it is not a covariance matrix; '
+                         'the reference statistics are corrupt (recompute or download them)')
+  eig = np.linalg.eigvalsh((sigma + sigma.T) / 2)
+  if eig[0] < -1e-6 * max(abs(eig[-1]), 1e-300):
+    raise ReferenceError(f'{path}: {key} is not positive semi-definite (smallest eigenvalue '
+                         f'{eig[0]:.3g}, largest {eig[-1]:.3g}), so it is not a covariance '
+                         'matrix; the reference statistics are corrupt (recompute them)')
+  return sigma
+
+
 def _stat(data, key, path, shape) -> np.ndarray:
-  arr = np.asarray(data[key], np.float64)
+  try:
+    arr = np.asarray(data[key], np.float64)
+  except (ValueError, TypeError, OSError, zipfile.BadZipFile) as e:
+    reason = 'pickled objects' if 'pickle' in str(e).lower() else e.__class__.__name__
+    raise ReferenceError(f'{path}: {key} cannot be read as a numeric array ({reason})') from None
   if arr.ndim != len(shape) or any(s is not None and s != a for s, a in zip(shape, arr.shape, strict=True)):
     want = 'x'.join('N' if s is None else str(s) for s in shape)
     raise ReferenceError(f'{path}: {key} has shape {arr.shape}, expected [{want}] (statistics '

@@ -22,12 +22,14 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
+from disa_jax import integrity
 from disa_jax.engine import runner
+from disa_jax.errors import UserError
 
 SHARD_META = ('ids', 'labels', 'generate_s', 'decode_s', 'features_s')
 
 
-class IncompleteRunError(ValueError):
+class IncompleteRunError(UserError):
   """Shards do not cover the run (missing or duplicated image ids)."""
 
 
@@ -114,6 +116,8 @@ def run(sampler, decoder, labels: np.ndarray, *, plan, sampling, key, batch_size
   starts = list(range(0, n, batch_size))
   start = 0
   if store is not None:
+    integrity.discard_unreadable_npz([store.path(lo) for lo in sorted(store.completed())],
+                                     required=SHARD_META)
     done = store.completed()
     start = _process_min(next((lo for lo in starts if lo not in done), n))
   reused = sum(1 for lo in starts if lo < start)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from functools import partial
 from pathlib import Path
@@ -25,7 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from disa_jax import integrity, validation
 from disa_jax import sharding as shd
+from disa_jax.errors import UserError
 from disa_jax.systems.mar.model import MAR, MARConfig
 from disa_jax.train import optim
 from disa_jax.train.partition import state_shardings
@@ -34,7 +37,7 @@ from disa_jax.train.step import TrainState, train_step
 _log = logging.getLogger(__name__)
 
 
-class TrainingError(ValueError):
+class TrainingError(UserError):
   """A run that cannot start or continue; the message says why and what to do."""
 
 
@@ -104,14 +107,16 @@ def _check_config(workdir: Path, config) -> None:
   path = workdir / 'config.json'
   current = json.loads(config.to_json_best_effort())
   if path.exists():
-    stored = json.loads(path.read_text())
-    from disa_jax.checkpoint import architecture_diff
-
-    diff = architecture_diff(stored.get('model', {}), current['model'])
+    stored = integrity.read_json(path, what='run config')
+    diff = integrity.config_diff(stored, current, may_change=integrity.TRAIN_MAY_CHANGE)
     if diff:
       raise TrainingError(
-        f'workdir {workdir} holds a run of another model ({"; ".join(diff)}); use a new '
-        '--workdir or the original config')
+        f'workdir {workdir} holds a run with other settings ({"; ".join(diff)}); a resumed run '
+        'must be the same run: use the original config, or a new --workdir')
+    if stored != current and jax.process_index() == 0:   # e.g. a longer num_steps
+      tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
+      tmp.write_text(json.dumps(current, indent=2, sort_keys=True))
+      os.replace(tmp, path)
   else:
     if jax.process_index() == 0:
       workdir.mkdir(parents=True, exist_ok=True)
@@ -129,6 +134,30 @@ def _checkpoint_manager(workdir: Path, tc):
     (workdir / 'checkpoints').absolute(), item_names=('state', 'data'), options=options,
     item_handlers={'state': ocp.StandardCheckpointHandler(),
                    'data': grain.checkpoint.CheckpointHandler()})
+
+
+def _restore_newest_good(mngr, workdir: Path, tc, restore):
+  """(manager, step, state) of the newest checkpoint that restores; unreadable newer ones are
+  moved to `workdir/corrupt_checkpoints/` with a warning (nothing is deleted). (mngr, None,
+  None) when none restores."""
+  import shutil
+
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      return mngr, step, restore(mngr, step)
+    except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types on bad files
+      if jax.process_count() > 1:
+        raise TrainingError(f'checkpoint {step} in {workdir / "checkpoints"} cannot be '
+                            f'restored ({str(e).strip().splitlines()[0][:160]})') from None
+      aside = workdir / 'corrupt_checkpoints' / f'{step}-{int(time.time())}'
+      aside.parent.mkdir(parents=True, exist_ok=True)
+      mngr.close()
+      shutil.move(str(workdir / 'checkpoints' / str(step)), str(aside))
+      integrity.warn(f'checkpoint {step} in {workdir / "checkpoints"} cannot be restored '
+                     f'({e.__class__.__name__}: {str(e).strip().splitlines()[0][:120]}); moved '
+                     f'it to {aside} and resuming from the previous checkpoint')
+      mngr = _checkpoint_manager(workdir, tc)
+  return mngr, None, None
 
 
 def _save(mngr, step: int, state, iterator) -> None:
@@ -193,6 +222,7 @@ def train(config, workdir, *, stop_at: int | None = None, export: str | None = N
 
   workdir = Path(workdir).expanduser().absolute()
   tc = config.train
+  validation.validate_config(config)
   model_cfg = MARConfig.from_dict(dict(config.model))
   if tc.num_steps < 1 or tc.batch_size < 1:
     raise TrainingError('config.train.num_steps and batch_size must be >= 1')
@@ -218,15 +248,25 @@ def train(config, workdir, *, stop_at: int | None = None, export: str | None = N
   import orbax.checkpoint as ocp
 
   mngr = _checkpoint_manager(workdir, tc)
-  start = mngr.latest_step()
-  if start is not None:
+  start, state = None, None
+  if mngr.latest_step() is not None:
     import grain
 
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           abstract, st_sh)
-    restored = mngr.restore(start, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(target), data=grain.checkpoint.CheckpointRestore(iterator)))
-    state = restored.state
+
+    def restore(manager, step):
+      state = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target),
+        data=grain.checkpoint.CheckpointRestore(iterator))).state
+      if jax.process_count() == 1:     # altered bytes that still decode: NaN/Inf weights
+        integrity.check_finite_arrays({'params': state.params, 'ema': state.ema},
+                                      str(workdir / 'checkpoints' / str(step)))
+      return state
+
+    # a truncated newest checkpoint: set it aside with a warning, use the previous good one
+    mngr, start, state = _restore_newest_good(mngr, workdir, tc, restore)
+  if start is not None:
     print_fn(f'resumed from {workdir / "checkpoints"} at step {start}')
   else:
     start = 0

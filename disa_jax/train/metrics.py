@@ -19,17 +19,24 @@ class MetricWriter:
     self.enabled = enabled
     self.path = Path(workdir) / 'metrics.jsonl'
     self._tb = None
-    if enabled and tensorboard:
-      from tensorboardX import SummaryWriter
-
-      self._tb = SummaryWriter(str(Path(workdir) / 'tensorboard'), flush_secs=30)
+    # opened at the first write, after `truncate_after` purged the events of an interrupted
+    # stretch; the pid suffix keeps a restarted run from reusing an event file's name
+    self._tb_dir = Path(workdir) / 'tensorboard' if enabled and tensorboard else None
 
   def truncate_after(self, step: int) -> None:
-    """Drops lines with step > `step` (they belong to an interrupted stretch of the run)."""
-    if not self.enabled or not self.path.exists():
+    """Drops lines (and TensorBoard events) with step > `step`: they belong to an
+    interrupted stretch of the run."""
+    if not self.enabled:
+      return
+    if self._tb_dir is not None:
+      from disa_jax.integrity import purge_event_files
+
+      self.close()
+      purge_event_files(self._tb_dir, step)
+    if not self.path.exists():
       return
     keep = [ln for ln in self.path.read_text().splitlines()
-            if ln.strip() and json.loads(ln).get('step', 0) <= step]
+            if ln.strip() and _step_of(ln) <= step]
     tmp = self.path.with_suffix('.tmp')
     tmp.write_text(''.join(ln + '\n' for ln in keep))
     os.replace(tmp, self.path)
@@ -40,6 +47,11 @@ class MetricWriter:
     row = {'step': int(step), **{k: float(v) for k, v in scalars.items()}}
     with open(self.path, 'a') as f:
       f.write(json.dumps(row, sort_keys=True) + '\n')
+    if self._tb is None and self._tb_dir is not None:
+      from tensorboardX import SummaryWriter
+
+      self._tb = SummaryWriter(str(self._tb_dir), flush_secs=30,
+                               filename_suffix=f'.{os.getpid()}')
     if self._tb is not None:
       for k, v in scalars.items():
         self._tb.add_scalar(f'train/{k}', float(v), int(step))
@@ -48,6 +60,14 @@ class MetricWriter:
     if self._tb is not None:
       self._tb.close()
       self._tb = None
+
+
+def _step_of(line: str) -> float:
+  """The step of a metrics line; a line cut short by a kill counts as after every step."""
+  try:
+    return json.loads(line).get('step', 0)
+  except ValueError:
+    return float('inf')
 
 
 class Report:

@@ -73,9 +73,12 @@ def check(shapes: Mapping[str, tuple], *, variant: str | None = None,
   return cfg, name
 
 
-def _need(shapes, key):
+def _need(shapes, key, ndim: int):
   if key not in shapes:
     raise ConversionError(f'checkpoint does not match a MAR model: key {key} is missing')
+  if len(shapes[key]) != ndim:
+    raise ConversionError(f'checkpoint does not match a MAR model: {key} has shape '
+                          f'{tuple(shapes[key])}, expected {ndim} dimensions')
   return shapes[key]
 
 
@@ -94,24 +97,24 @@ def infer_config(shapes: Mapping[str, tuple], *, variant: str | None = None,
   """
   if num_heads is not None and num_heads < 1:
     raise ConversionError(f'--num-heads must be >= 1, got {num_heads}')
-  d, token_dim = _need(shapes, 'z_proj.weight')
-  dd = _need(shapes, 'decoder_embed.weight')[0]
-  seq = _need(shapes, 'diffusion_pos_embed_learned')[1]
-  buffer = _need(shapes, 'encoder_pos_embed_learned')[1] - seq
+  d, token_dim = _need(shapes, 'z_proj.weight', 2)
+  dd = _need(shapes, 'decoder_embed.weight', 2)[0]
+  seq = _need(shapes, 'diffusion_pos_embed_learned', 3)[1]
+  buffer = _need(shapes, 'encoder_pos_embed_learned', 3)[1] - seq
   seq_h = math.isqrt(seq)
   if seq_h * seq_h != seq:
     raise ConversionError(f'diffusion_pos_embed_learned has {seq} positions, not a square grid')
-  hidden = _need(shapes, 'encoder_blocks.0.mlp.fc1.weight')[0]
+  hidden = _need(shapes, 'encoder_blocks.0.mlp.fc1.weight', 2)[0]
   arch = dict(
     encoder_embed_dim=d, decoder_embed_dim=dd,
     encoder_depth=_count(shapes, r'encoder_blocks\.(\d+)\..*'),
     decoder_depth=_count(shapes, r'decoder_blocks\.(\d+)\..*'),
     diffloss_d=_count(shapes, r'diffloss\.net\.res_blocks\.(\d+)\..*'),
-    diffloss_w=_need(shapes, 'diffloss.net.input_proj.weight')[0],
+    diffloss_w=_need(shapes, 'diffloss.net.input_proj.weight', 2)[0],
     # Patch size 1 and the 16x downsampling VAE, as all official models: tokens are single
     # latent pixels, so the token dim is the VAE latent dim and img_size = 16 * grid.
     vae_embed_dim=token_dim, patch_size=1, vae_stride=16, img_size=16 * seq_h,
-    buffer_size=buffer, class_num=_need(shapes, 'class_emb.weight')[0],
+    buffer_size=buffer, class_num=_need(shapes, 'class_emb.weight', 2)[0],
     mlp_ratio=hidden / d)
   official = next((v for v, a in MAR_VARIANTS.items()
                    if all(arch[k] == a[k] for k in a if not k.endswith('num_heads'))

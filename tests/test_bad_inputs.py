@@ -1,0 +1,569 @@
+"""Bad inputs and faults, one row each: what is given, the one-line message expected, and that
+nothing was written (issue 11: converters, model directories, config ranges, non-finite
+batches, resumed runs, reference statistics, project files).
+
+Each row's `run(ctx)` performs the command (a converter's `main`, or the library function an
+entry point calls) and returns the error text; `check_row` asserts it is one line holding the
+expected fragment and that none of the row's output paths exists afterwards. Rows for safe
+fallbacks (an old model directory, a truncated checkpoint, a corrupt shard) follow the table.
+"""
+
+import contextlib
+import dataclasses
+import errno
+import io
+import json
+import os
+import pickle
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from conftest import CACHE
+from helpers import tiny_model
+
+from disa_jax import integrity, validation
+from disa_jax.checkpoint import CheckpointError, load_mar, save_model
+from disa_jax.cli.common import CliError
+from disa_jax.config import digits_config, mar_config
+from disa_jax.convert.cli import main as convert_main
+from disa_jax.convert.mapping import ConversionError, flax_state_to_torch
+from disa_jax.errors import UserError
+from disa_jax.eval.metrics import ReferenceError as ReferenceStatsError
+from disa_jax.train.loop import TrainingError
+
+USER_ERRORS = (UserError, CheckpointError, ConversionError, CliError, TrainingError,
+               ReferenceStatsError)
+TINY_HEADS = '4'
+PIXELS = dict(vae_stride=8, patch_size=2, vae_embed_dim=3)   # 16 tokens, 8x8 RGB images
+
+
+class Evil:
+  """Unpickling this would run a shell command that creates a marker file."""
+
+  marker = ''
+
+  def __reduce__(self):
+    return (os.system, (f'touch {self.marker}',))
+
+
+@dataclasses.dataclass
+class Row:
+  id: str
+  command: str                              # what a user runs (for the reader of a failure)
+  run: Callable                             # ctx -> error text (one line expected)
+  expect: str                               # fragment of that line
+  outputs: tuple = ()                       # names under ctx.tmp that must not exist
+  forbid: tuple = ('Traceback', 'weights_only', 'allow_pickle')
+
+
+def user_error(fn) -> str:
+  """The message of the user error `fn()` raises (fails if it raises nothing or a bug)."""
+  try:
+    fn()
+  except USER_ERRORS as e:
+    return str(e)
+  raise AssertionError('no error raised')
+
+
+def convert(ctx, kind, name, *extra) -> str:
+  err = io.StringIO()
+  with contextlib.redirect_stderr(err):
+    rc = convert_main([kind, '--torch-checkpoint', str(ctx.tmp / name), '--out',
+                       str(ctx.tmp / 'out'), *extra])
+  text = err.getvalue()
+  assert rc == 2, text
+  lines = [ln for ln in text.splitlines() if ln.startswith('error:')]
+  assert len(lines) == 1 and text.startswith('error:'), text
+  return text
+
+
+# ------------------------------------------------------------------------------------------
+@pytest.fixture(scope='module')
+def base(tmp_path_factory):
+  """A tiny MAR (16 tokens, 8x8 RGB pixels) as torch tensors and as a model directory."""
+  torch = pytest.importorskip('torch')
+  root = tmp_path_factory.mktemp('bad_inputs')
+  model = tiny_model(seed=3, **PIXELS)
+  sd = {k: torch.from_numpy(np.array(v)) for k, v in flax_state_to_torch(
+    __import__('flax').nnx.state(model, __import__('flax').nnx.Param)).items()}
+  save_model(root / 'model', model, kind='mar', model_config=model.config.to_dict())
+  return {'root': root, 'sd': sd, 'model': model, 'torch': torch}
+
+
+class Ctx:
+  def __init__(self, base, tmp):
+    self.base, self.tmp, self.torch = base, tmp, base['torch']
+
+  def save_sd(self, name, **changes):
+    sd = dict(self.base['sd'])
+    sd.update(changes)
+    self.torch.save({'model_ema': sd}, self.tmp / name)
+    return name
+
+  def model_dir(self, name='model'):
+    shutil.copytree(self.base['root'] / 'model', self.tmp / name)
+    return self.tmp / name
+
+
+def _tensor(ctx, fn):
+  w = ctx.base['sd']['z_proj.weight']
+  return fn(w)
+
+
+def _param_file(d: Path) -> Path:
+  return max((p for p in (d / 'params').rglob('*') if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def _flip(ctx):
+  d = ctx.model_dir()
+  f = _param_file(d)
+  raw = bytearray(f.read_bytes())
+  for i in range(len(raw) // 2, len(raw) // 2 + 8):
+    raw[i] ^= 0xFF
+  f.write_bytes(bytes(raw))
+  return d
+
+
+def _truncate(ctx):
+  d = ctx.model_dir()
+  f = _param_file(d)
+  f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+  return d
+
+
+def _sample_config(ctx, checkpoint, **sampling):
+  c = mar_config('mar_base', tiny=True)
+  c.model.update(PIXELS)
+  c.tokenizer.kind = 'pixels'
+  c.checkpoint = str(checkpoint)
+  c.runtime.compilation_cache = CACHE
+  c.runtime.num_devices = 1
+  c.sampling.update(num_iter=4, upper_steps=3, lower_steps=2, num_images=4, batch_size=4)
+  c.sampling.update(sampling)
+  return c
+
+
+def _sample(ctx, config):
+  from disa_jax.cli.sample import sample
+
+  return user_error(lambda: sample(config, str(ctx.tmp / 'out'), show_progress=False))
+
+
+def _validate(section, **fields):
+  def run(ctx):
+    c = digits_config(tiny=True)
+    c[section].update(fields)
+    return user_error(lambda: validation.validate_config(c))
+  return run
+
+
+def _reference(ctx, **arrays):
+  from disa_jax.eval.metrics import ReferenceStats
+
+  path = ctx.tmp / 'ref.npz'
+  if arrays:
+    np.savez(path, **arrays)
+  return user_error(lambda: ReferenceStats.load(path))
+
+
+def _non_psd(ctx):
+  sigma = np.eye(2048)
+  sigma[0, 0] = -1.0
+  return _reference(ctx, mu=np.zeros(2048), sigma=sigma)
+
+
+def _pickled_reference(ctx):
+  with open(ctx.tmp / 'ref.npz', 'wb') as f:
+    pickle.dump({'mu': np.zeros(2048)}, f)
+  return _reference(ctx)
+
+
+def _object_npz(ctx):
+  np.savez(ctx.tmp / 'ref.npz', mu=np.array([{'a': 1}], dtype=object), sigma=np.eye(2))
+  return _reference(ctx)
+
+
+def _code_pickle(ctx):
+  Evil.marker = str(ctx.tmp / 'PWNED')
+  with open(ctx.tmp / 'evil.pth', 'wb') as f:
+    pickle.dump({'model_ema': Evil()}, f, protocol=2)
+  text = convert(ctx, 'mar', 'evil.pth')
+  assert not (ctx.tmp / 'PWNED').exists(), 'the pickle payload ran'
+  return text
+
+
+def _bad_meta(ctx):
+  d = ctx.model_dir()
+  (d / 'meta.json').write_text('{"format": "disa_jax.model", ')
+  return user_error(lambda: load_mar(d))
+
+
+def _nan_batch(ctx, monkeypatch):
+  from disa_jax.engine import runner
+
+  model = tiny_model(seed=3, **PIXELS)
+  model.z_proj.bias[...] = np.full(model.z_proj.bias.shape, np.nan, np.float32)
+  monkeypatch.setattr(runner, 'build_model', lambda config, seed=0: (model, 'nan model'))
+  return _sample(ctx, _sample_config(ctx, ''))
+
+
+def _bad_run_json(ctx):
+  from disa_jax.cli.eval import _prepare_workdir
+
+  partial = ctx.tmp / 'eval.partial'
+  (partial / 'shards').mkdir(parents=True)
+  (partial / 'shards' / 'b0000000.p000.npz').write_bytes(b'kept')
+  (partial / 'run.json').write_text('{"format": "disa_jax.eval", "ver')
+  text = user_error(lambda: _prepare_workdir(str(ctx.tmp / 'eval'), str(partial), {}, False))
+  assert (partial / 'shards' / 'b0000000.p000.npz').exists()       # the work is kept
+  return text
+
+
+def _nan_model_dir(ctx):
+  model = tiny_model(seed=3, **PIXELS)
+  model.mask_token[...] = np.full(model.mask_token.shape, np.nan, np.float32)
+  save_model(ctx.tmp / 'nan', model, kind='mar', model_config=model.config.to_dict())
+  return user_error(lambda: load_mar(ctx.tmp / 'nan'))
+
+
+ROWS = [
+  # Rule 2: converters accept only what a model can be.
+  Row('int-tensor', 'disa-convert mar (int64 z_proj.weight)',
+      lambda c: convert(c, 'mar', c.save_sd('x.pth', **{'z_proj.weight': _tensor(
+        c, lambda w: w.to(c.torch.int64))}), '--num-heads', TINY_HEADS),
+      'tensor z_proj.weight has dtype int64; a model parameter must be floating point',
+      ('out',)),
+  Row('bool-tensor', 'disa-convert mar (bool tensor)',
+      lambda c: convert(c, 'mar', c.save_sd('x.pth', **{'z_proj.weight': _tensor(
+        c, lambda w: w > 0)}), '--num-heads', TINY_HEADS),
+      'tensor z_proj.weight has dtype bool', ('out',)),
+  Row('complex-tensor', 'disa-convert mar (complex tensor)',
+      lambda c: convert(c, 'mar', c.save_sd('x.pth', **{'z_proj.weight': _tensor(
+        c, lambda w: w.to(c.torch.complex64))}), '--num-heads', TINY_HEADS),
+      'tensor z_proj.weight has dtype complex64', ('out',)),
+  Row('nan-tensor', 'disa-convert mar (NaN in a tensor)',
+      lambda c: convert(c, 'mar', c.save_sd('x.pth', **{'mask_token': _tensor(
+        c, lambda w: c.base['sd']['mask_token'] * float('nan'))}), '--num-heads', TINY_HEADS),
+      'tensor mask_token contains', ('out',)),
+  Row('inf-tensor', 'disa-convert mar (Inf in a tensor)',
+      lambda c: convert(c, 'mar', c.save_sd('x.pth', **{'z_proj.bias': _tensor(
+        c, lambda w: c.base['sd']['z_proj.bias'] + float('inf'))}), '--num-heads', TINY_HEADS),
+      'tensor z_proj.bias contains', ('out',)),
+  Row('f64-overflow', 'disa-convert mar (float64 beyond float32 range)',
+      lambda c: convert(c, 'mar', c.save_sd('x.pth', **{'z_proj.bias': _tensor(
+        c, lambda w: c.base['sd']['z_proj.bias'].double() + 1e300)}), '--num-heads', TINY_HEADS),
+      'tensor z_proj.bias contains', ('out',)),
+  Row('wrong-ndim', 'disa-convert mar (z_proj.weight flattened)',
+      lambda c: convert(c, 'mar', c.save_sd('x.pth', **{'z_proj.weight': _tensor(
+        c, lambda w: w.reshape(-1))}), '--num-heads', TINY_HEADS),
+      'z_proj.weight has shape (', ('out',)),
+  Row('code-pickle', 'disa-convert mar (a pickle calling os.system)', _code_pickle,
+      'contains objects other than tensors; refusing to unpickle it (it references posix.system',
+      ('out', 'PWNED')),
+  # Rule 3: model directories are verified on load.
+  Row('flipped-bytes', 'load_mar / disa-sample --checkpoint (altered parameter file)',
+      lambda c: user_error(lambda: load_mar(_flip(c))), 'is corrupt: params/', ()),
+  Row('truncated-params', 'load_mar (truncated parameter file)',
+      lambda c: user_error(lambda: load_mar(_truncate(c))), 'does not match its checksum', ()),
+  Row('flipped-sample', 'disa-sample --checkpoint=ALTERED',
+      lambda c: _sample(c, _sample_config(c, _flip(c))), 'is corrupt: params/', ('out',
+                                                                                 'out.partial')),
+  Row('nan-model-dir', 'load_mar (a directory saved with NaN weights)', _nan_model_dir,
+      'holds non-finite values (NaN/Inf) in parameter mask_token', ()),
+  Row('meta-json', 'load_mar (meta.json not JSON)', _bad_meta,
+      'meta.json is not valid JSON', ()),
+  Row('arch-mismatch', 'disa-sample --config.model.encoder_depth=3 (checkpoint has 2)',
+      lambda c: user_error(lambda: load_mar(c.model_dir(), expect_config={
+        **c.base['model'].config.to_dict(), 'encoder_depth': 3})),
+      'encoder_depth: config 3 vs checkpoint 2', ()),
+  # Rule 1: nothing non-finite or out of range.
+  Row('cfg-negative', '--cfg=-2', _validate('sampling', cfg=-2.0),
+      '--config.sampling.cfg must be a finite number in [1, 100]', ()),
+  Row('cfg-nan', '--cfg=nan', _validate('sampling', cfg=float('nan')),
+      '--config.sampling.cfg must be a finite number in [1, 100]', ()),
+  Row('temperature-nan', '--temperature=nan', _validate('sampling', temperature=float('nan')),
+      '--config.sampling.temperature must be a finite number in (0, 100]', ()),
+  Row('temperature-inf', '--temperature=inf', _validate('sampling', temperature=float('inf')),
+      'got inf', ()),
+  Row('max-timestep-0', '--max-timestep=0', _validate('sampling', max_timestep=0),
+      '--config.sampling.max_timestep must be an integer in [1, 999] or -1', ()),
+  Row('max-timestep-5000', '--max-timestep=5000', _validate('sampling', max_timestep=5000),
+      'got 5000', ()),
+  Row('num-iter-0', '--num-iter=0', _validate('sampling', num_iter=0),
+      '--config.sampling.num_iter must be an integer >= 1', ()),
+  Row('steps-0', '--upper-steps=0', _validate('sampling', upper_steps=0),
+      '--config.sampling.upper_steps must be an integer in [1, 1000]', ()),
+  Row('batch-0', '--batch-size=0', _validate('sampling', batch_size=0),
+      '--config.sampling.batch_size must be an integer >= 1', ()),
+  Row('blr-nan', '--config.train.blr=nan', _validate('train', blr=float('nan')),
+      '--config.train.blr must be a finite number in (0, 1]', ()),
+  Row('b2-one', '--config.train.b2=1', _validate('train', b2=1.0), 'Adam beta2', ()),
+  Row('ema-rate', '--config.train.ema_rate=1.5', _validate('train', ema_rate=1.5),
+      '--config.train.ema_rate must be a finite number in [0, 1]', ()),
+  Row('flip-prob', '--config.data.flip_prob=2', _validate('data', flip_prob=2.0),
+      '--config.data.flip_prob', ()),
+  Row('sample-cfg-nan', 'disa-sample --cfg=nan',
+      lambda c: _sample(c, _sample_config(c, '', cfg=float('nan'))),
+      '--config.sampling.cfg must be', ('out', 'out.partial')),
+  Row('run-json', 'disa-eval (resuming; run.json damaged)', _bad_run_json,
+      'run.json is not valid JSON', ('eval',)),
+  # Rule 7 pieces: reference statistics.
+  Row('ref-not-npz', 'disa-eval --ref-stats=PICKLE', _pickled_reference,
+      'is not a .npz reference statistics file (not a zip archive)', ()),
+  Row('ref-object-npz', 'disa-eval --ref-stats=NPZ-WITH-OBJECTS', _object_npz,
+      'cannot be read as a numeric array (pickled objects)', ()),
+  Row('ref-non-psd', 'disa-eval --ref-stats=NON-PSD', _non_psd,
+      'sigma is not positive semi-definite', ()),
+  # Environment errors of writes.
+  Row('enospc', 'any write on a full disk',
+      lambda c: str(integrity.write_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC),
+                                                  str(c.tmp / 'out' / 'x.png')))),
+      'out/x.png: no space left on the device; free some space', ()),
+  Row('eacces', 'any write without permission',
+      lambda c: str(integrity.write_error(PermissionError(errno.EACCES, 'Permission denied',
+                                                          '/ro/out'))),
+      'cannot write /ro/out: permission denied', ()),
+]
+
+
+@pytest.mark.parametrize('row', ROWS, ids=[r.id for r in ROWS])
+def test_bad_input_row(row, base, tmp_path):
+  ctx = Ctx(base, tmp_path)
+  text = row.run(ctx)
+  first = text.strip().splitlines()[0]
+  assert row.expect in first, f'{row.command}: {text}'
+  assert len(text.strip().splitlines()) == 1, f'{row.command}: not one line: {text}'
+  for word in row.forbid:
+    assert word not in text, f'{row.command}: {text}'
+  for name in row.outputs:
+    assert not (tmp_path / name).exists(), f'{row.command}: wrote {name}'
+  assert not [p for p in tmp_path.iterdir() if '.tmp-' in p.name], 'temporary left behind'
+
+
+def test_nan_batch_is_an_error_and_nothing_is_written(base, tmp_path, monkeypatch):
+  ctx = Ctx(base, tmp_path)
+  text = _nan_batch(ctx, monkeypatch)
+  assert 'holds' in text and 'non-finite values (NaN/Inf)' in text and 'nothing was written' in text
+  assert 'NaN/Inf weights' in text and 'cfg=2.0' in text
+  assert not (tmp_path / 'out').exists() and not (tmp_path / 'out.partial').exists()
+
+
+def test_cli_prints_environment_errors_as_one_line(monkeypatch, capsys):
+  """The shared CLI error path turns ENOSPC raised anywhere in a command into one line."""
+  from disa_jax.cli import common
+
+  def body(argv):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), '/full/out.partial/x.png')
+
+  monkeypatch.setattr(sys, 'argv', ['disa-sample'])
+  with pytest.raises(SystemExit) as e:
+    common.main(body)
+  err = capsys.readouterr().err
+  assert e.value.code == 2
+  assert err == ('error: cannot write /full/out.partial/x.png: no space left on the device; '
+                 'free some space or write elsewhere\n')
+
+  def wrapped(argv):      # as orbax / tensorstore report it: no errno, the text only
+    raise ValueError('Error writing "params/d/1": [OSError] No space left on device [os_error]')
+
+  with pytest.raises(SystemExit) as e:
+    common.main(wrapped)
+  assert e.value.code == 2
+  assert capsys.readouterr().err == ('error: cannot write: no space left on the device; free '
+                                     'some space or write elsewhere\n')
+
+
+# ------------------------------------------------------------------------------------------
+# Accepted inputs and safe fallbacks
+def test_half_precision_and_float64_tensors_are_cast(base, tmp_path):
+  ctx = Ctx(base, tmp_path)
+  torch = ctx.torch
+  sd = {k: v.to(torch.bfloat16) if k.startswith('encoder') else
+        v.to(torch.float16) if k.startswith('decoder') else v.double() for k, v in
+        base['sd'].items()}
+  torch.save({'model_ema': sd}, tmp_path / 'mixed.pth')
+  assert convert_main(['mar', '--torch-checkpoint', str(tmp_path / 'mixed.pth'), '--out',
+                       str(tmp_path / 'out'), '--num-heads', TINY_HEADS]) == 0
+  got = flax_state_to_torch(__import__('flax').nnx.state(load_mar(tmp_path / 'out'),
+                                                         __import__('flax').nnx.Param))
+  for k, v in sd.items():
+    np.testing.assert_array_equal(got[k], v.float().numpy(), err_msg=k)
+
+
+def test_old_model_directory_without_checksums_loads_with_a_warning(base, tmp_path, capsys):
+  d = Ctx(base, tmp_path).model_dir('old')
+  (d / integrity.CHECKSUM_FILE).unlink()
+  model = load_mar(d)
+  assert f'{d} has no checksums.json' in capsys.readouterr().err
+  np.testing.assert_array_equal(np.asarray(model.mask_token[...]),
+                                np.asarray(base['model'].mask_token[...]))
+
+
+def test_bundled_model_has_verified_checksums():
+  from disa_jax.config import bundled_digits_checkpoint
+
+  files = integrity.verify_checksums(bundled_digits_checkpoint())
+  assert files and any(k.startswith('params/') for k in files)
+
+
+def test_stale_temporary_of_a_killed_write_is_removed(base, tmp_path):
+  dead = next(p for p in range(4_000_000, 3_000_000, -7919) if not integrity._alive(p))
+  stale = tmp_path / f'.out.tmp-{dead}-abc123'
+  stale.mkdir()
+  (stale / 'params').mkdir()
+  live = tmp_path / f'.out.tmp-{os.getpid()}-other'     # a write in progress: left alone
+  live.mkdir()
+  save_model(tmp_path / 'out', base['model'], kind='mar',
+             model_config=base['model'].config.to_dict())
+  assert not stale.exists() and live.exists()
+  assert (tmp_path / 'out' / integrity.CHECKSUM_FILE).exists()
+
+
+def test_event_files_are_purged_after_the_resumed_step(tmp_path):
+  from tensorboardX import SummaryWriter
+
+  from disa_jax.train.metrics import MetricWriter
+
+  w = SummaryWriter(str(tmp_path / 'tensorboard'))
+  for s in range(1, 7):
+    w.add_scalar('train/loss', float(s), s)
+  w.close()
+  (tmp_path / 'metrics.jsonl').write_text(''.join(
+    json.dumps({'step': s, 'loss': float(s)}) + '\n' for s in range(1, 7)) + '{"step": 7, "lo')
+  mw = MetricWriter(tmp_path)
+  mw.truncate_after(4)
+  for s in (5, 6):
+    mw.write(s, {'loss': 10.0 + s})
+  mw.close()
+  from test_train import _tb_scalars
+
+  events = sorted((tmp_path / 'tensorboard').glob('events.out.tfevents.*'))
+  steps = []
+  for path in events:
+    steps += list(_tb_scalars([path], 'train/loss'))
+  assert sorted(steps) == [1, 2, 3, 4, 5, 6]                     # no step twice
+  assert _tb_scalars(events, 'train/loss')[6] == 16.0
+  lines = [json.loads(x) for x in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  assert [x['step'] for x in lines] == [1, 2, 3, 4, 5, 6] and lines[-1]['loss'] == 16.0
+
+
+# ------------------------------------------------------------------------------------------
+# disa-eval: a resumed run is the same run; a corrupt shard is regenerated
+def test_eval_resume_checks_the_model_files_and_regenerates_corrupt_shards(base, tmp_path,
+                                                                            capsys):
+  from disa_jax.cli.eval import evaluate
+
+  ctx = Ctx(base, tmp_path)
+  ckpt = ctx.model_dir('ckpt')
+  config = _sample_config(ctx, ckpt, num_images=20, batch_size=8, cfg=2.0)
+  out = tmp_path / 'eval'
+  kw = dict(metric_name='none', show_progress=False)
+  assert evaluate(config, str(out), max_batches=2, **kw) is None
+  shards = sorted((tmp_path / 'eval.partial' / 'shards').iterdir())
+  assert len(shards) == 2
+  # the model directory at the same path replaced by another model: refused, named
+  save_model(ckpt, tiny_model(seed=9, **PIXELS), kind='mar',
+             model_config=base['model'].config.to_dict(), overwrite=True)
+  text = user_error(lambda: evaluate(config, str(out), **kw))
+  assert 'holds an interrupted run with other settings (checkpoint_sha256: was' in text
+  assert len(text.splitlines()) == 1
+  assert sorted((tmp_path / 'eval.partial' / 'shards').iterdir()) == shards   # untouched
+  shutil.rmtree(ckpt)
+  shutil.copytree(base['root'] / 'model', ckpt)                                # the original
+  # a truncated shard: named, discarded, generated again
+  shards[1].write_bytes(shards[1].read_bytes()[:40])
+  capsys.readouterr()
+  result = evaluate(config, str(out), **kw)
+  err = capsys.readouterr().err
+  assert f'discarding the unreadable shard {shards[1]}' in err
+  assert result['batches_reused'] == 1 and result['batches_run'] == 2
+  assert (out / 'metrics.json').exists() and not (tmp_path / 'eval.partial').exists()
+
+
+# ------------------------------------------------------------------------------------------
+# disa-train: resume refuses other settings; a truncated newest checkpoint falls back
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  from disa_jax.data import digits
+  from disa_jax.train import loop
+
+  root = tmp_path_factory.mktemp('train')
+  cache = digits.build_cache(root / 'cache')
+  c = digits_config(tiny=True)
+  c.data.cache_dir = str(cache)
+  c.runtime.compilation_cache = CACHE
+  c.train.update(num_steps=4, log_every=1, checkpoint_every=2)
+  res = loop.train(c, root / 'run', print_fn=lambda s: None)
+  assert res.step == 4
+  return root / 'run', c
+
+
+@pytest.mark.parametrize('field,value,message', [
+  ('seed', 2, 'train.seed: was 1, now 2'),
+  ('batch_size', 8, 'train.batch_size: was 16, now 8'),
+  ('blr', 0.01, 'train.blr: was 0.016, now 0.01'),
+])
+def test_train_resume_with_other_settings_refuses(trained, tmp_path, field, value, message):
+  from disa_jax.train import loop
+
+  run, config = trained
+  work = tmp_path / 'run'
+  shutil.copytree(run, work)
+  before = {p: p.stat().st_mtime_ns for p in work.rglob('*')}
+  c = config.copy_and_resolve_references()
+  c.train[field] = value
+  c.train.num_steps = 6
+  text = user_error(lambda: loop.train(c, work, print_fn=lambda s: None))
+  assert message in text and 'a resumed run must be the same run' in text
+  assert len(text.splitlines()) == 1
+  assert {p: p.stat().st_mtime_ns for p in work.rglob('*')} == before      # nothing written
+
+
+def test_train_invalid_config_json_is_named(trained, tmp_path):
+  from disa_jax.train import loop
+
+  run, config = trained
+  work = tmp_path / 'run'
+  shutil.copytree(run, work)
+  (work / 'config.json').write_text('{"model": ')
+  text = user_error(lambda: loop.train(config, work, print_fn=lambda s: None))
+  assert f'run config {work / "config.json"} is not valid JSON' in text
+
+
+def test_truncated_newest_checkpoint_falls_back_and_steps_stay_unique(trained, tmp_path,
+                                                                      capsys):
+  from test_train import _tb_scalars
+
+  from disa_jax.train import loop
+
+  run, config = trained
+  work = tmp_path / 'run'
+  shutil.copytree(run, work)
+  want = {json.loads(x)['step']: json.loads(x)['loss']
+          for x in (run / 'metrics.jsonl').read_text().splitlines()}
+  newest = work / 'checkpoints' / '4'
+  for f in [p for p in newest.rglob('*') if p.is_file() and p.stat().st_size > 1000]:
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+  c = config.copy_and_resolve_references()
+  c.train.num_steps = 5                       # may change on resume (documented)
+  lines = []
+  res = loop.train(c, work, print_fn=lines.append)
+  err = capsys.readouterr().err
+  assert 'warning: checkpoint 4 in' in err and 'resuming from the previous checkpoint' in err
+  assert any('at step 2' in ln for ln in lines) and res.step == 5
+  assert list((work / 'corrupt_checkpoints').iterdir())
+  got = [json.loads(x) for x in (work / 'metrics.jsonl').read_text().splitlines()]
+  assert [x['step'] for x in got] == [1, 2, 3, 4, 5]
+  for x in got[:4]:                           # steps 3-4 redone from step 2: the same losses
+    assert x['loss'] == pytest.approx(want[x['step']], rel=1e-6)
+  steps = []
+  for path in (work / 'tensorboard').glob('events.out.tfevents.*'):
+    steps += list(_tb_scalars([path], 'train/loss'))
+  assert sorted(steps) == [1, 2, 3, 4, 5]
+  assert json.loads((work / 'config.json').read_text())['train']['num_steps'] == 5
+  assert jax.device_count() >= 1
