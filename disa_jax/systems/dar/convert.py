@@ -307,9 +307,32 @@ def _select(obj: dict, entries, path) -> tuple[dict[str, np.ndarray], str]:
   bare = tensors(obj)
   if bare:
     return _strip(bare), ''
+  for d in obj.values():
+    if isinstance(d, Mapping):
+      fam = _family(_strip(d))
+      if fam:
+        raise DarConversionError(f'{path} holds {fam}; convert it with the matching converter '
+                                 '(convert_tokenizer for the tokenizer, convert_gpt for a GPT)')
   have = ', '.join(repr(k) for k in obj) or 'nothing'
   raise DarConversionError(f'{path} has no {" or ".join(map(repr, entries))} entry and is not '
                            f'a state dict (it holds {have})')
+
+
+def _family(sd: Mapping) -> str | None:
+  if 'patchify.weight' in sd or 'diff_decoder.net.conv_in.weight' in sd:
+    return 'a D-AR tokenizer'
+  if 'tok_embeddings.weight' in sd:
+    return 'a D-AR GPT'
+  return None
+
+
+def _expect_family(sd, want, path):
+  got = _family(sd)
+  if got != want:
+    hint = ('convert it with convert_tokenizer' if got == 'a D-AR tokenizer' else
+            'convert it with convert_gpt' if got == 'a D-AR GPT' else
+            f'first keys: {", ".join(list(sd)[:4])}')
+    raise DarConversionError(f'{path} is not {want} checkpoint ({hint})')
 
 
 def tokenizer_settings_from_official(cfg: Mapping | None) -> dict:
@@ -340,6 +363,7 @@ def convert_tokenizer(torch_checkpoint, out, *, settings: Mapping | None = None,
   obj, official = read_checkpoint(torch_checkpoint)
   entries = ('ema', 'model') if weights == 'ema' else ('model',)
   sd, entry = _select(obj, entries, torch_checkpoint)
+  _expect_family(sd, 'a D-AR tokenizer', torch_checkpoint)
   cfg = infer_tokenizer_config(_shapes(sd), {**tokenizer_settings_from_official(official),
                                              **dict(settings or {})})
   model = fill_state(lambda: Tokenizer(cfg, rngs=nnx.Rngs(0)), tokenizer_key_table(cfg), sd,
@@ -359,6 +383,7 @@ def convert_gpt(torch_checkpoint, out, *, settings: Mapping | None = None,
   obj, _ = read_checkpoint(torch_checkpoint)
   entries = (weights, 'module', 'state_dict') if weights == 'model' else ('ema',)
   sd, entry = _select(obj, entries, torch_checkpoint)
+  _expect_family(sd, 'a D-AR GPT', torch_checkpoint)
   cfg = infer_gpt_config(_shapes(sd), settings)
   model = fill_state(lambda: GPT(cfg, rngs=nnx.Rngs(0)), gpt_key_table(cfg), sd, GPT_DROP,
                      'D-AR GPT')
