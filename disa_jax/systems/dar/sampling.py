@@ -316,7 +316,8 @@ class Sampler:
 
   def generate(self, labels, *, key=None, options: SamplingOptions = SamplingOptions(),
                uniforms=None, prefix_ids=None, decode: bool = True, noise=None,
-               previews: bool = False, on_group=None) -> Generation:
+               previews: bool = False, on_group=None, num_tokens: int | None = None
+               ) -> Generation:
     """Samples L ids per label (and decodes them).
 
     labels (B,) class ids; key: jax key for the draws not given; uniforms (B, L) in [0, 1)
@@ -325,6 +326,8 @@ class Sampler:
     (B, H, W, 3) the decoder's unit Gaussian start (drawn from `key` if None); previews: keep
     the image after every group; on_group(g, ids_so_far, preview_or_None) is called as each
     group completes (with decode, the decoder advances one step per group while sampling).
+    num_tokens: stop after this many ids (early stop; `images` is then the preview of the last
+    completed group, the unsampled ids stay 0).
     """
     cfg = self.gpt_cfg
     labels = np.asarray(labels, np.int32).reshape(-1)
@@ -344,6 +347,10 @@ class Sampler:
       raise UserError(f'uniforms must have shape ({b}, {L}), got {uniforms.shape}')
     prefix = self._prefix(prefix_ids, b)
     p = prefix.shape[1]
+    n_total = L if num_tokens is None else int(num_tokens)
+    if not p < n_total <= L:
+      raise UserError(f'num_tokens must be in {p + 1}..{L} (after a {p}-id prefix), got '
+                      f'{num_tokens}')
     scales, on = cfg_schedule(options.cfg, L)
     stat = dict(on=on, batch=b, temperature=float(options.temperature),
                 top_k=int(options.top_k), top_p=float(options.top_p))
@@ -397,7 +404,7 @@ class Sampler:
       seq[:, p] = np.asarray(ids)
       t_gpt += time.perf_counter() - t0
       finish_groups(p + 1)
-      for j in range(p + 1, L):
+      for j in range(p + 1, n_total):
         t0 = time.perf_counter()
         ids, cache = self._step(self.state, ids, jnp.int32(j), cache, jnp.float32(scales[j]),
                                 jnp.asarray(uniforms[:, j]), **stat)
@@ -406,7 +413,7 @@ class Sampler:
         finish_groups(j + 1)
     out = Generation(ids=seq, seconds={'gpt': t_gpt, 'decoder': t_dec})
     if want_decode:
-      out.images = np.asarray(last_preview[0])
+      out.images = None if last_preview[0] is None else np.asarray(last_preview[0])
       if previews:
         out.previews = np.stack(groups_out)
     return out
