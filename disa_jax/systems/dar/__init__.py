@@ -4,7 +4,7 @@ diffusion tokenizer, whose 8-step pixel flow decoder reads one 32-id group per s
 Public API:
   TokenizerConfig, Tokenizer, TokenizerRunner (encode / conditions / decode / stream), flow_grid
   GPTConfig, GPT, GPT_VARIANTS, Sampler (generate), SamplingOptions, Generation, cfg_schedule,
-  layout_prefix, DecodeStream
+  layout_prefix, DecodeStream, to_uint8
   convert_tokenizer, convert_gpt, save_tokenizer, save_gpt, load_tokenizer, load_gpt
 """
 
@@ -26,6 +26,7 @@ from disa_jax.systems.dar.sampling import (
   TokenizerRunner,
   cfg_schedule,
   layout_prefix,
+  to_uint8,
 )
 from disa_jax.systems.dar.tokenizer import Tokenizer, TokenizerConfig, flow_grid
 
@@ -33,5 +34,5 @@ __all__ = [
   'DarConversionError', 'DecodeStream', 'GPT', 'GPTConfig', 'GPT_VARIANTS', 'Generation',
   'Sampler', 'SamplingOptions', 'Tokenizer', 'TokenizerConfig', 'TokenizerRunner',
   'cfg_schedule', 'convert_gpt', 'convert_tokenizer', 'flow_grid', 'layout_prefix', 'load_gpt',
-  'load_tokenizer', 'save_gpt', 'save_tokenizer',
+  'load_tokenizer', 'save_gpt', 'save_tokenizer', 'to_uint8',
 ]

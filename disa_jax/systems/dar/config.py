@@ -14,11 +14,12 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
 from disa_jax.errors import UserError
-from disa_jax.systems.dar.gpt import GPT, GPT_VARIANTS, GPTConfig
+from disa_jax.systems.dar.gpt import GPT, GPT_VARIANTS, GPTConfig, cast_params
 from disa_jax.systems.dar.tokenizer import Tokenizer, TokenizerConfig
 
 CPU_GPT = dict(dim=128, n_layer=2, n_head=2)
@@ -96,6 +97,8 @@ def build_models(config, *, seed: int = 0) -> tuple[GPT, Tokenizer]:
   else:
     gpt = GPT(GPTConfig.from_dict({**config.model.gpt.to_dict(), 'dtype': dtype}),
               rngs=nnx.Rngs(seed))
+    if dtype == 'bfloat16':
+      cast_params(gpt, jnp.bfloat16)
   if config.tokenizer_checkpoint:
     tok = load_tokenizer(config.tokenizer_checkpoint)
   else:

@@ -449,3 +449,8 @@ def layout_prefix(tokenizer: TokenizerRunner, image, groups: int) -> np.ndarray:
     raise UserError(f'prefix groups must be in 0..{g - 1}, got {groups}')
   ids = tokenizer.encode(image)
   return ids[0, :groups * tokenizer.cfg.queries_per_group]
+
+
+def to_uint8(images) -> np.ndarray:
+  """Images in about [-1, 1] -> uint8 as the official FID PNGs: trunc(clamp(127.5 x + 128))."""
+  return np.clip(127.5 * np.asarray(images, np.float32) + 128.0, 0, 255).astype(np.uint8)
