@@ -179,3 +179,19 @@ def test_gpt_config_variants():
   assert GPTConfig(**GPT_VARIANTS['xl']).hidden == 3584
   with pytest.raises(UserError):
     GPTConfig(dim=100, n_head=2)
+
+
+def test_other_pickled_objects_are_refused(tmp_path, monkeypatch):
+  mod = types.ModuleType('evil_module')
+
+  class Payload:
+    pass
+
+  Payload.__module__, Payload.__qualname__ = 'evil_module', 'Payload'
+  mod.Payload = Payload
+  monkeypatch.setitem(sys.modules, 'evil_module', mod)
+  tm, _, _ = h.gpt_pair()
+  torch.save({'model': tm.state_dict(), 'args': Payload()}, tmp_path / 'gpt.pt')
+  with pytest.raises(DarConversionError, match='refusing to unpickle'):
+    convert_gpt(tmp_path / 'gpt.pt', tmp_path / 'out')
+  assert not (tmp_path / 'out').exists()
