@@ -92,8 +92,16 @@ def bench_gpt(variant='l', batch=4, small=False, seed=0, cfg='1.2,8.0') -> dict:
     'jax_tokens_per_s': batch * L / jax_s, 'torch_tokens_per_s': batch * L / torch_s,
     'jax_s_per_image': jax_s / batch, 'torch_s_per_image': torch_s / batch,
     'ratio_jax_over_torch': jax_s / torch_s,
-    'ids_equal': bool((out.ids == want).all()), 'compiles': dict(sampler.compiles),
+    'ids_equal': bool((out.ids == want).all()), 'first_differing_position': _first_diff(
+      out.ids, want), 'compiles': dict(sampler.compiles),
   }
+
+
+def _first_diff(a, b):
+  """First id position where the two implementations' samples differ (None: all equal);
+  after it the sequences are conditioned on different ids and diverge."""
+  cols = np.nonzero((np.asarray(a) != np.asarray(b)).any(axis=0))[0]
+  return int(cols[0]) if cols.size else None
 
 
 def bench_decoder(batch=4, nfe=1, small=False, seed=0) -> dict:
