@@ -7,7 +7,9 @@ ids, one decoder step per group) at toy scale: 64x64 images, 16 ids in 4 groups 
 
 from __future__ import annotations
 
+import atexit
 import functools
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -20,6 +22,7 @@ TINY_TOKENIZER = dict(image_size=64, patch_size=16, width=64, encoder_layers=2, 
 SETTINGS = dict(image_size=64, num_queries=16, num_groups=4, queries_per_group=4, num_steps=4)
 TINY_GPT = dict(dim=128, n_layer=2, n_head=2, vocab=64, block_size=16, num_classes=10)
 WORK = Path(tempfile.mkdtemp(prefix='dar-tests-'))
+atexit.register(shutil.rmtree, WORK, ignore_errors=True)
 
 
 def max_rel_error(a, b) -> float:
