@@ -74,7 +74,7 @@ def _num(v) -> str:
 MAX_STEPS = NUM_TRAIN_TIMESTEPS
 RULES: dict[str, dict[str, Rule]] = {
   'sampling': {
-    'cfg': Rule(1.0, 100.0, meaning='classifier-free guidance scale; 1 = off'),
+    'cfg': Rule(0.0, 100.0, meaning='classifier-free guidance scale; 1 = off, 0 = unconditional'),
     'temperature': Rule(0.0, 100.0, lo_open=True, meaning='diffusion-noise temperature'),
     'max_timestep': Rule(1, NUM_TRAIN_TIMESTEPS - 1, integer=True, also=(-1,), optional=True,
                          meaning='timestep clamp; -1 = no clamp'),

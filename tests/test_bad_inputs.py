@@ -204,11 +204,14 @@ def _bad_meta(ctx):
 
 
 def _nan_batch(ctx, monkeypatch):
-  from disa_jax.engine import runner
+  import dataclasses
+
+  from disa_jax.systems import mar
 
   model = tiny_model(seed=3, **PIXELS)
   model.z_proj.bias[...] = np.full(model.z_proj.bias.shape, np.nan, np.float32)
-  monkeypatch.setattr(runner, 'build_model', lambda config, seed=0: (model, 'nan model'))
+  nan_system = dataclasses.replace(mar.SYSTEM, build_model=lambda config, seed=0: (model, 'nan'))
+  monkeypatch.setattr(mar, 'SYSTEM', nan_system)
   return _sample(ctx, _sample_config(ctx, ''))
 
 
@@ -283,9 +286,9 @@ ROWS = [
       'encoder_depth: config 3 vs checkpoint 2', ()),
   # Rule 1: nothing non-finite or out of range.
   Row('cfg-negative', '--cfg=-2', _validate('sampling', cfg=-2.0),
-      '--config.sampling.cfg must be a finite number in [1, 100]', ()),
+      '--config.sampling.cfg must be a finite number in [0, 100]', ()),
   Row('cfg-nan', '--cfg=nan', _validate('sampling', cfg=float('nan')),
-      '--config.sampling.cfg must be a finite number in [1, 100]', ()),
+      '--config.sampling.cfg must be a finite number in [0, 100]', ()),
   Row('temperature-nan', '--temperature=nan', _validate('sampling', temperature=float('nan')),
       '--config.sampling.temperature must be a finite number in (0, 100]', ()),
   Row('temperature-inf', '--temperature=inf', _validate('sampling', temperature=float('inf')),
@@ -309,7 +312,7 @@ ROWS = [
       '--config.data.flip_prob', ()),
   Row('sample-cfg-nan', 'disa-sample --cfg=nan',
       lambda c: _sample(c, _sample_config(c, '', cfg=float('nan'))),
-      '--config.sampling.cfg must be', ('out', 'out.partial')),
+      'cfg must be a finite number', ('out', 'out.partial')),
   Row('run-json', 'disa-eval (resuming; run.json damaged)', _bad_run_json,
       'run.json is not valid JSON', ('eval',)),
   # Rule 7 pieces: reference statistics.
