@@ -15,7 +15,7 @@ import pytest
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 
-from disa_jax.layers.qwen2 import KVCache, Qwen2Config, Qwen2Model  # noqa: E402
+from disa_jax.layers.qwen2 import KVCache, Qwen2Config  # noqa: E402
 from disa_jax.systems.harmon.convert import load_qwen2_state_dict  # noqa: E402
 
 GEOMETRIES = {

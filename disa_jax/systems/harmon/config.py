@@ -93,3 +93,51 @@ def tiny_config(dtype: str = 'float32') -> HarmonConfig:
 SAMPLING_DEFAULTS = dict(num_iter=64, cfg=3.0, cfg_schedule='constant', temperature=1.0,
                          steps=100, max_timestep=None)
 DISA_PRESETS = {'disa_100_5': (100, 5), 'disa_50_5': (50, 5), 'disa_25_5': (25, 5)}
+
+
+def cpu_config(variant: str, dtype: str = 'float32') -> HarmonConfig:
+  """A CPU-sized stand-in of `variant`: the real Qwen2 head geometry (heads, KV heads, head dim),
+  4 LLM layers, MAR with 4 + 4 blocks and a 3-block head, run at 256 px (16 x 16 tokens)."""
+  full = VARIANTS[variant]
+  llm = dataclasses.replace(full.llm, num_hidden_layers=4, vocab_size=151936, dtype=dtype)
+  mar = dataclasses.replace(full.mar, encoder_depth=4, decoder_depth=4, diffloss_d=3,
+                            dtype=dtype)
+  return HarmonConfig(llm=llm, mar=mar, image_size=256)
+
+
+def harmon_config(variant: str, *, cpu: bool = False, tiny: bool = False):
+  """The ml_collections config of `configs/harmon/*.py` (`config.system = 'harmon'`)."""
+  import ml_collections
+
+  from disa_jax.config import runtime_config, sampling_config
+
+  if variant not in VARIANTS:
+    raise ValueError(f'unknown Harmon variant {variant!r}; choose one of {sorted(VARIANTS)}')
+  arch = tiny_config() if tiny else cpu_config(variant) if cpu else VARIANTS[variant]
+  c = ml_collections.ConfigDict()
+  c.system = 'harmon'
+  c.name = variant + ('-tiny' if tiny else '-cpu' if cpu else '')
+  c.model = ml_collections.ConfigDict(arch.to_dict())
+  c.checkpoint = ''              # directory written by disa_jax.systems.harmon.convert
+  c.vae = ''                     # KL-16 VAE directory (`disa-convert vae`; kl16.ckpt)
+  c.tokenizer = ''               # path to a Qwen2.5 tokenizer.json (no download)
+  # Official scripts/text2image.py defaults: 64 iterations, constant CFG 3.0, temperature 1,
+  # 100 diffusion steps at every iteration without the clamp ('mar' preset = Harmon baseline);
+  # --config.sampling.preset=disa --config.sampling.upper_steps=50 gives DiSA 50 -> 5 (clamp 950).
+  c.sampling = sampling_config(preset='mar', upper_steps=100, lower_steps=5, num_iter=64,
+                               cfg=3.0, cfg_schedule='constant', temperature=1.0,
+                               num_images=4, batch_size=4)
+  c.sampling.prompt = 'a photo of a cat'
+  c.sampling.prompts_file = ''   # one prompt per line (overrides `prompt`)
+  c.sampling.cfg_prompt = UNCOND_TEXT
+  c.sampling.append_period = False   # batch_text2image.py appends '.' to each prompt
+  if cpu or tiny:
+    c.sampling.update(num_images=2, batch_size=2)
+  if tiny:
+    c.sampling.update(num_iter=4, upper_steps=10, lower_steps=3)
+  c.runtime = runtime_config(enc_bucket=0)
+  c.runtime.prompt_bucket = 16
+  return c
+
+
+UNCOND_TEXT = 'Generate an image.'
