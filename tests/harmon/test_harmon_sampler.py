@@ -110,3 +110,19 @@ def test_cfg_and_prompt_change_the_tokens(models):
   assert sampler.last_stats.compiles == {}
   plan = sampler.last_stats.plan
   assert len(plan.backbone_buckets) <= NUM_ITER
+
+
+@pytest.mark.slow   # compiles the encoder / LLM / decoder stages of every bucket (~70 s)
+def test_timed_stages_are_the_same_computation(models):
+  _, _, sampler = models
+  p = CASES['disa_cfg']
+  kw = dict(uncond_ids=UNCOND, steps=p['steps'], max_timestep=950, cfg=3.0,
+            cfg_schedule='constant')
+  key = jax.random.key(2)
+  with jax.default_matmul_precision('highest'):
+    fused = sampler.generate(COND, key, **kw)
+    staged = sampler.generate(COND, key, timed=True, **kw)
+  assert max_rel_error(staged, fused) <= 1e-5
+  phases = sampler.last_stats.as_dict()['phase_s']
+  assert set(phases) == {'encoder', 'llm', 'decoder', 'head'}
+  assert all(v > 0 for v in phases.values())
