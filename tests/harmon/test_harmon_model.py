@@ -66,3 +66,31 @@ def test_one_step_matches_reference(visible):
   got_q = run.backbone(jnp.asarray(tok_vis), jnp.asarray(pos), jnp.asarray(vis_valid),
                        visible, cache, query_pos=jnp.asarray(q))
   assert max_rel_error(got_q, np.take_along_axis(want, q[..., None], axis=1)) <= 1e-5
+
+
+def test_bf16_step_close_to_fp32():
+  import jax
+  from flax import nnx
+
+  from disa_jax.systems.harmon.convert import _cast
+  from disa_jax.systems.harmon.model import Harmon
+
+  model = tiny_harmon(seed=6)
+  cfg16 = model.config.with_dtype('bfloat16')
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: Harmon(cfg16, rngs=nnx.Rngs(0))))
+  m16 = nnx.merge(graphdef, nnx.state(_cast(model, 'bfloat16')))
+  outs = []
+  for m in (model, m16):
+    run = at_image_size(m)
+    seq, ch = run.mar.config.seq_len, run.mar.config.token_embed_dim
+    rng = np.random.default_rng(0)
+    ids, valid = prompts(2, [7, 4])
+    vis = np.sort(rng.permutation(seq)[:20])[None].repeat(2, 0).astype(np.int32)
+    tok = rng.standard_normal((2, 20, ch)).astype(np.float32)
+    cache = run.prefill(jnp.asarray(ids), jnp.asarray(valid))
+    assert cache.keys.dtype == (jnp.bfloat16 if m is m16 else jnp.float32)
+    outs.append(run.backbone(jnp.asarray(tok), jnp.asarray(vis), jnp.ones((2, 20), bool), 20,
+                             cache))
+  assert jax.numpy.isfinite(outs[1]).all()
+  err = max_rel_error(np.asarray(outs[1], np.float32), outs[0])
+  assert 1e-4 < err <= 5e-2
