@@ -193,8 +193,11 @@ class HarmonSampler:
   def __init__(self, model: Harmon, *, image_size: int | None = None, enc_bucket: int = 0,
                prompt_bucket: int = 16, max_head_waste: float = 0.05,
                matmul_precision: str | None = None):
-    if model.mar.config.img_size != model.config.runtime_mar.img_size or image_size:
+    if model.mar.config.img_size == model.config.mar.img_size:      # checkpoint shapes
       model = at_image_size(model, image_size)
+    elif image_size and image_size != model.mar.config.img_size:
+      raise ValueError(f'model is already resized to {model.mar.config.img_size} px; pass the '
+                       f'checkpoint-shaped model to sample at {image_size} px')
     self.model = model
     self.config = model.config
     self.mar_config = model.mar.config
