@@ -44,3 +44,15 @@ def test_flops_match_spec(variant, enc, dec, head, head50):
                    plan_for(variant, step_schedule('linear', 64, 50, 5), 950))
   assert d['head'] / 1e12 == pytest.approx(head50, rel=0.02)
   assert d['encoder'] == f['encoder'] and d['llm'] == f['llm']
+
+
+def test_bench_settings():
+  from disa_jax.systems.harmon.bench import bench_config, schedule
+
+  assert schedule('baseline', 64) == ([100] * 64, None)
+  steps, clip = schedule('disa_50_5', 64)
+  assert clip == 950 and steps[0] == 50 and steps[-1] == 5
+  c = bench_config('harmon_0_5b', image_size=256, vocab=4096, layers=4, mar_depth=2)
+  assert c.llm.hidden_size == 896 and c.llm.num_attention_heads == 14
+  assert c.llm.num_hidden_layers == 4 and c.mar.encoder_depth == c.mar.decoder_depth == 2
+  assert c.mar.diffloss_w == 1024 and c.runtime_mar.seq_len == 256
