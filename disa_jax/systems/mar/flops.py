@@ -10,7 +10,7 @@ from disa_jax.systems.mar.model import MARConfig
 from disa_jax.systems.mar.plan import SamplingPlan
 
 
-def _block_flops(rows_q: int, rows_kv: int, dim: int, mlp_ratio: float) -> float:
+def block_flops(rows_q: int, rows_kv: int, dim: int, mlp_ratio: float) -> float:
   hidden = int(dim * mlp_ratio)
   proj = 2 * rows_q * dim * dim + 2 * rows_kv * dim * 2 * dim  # q + kv projections
   attn = 2 * 2 * rows_q * rows_kv * dim                        # scores + weighted sum
@@ -28,11 +28,11 @@ def backbone_flops(config: MARConfig, visible: int, n_query: int | None = None) 
   nb, seq = c.buffer_size, c.seq_len
   le, ld = nb + visible, nb + seq
   f = 2 * visible * c.token_embed_dim * c.encoder_embed_dim
-  f += c.encoder_depth * _block_flops(le, le, c.encoder_embed_dim, c.mlp_ratio)
+  f += c.encoder_depth * block_flops(le, le, c.encoder_embed_dim, c.mlp_ratio)
   f += 2 * le * c.encoder_embed_dim * c.decoder_embed_dim
-  f += (c.decoder_depth - 1) * _block_flops(ld, ld, c.decoder_embed_dim, c.mlp_ratio)
+  f += (c.decoder_depth - 1) * block_flops(ld, ld, c.decoder_embed_dim, c.mlp_ratio)
   nq = seq if n_query is None else n_query
-  f += _block_flops(nq if n_query is not None else ld, ld, c.decoder_embed_dim, c.mlp_ratio)
+  f += block_flops(nq if n_query is not None else ld, ld, c.decoder_embed_dim, c.mlp_ratio)
   return float(f)
 
 

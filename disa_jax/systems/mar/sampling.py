@@ -82,7 +82,7 @@ def _backbone(state, tokens, orders, class_vec, m_cur, n_pred, *, graphdef, visi
   return z, pred_pos, pred_valid
 
 
-def _head(state, z, pred_pos, pred_valid, tokens, image_keys, tables, cfg, temperature, *,
+def head_bucket(state, z, pred_pos, pred_valid, tokens, image_keys, tables, cfg, temperature, *,
           graphdef, num_steps, n_pad, use_cfg):
   """Samples the predicted tokens of one AR step (the first n_pad of the backbone's query
   rows) and writes them into `tokens`."""
@@ -98,9 +98,9 @@ def _head(state, z, pred_pos, pred_valid, tokens, image_keys, tables, cfg, tempe
                             temperature, draw(0), lambda i: draw(i + 1), num_steps, use_cfg)
 
 
-def _head_explicit(state, z, pred_pos, pred_valid, tokens, x_init, eps, tables, cfg,
+def head_bucket_explicit(state, z, pred_pos, pred_valid, tokens, x_init, eps, tables, cfg,
                    temperature, *, graphdef, num_steps, n_pad, use_cfg):
-  """`_head` with the initial noise x_init [B, n_pad, C] and step noise eps [A, B, n_pad, C]
+  """`head_bucket` with the initial noise x_init [B, n_pad, C] and step noise eps [A, B, n_pad, C]
   given (parity tests inject the reference implementation's noise)."""
   z, pred_pos, pred_valid = z[..., :n_pad, :], pred_pos[:, :n_pad], pred_valid[:, :n_pad]
   rows, ch = x_init.shape[0] * x_init.shape[1], x_init.shape[2]
@@ -138,17 +138,17 @@ def _jitted(mesh: Mesh | None):
   """(function, jit sharding kwargs) for init, backbone, head and head_explicit."""
   if mesh is None:
     donate = dict(donate_argnums=(4,))   # tokens are updated in place
-    return {'init': (_init, {}), 'backbone': (_backbone, {}), 'head': (_head, donate),
-            'head_explicit': (_head_explicit, donate)}
+    return {'init': (_init, {}), 'backbone': (_backbone, {}), 'head': (head_bucket, donate),
+            'head_explicit': (head_bucket_explicit, donate)}
   rep, bat = shd.replicated(mesh), shd.batch_sharded(mesh)
   steps_bat = jax.sharding.NamedSharding(mesh, jax.P(None, bat.spec[0]))
   return {
     'init': (_init, dict(in_shardings=(rep, bat, bat), out_shardings=(bat, bat))),
     'backbone': (_backbone, dict(in_shardings=(rep, bat, bat, bat, rep, rep),
                                  out_shardings=(bat, bat, bat))),
-    'head': (_head, dict(in_shardings=(rep, bat, bat, bat, bat, bat, rep, rep, rep),
+    'head': (head_bucket, dict(in_shardings=(rep, bat, bat, bat, bat, bat, rep, rep, rep),
                          out_shardings=bat, donate_argnums=(4,))),
-    'head_explicit': (_head_explicit, dict(
+    'head_explicit': (head_bucket_explicit, dict(
       in_shardings=(rep, bat, bat, bat, bat, bat, steps_bat, rep, rep, rep), out_shardings=bat,
       donate_argnums=(4,))),
   }
