@@ -22,6 +22,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from disa_jax.layers.attention import SelfAttention
@@ -78,8 +79,10 @@ class AdaLNBlock(nnx.Module):
 def timestep_embedding(tau, dim: int = FREQUENCY_EMBEDDING, max_period: float = 10000.0):
   """[cos(tau phi) | sin(tau phi)], (B, dim) float32, phi_k = exp(-ln(max_period) k / (dim/2))."""
   half = dim // 2
-  freqs = jnp.exp(jnp.float32(-math.log(max_period)) * jnp.arange(half, dtype=jnp.float32)
-                  / jnp.float32(half))
+  # exponent in float32 as torch computes it; exp correctly rounded host-side (closer to torch's
+  # exp than XLA's, which matters at tau = 1000)
+  expo = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32) / np.float32(half)
+  freqs = jnp.asarray(np.exp(expo.astype(np.float64)).astype(np.float32))
   args = tau.astype(jnp.float32)[:, None] * freqs[None]
   return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from disa_jax.checkpoint import CheckpointError
-from disa_jax.convert.mapping import ConversionError, convert_state_dict
+from disa_jax.convert.mapping import ConversionError, check_state_dict, convert_state_dict
 from disa_jax.errors import UserError
 from disa_jax.layers.rope import rope_freqs
 from disa_jax.systems.flowar.config import FlowARConfig
@@ -125,17 +125,22 @@ def _is_buffer(key: str) -> bool:
   return key == 'mask' or key.endswith('.rope.freqs')
 
 
-def _check_buffers(sd: Mapping[str, np.ndarray], cfg: FlowARConfig, graph_keys: set):
-  expected = {'mask': np.where(block_causal_mask(cfg.scales), 0.0, -np.inf)[None, None]}
-  for prefix, n, hd in (('encoder_blocks', cfg.encoder_depth, cfg.head_dim),
-                        ('decoder_blocks', cfg.decoder_depth, cfg.head_dim)):
+def expected_buffers(cfg: FlowARConfig) -> dict[str, np.ndarray]:
+  """The buffers an official state dict holds, recomputed: `mask` and every `rope.freqs`."""
+  expected = {'mask': np.where(block_causal_mask(cfg.scales), 0.0, -np.inf)[None, None]
+              .astype(np.float32)}
+  for prefix, n in (('encoder_blocks', cfg.encoder_depth), ('decoder_blocks', cfg.decoder_depth)):
     for i in range(n):
-      expected[f'{prefix}.{i}.attn.rope.freqs'] = rope_freqs(hd)
+      expected[f'{prefix}.{i}.attn.rope.freqs'] = rope_freqs(cfg.head_dim)
   for i in range(cfg.head_depth):
     expected[f'flownet.res_blocks.{i}.attn.rope.freqs'] = rope_freqs(64)
     if cfg.head_cross:
       expected[f'flownet.res_blocks.{i}.crossattn.rope.freqs'] = rope_freqs(64)
-  have = {k for k in sd if _is_buffer(k)}
+  return expected
+
+
+def _check_buffer_shapes(shapes: Mapping[str, tuple], expected: Mapping[str, np.ndarray]):
+  have = {k for k in shapes if _is_buffer(k)}
   missing = sorted(set(expected) - have)
   extra = sorted(have - set(expected))
   if missing:
@@ -145,15 +150,34 @@ def _check_buffers(sd: Mapping[str, np.ndarray], cfg: FlowARConfig, graph_keys: 
     _fail(f'checkpoint does not match the FlowAR model: {len(extra)} unexpected key(s): '
           f'{", ".join(extra[:6])}')
   for k, want in expected.items():
-    got = np.asarray(sd[k])
-    if got.shape != want.shape:
-      _fail(f'checkpoint does not match the FlowAR model: {k} has shape {got.shape}, '
+    if tuple(shapes[k]) != want.shape:
+      _fail(f'checkpoint does not match the FlowAR model: {k} has shape {tuple(shapes[k])}, '
             f'expected {want.shape}')
+
+
+def _check_buffer_values(sd: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray]):
+  for k, want in expected.items():
+    got = np.asarray(sd[k])
     ok = (np.array_equal(got, want) if k == 'mask'
           else np.allclose(got, want, rtol=1e-6, atol=0))
     if not ok:
       _fail(f'buffer {k} differs from the value FlowAR computes; the file is not an official '
             'FlowAR checkpoint (or was edited)')
+
+
+def check_shapes(shapes: Mapping[str, tuple]) -> FlowARConfig:
+  """Shape-only dry run of the conversion (nothing allocated): the inferred config after the
+  same strict key / shape validation (used for the full-size S / L / H key listings)."""
+  shapes = {k: tuple(v) for k, v in shapes.items()}
+  cfg = infer_config(shapes)
+  _check_buffer_shapes(shapes, expected_buffers(cfg))
+  abstract = nnx.state(nnx.eval_shape(lambda: FlowAR(cfg, rngs=nnx.Rngs(0))))
+  try:
+    check_state_dict({k: v for k, v in shapes.items() if not _is_buffer(k)}, abstract,
+                     what='FlowAR model')
+  except ConversionError as e:
+    _fail(str(e).replace('\n', ' '))
+  return cfg
 
 
 def check_values(sd: Mapping[str, np.ndarray]):
@@ -173,7 +197,9 @@ def convert_state(sd: Mapping[str, np.ndarray]) -> tuple[FlowARConfig, object, o
   check_values(sd)
   cfg = infer_config(shapes)
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: FlowAR(cfg, rngs=nnx.Rngs(0))))
-  _check_buffers(sd, cfg, set())
+  expected = expected_buffers(cfg)
+  _check_buffer_shapes(shapes, expected)
+  _check_buffer_values(sd, expected)
   params = {k: np.asarray(v, np.float32) for k, v in sd.items() if not _is_buffer(k)}
   try:
     state = convert_state_dict(params, abstract, what='FlowAR model')
