@@ -4,12 +4,16 @@ golden values (flowar_xar.md §4.3 - §4.5) and vs the torch reference sampler's
 import numpy as np
 import pytest
 
-from disa_jax.diffusion.flow import (euler_maruyama_grid, flowar_euler_plan, flowar_time_grid,
-                                     num_evaluations, time_to_tau)
+from disa_jax.diffusion.flow import (
+  euler_maruyama_grid,
+  flowar_euler_plan,
+  flowar_time_grid,
+  num_evaluations,
+  time_to_tau,
+)
 from disa_jax.errors import UserError
 from disa_jax.schedules import step_schedule
-from disa_jax.systems.flowar.steps import (disa_scale_steps, preset_steps,
-                                           resolve_scale_steps)
+from disa_jax.systems.flowar.steps import disa_scale_steps, preset_steps, resolve_scale_steps
 from reference.flowar import time_grid as torch_time_grid
 
 # n: (evaluations, k(0.9), k(0.7), tau per step) from spec §4.3.
