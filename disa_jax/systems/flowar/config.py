@@ -126,9 +126,80 @@ OFFICIAL_SAMPLING = {
 }
 
 
-def variant(name: str) -> FlowARConfig:
+def variant_key(name: str) -> str:
+  """'S' / 'L' / 'H' from 's', 'FlowAR-L', 'flowar_huge', ..."""
   key = name.upper().removeprefix('FLOWAR-').removeprefix('FLOWAR_')
   key = {'SMALL': 'S', 'LARGE': 'L', 'HUGE': 'H'}.get(key, key)
   if key not in VARIANTS:
     raise UserError(f'unknown FlowAR variant {name!r}; choose S, L or H')
-  return VARIANTS[key]
+  return key
+
+
+def variant(name: str) -> FlowARConfig:
+  """The official architecture of a variant name."""
+  return VARIANTS[variant_key(name)]
+
+
+# CPU-sized stand-in: the official 341-token layout with tiny widths (random weights).
+CPU = FlowARConfig(width=64, encoder_depth=2, decoder_depth=2, heads=4, head_width=128,
+                   head_depth=2, head_cross=False)
+
+
+def parse_config_arg(arg: str | None) -> dict:
+  """'cpu' / 'tiny' / 'cpu,tiny' (the text after ':' in --config=configs/flowar/s.py:cpu)."""
+  out = {'cpu': False, 'tiny': False}
+  for item in (arg or '').split(','):
+    if not item:
+      continue
+    if item not in out:
+      raise UserError(f'unknown FlowAR config argument {item!r}; use cpu or tiny')
+    out[item] = True
+  return out
+
+
+def flowar_config(name: str, arg: str | None = None):
+  """ml_collections config of FlowAR-S/L/H (`model`, `sampling`, `runtime`, `tokenizer`)."""
+  import ml_collections
+
+  opts = parse_config_arg(arg)
+  key = variant_key(name)
+  official = OFFICIAL_SAMPLING[key]
+  if opts['tiny']:
+    arch = TINY['L' if VARIANTS[key].head_cross else 'S']
+  elif opts['cpu']:
+    arch = dataclasses.replace(CPU, head_cross=VARIANTS[key].head_cross)
+  else:
+    arch = VARIANTS[key]
+  c = ml_collections.ConfigDict()
+  c.system = 'flowar'
+  c.name = f'flowar_{key.lower()}' + ('-tiny' if opts['tiny'] else '-cpu' if opts['cpu'] else '')
+  c.variant = key
+  c.model = ml_collections.ConfigDict(arch.to_dict())
+  c.checkpoint = ''                 # directory written by `disa-convert flowar`
+  s = ml_collections.ConfigDict()
+  s.preset = 'disa'                 # 'disa' (DiSA README upper -> lower) | 'baseline' (official)
+  s.strategy = ''                   # '' = preset; or constant | linear | cosine | two-stage
+  s.upper_steps = official.upper
+  s.lower_steps = official.lower
+  s.steps = ''                      # explicit per-scale list "25,22,20,17,15" (overrides)
+  s.cfg = official.disa_cfg or official.cfg      # DiSA README cfg (S: 4.2; official S: 4.3)
+  s.baseline_cfg = official.cfg
+  s.guidance = official.guidance    # guided only while t <= guidance
+  s.num_images = 4 if (opts['cpu'] or opts['tiny']) else 8
+  s.batch_size = 4 if (opts['cpu'] or opts['tiny']) else 8
+  s.classes = ''
+  s.seed = 0
+  if opts['tiny']:
+    s.update(upper_steps=6, lower_steps=2, cfg=2.0, baseline_cfg=2.0)
+  c.sampling = s
+  r = ml_collections.ConfigDict()
+  r.matmul_precision = ''           # '' backend default, or 'highest' (parity runs)
+  r.compilation_cache = '~/.cache/disa_jax/xla'
+  r.num_devices = 0
+  c.runtime = r
+  t = ml_collections.ConfigDict()
+  t.kind = 'none' if (opts['cpu'] or opts['tiny']) else 'kl16'
+  t.vae = ''                        # directory written by `disa-convert vae`
+  t.scale = 0.2325                  # latent = tokens / 0.2325 before decoding
+  c.tokenizer = t
+  return c

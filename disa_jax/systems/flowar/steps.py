@@ -53,8 +53,8 @@ def resolve_scale_steps(*, num_scales: int = 5, variant: str = 'S', preset: str 
                         strategy: str | None = None, upper: int | None = None,
                         lower: int | None = None,
                         steps: Sequence[int] | str | int | None = None) -> list[int]:
-  """Requested steps per scale: an explicit `steps` list/int wins, then `strategy` (with
-  `upper`/`lower`, defaulting to the variant's official values), then `preset`."""
+  """Requested steps per scale: an explicit `steps` list/int wins, then `strategy`, then
+  `preset`; `upper` / `lower` default to the variant's official values (DiSA README)."""
   try:
     if steps is not None and not (isinstance(steps, str) and not steps.strip()):
       if isinstance(steps, int) and not isinstance(steps, bool):
@@ -67,8 +67,19 @@ def resolve_scale_steps(*, num_scales: int = 5, variant: str = 'S', preset: str 
                           off.lower if lower is None else lower)
     elif preset is None:
       raise UserError('give a FlowAR step preset, a strategy or explicit steps')
-    else:
+    elif upper is None and lower is None:
       out = preset_steps(preset, variant, num_scales)
+    else:   # a preset with its upper / lower counts overridden
+      off = _official(variant)
+      up = off.upper if upper is None else upper
+      lo = off.lower if lower is None else lower
+      if preset not in PRESETS:
+        preset_steps(preset, variant, num_scales)        # raises the unknown-preset error
+      if preset == 'baseline':
+        out = [up] * num_scales
+      else:
+        step_schedule('linear', num_scales, up, lo)     # validates (upper >= lower, ints)
+        out = disa_scale_steps(up, lo, num_scales)
   except ScheduleError as e:
     raise UserError(str(e)) from None
   bad = [n for n in out if n < MIN_STEPS]
@@ -76,3 +87,10 @@ def resolve_scale_steps(*, num_scales: int = 5, variant: str = 'S', preset: str 
     raise UserError(f'FlowAR needs at least {MIN_STEPS} flow steps per scale, got {out}; '
                     'raise the lower step count')
   return out
+
+
+def steps_from_config(sampling, variant: str) -> list[int]:
+  """Requested steps per scale from a config's `sampling` section (`configs/flowar/*.py`)."""
+  return resolve_scale_steps(variant=variant, preset=sampling.preset,
+                             strategy=sampling.strategy or None, upper=sampling.upper_steps,
+                             lower=sampling.lower_steps, steps=sampling.steps or None)
