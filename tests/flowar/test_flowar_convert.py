@@ -11,8 +11,13 @@ from flowar_testlib import max_rel_error, state_dict_np, torch_model
 
 from disa_jax.errors import UserError
 from disa_jax.systems.flowar.config import TINY, VARIANTS
-from disa_jax.systems.flowar.convert import (FlowARConversionError, check_shapes, convert,
-                                             convert_state, load_converted)
+from disa_jax.systems.flowar.convert import (
+  FlowARConversionError,
+  check_shapes,
+  convert,
+  convert_state,
+  load_converted,
+)
 from disa_jax.systems.flowar.io import load_flowar
 
 
