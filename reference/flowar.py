@@ -225,21 +225,23 @@ def time_grid(n):
 
 
 def euler_sampler(head, latents, z, num_steps, cfg_scale=1.0, guidance_high=1.0,
-                  guidance_low=0.0):
-  """The official Euler sampler: float64 state, guided steps duplicate the first half."""
+                  guidance_low=0.0, state_dtype=torch.float64):
+  """The official Euler sampler: float64 state, guided steps duplicate the first half.
+  `state_dtype=torch.float32` (precision studies only) keeps the state and the step sizes in
+  float32, as the JAX port does."""
   dtype = latents.dtype
   grid = time_grid(num_steps)
-  x = latents.to(torch.float64)
+  x = latents.to(state_dtype)
   for t_cur, t_next in zip(grid[:-1], grid[1:], strict=True):
     guided = cfg_scale > 1.0 and guidance_low <= t_cur <= guidance_high
     inp = torch.cat([x[: x.shape[0] // 2]] * 2) if guided else x
     t_in = torch.ones(inp.shape[0], dtype=torch.float64) * t_cur
-    d = head(inp.to(dtype), t_in.to(dtype), z.to(dtype)).to(torch.float64)
+    d = head(inp.to(dtype), t_in.to(dtype), z.to(dtype)).to(state_dtype)
     if guided:
       dc, du = d.chunk(2)
       d = du + cfg_scale * (dc - du)
       d = torch.cat([d, d])
-    x = x + (t_next - t_cur) * d
+    x = x + (t_next - t_cur).to(state_dtype) * d
   return x
 
 
@@ -289,7 +291,7 @@ class FlowARRef(nn.Module):
 
   @torch.no_grad()
   def sample_tokens(self, labels, flow_upper_steps=50, flow_lower_steps=15, guidance=0.9,
-                    cfg=1.0, noise=None, steps=None):
+                    cfg=1.0, noise=None, steps=None, state_dtype=torch.float64):
     """Official sample_tokens; `noise[s]` replaces randn of scale s; `steps` (optional) gives
     the requested steps per scale instead of the DiSA formula."""
     batch = labels.shape[0]
@@ -311,7 +313,8 @@ class FlowARRef(nn.Module):
       eps = noise[s] if noise is not None else torch.randn(z.shape[0], z.shape[1],
                                                             self.token_dim)
       out = euler_sampler(self.flownet, torch.as_tensor(eps, dtype=torch.float32), z, n,
-                          cfg_scale=cfg_s, guidance_high=guidance).float()
+                          cfg_scale=cfg_s, guidance_high=guidance,
+                          state_dtype=state_dtype).float()
       sample = out[:batch]
       if s == last:
         break

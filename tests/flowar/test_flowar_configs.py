@@ -54,3 +54,16 @@ def test_tiny_config_samples():
   sampler.generate(np.arange(2), steps=steps, cfg=c.sampling.cfg, guidance=c.sampling.guidance,
                    key=jax.random.key(1))
   assert sampler.compile_count == 5
+
+
+def test_sampler_input_errors():
+  model = FlowAR(FlowARConfig.from_dict(load('s', 'tiny').model.to_dict()), rngs=nnx.Rngs(0))
+  sampler = FlowARSampler(model)
+  with pytest.raises(UserError, match='one step count per scale'):
+    sampler.generate(np.arange(2), steps=[4, 4], key=jax.random.key(0))
+  with pytest.raises(UserError, match='PRNG'):
+    sampler.generate(np.arange(2), steps=[4] * 5)
+  with pytest.raises(UserError, match='expected \\(4, 1, 16\\)'):
+    sampler.generate(np.arange(2), steps=[4] * 5, cfg=2.0,
+                     noise=[np.zeros((2, s * s, 16), np.float32) for s in (1, 2, 4, 8, 16)])
+  assert sampler.compile_count == 0
