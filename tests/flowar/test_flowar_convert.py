@@ -33,7 +33,7 @@ def official_shapes(data_dir, section):
   return keys
 
 
-@pytest.mark.parametrize('name', ['S', 'L', 'H'])
+@pytest.mark.parametrize('name', ['S', 'L', pytest.param('H', marks=pytest.mark.slow)])
 def test_full_size_key_listing_converts(data_dir, name):
   shapes = official_shapes(data_dir, f'FlowAR-{name}')
   assert len(shapes) == {'S': 204, 'L': 484, 'H': 666}[name]
