@@ -3,8 +3,14 @@
 import jax.numpy as jnp
 import numpy as np
 
-from disa_jax.diffusion.flow import (cfg_combine, euler_maruyama_step, euler_solve,
-                                     flowar_euler_plan, heun_step, linear_path_drift)
+from disa_jax.diffusion.flow import (
+  cfg_combine,
+  euler_maruyama_step,
+  euler_solve,
+  flowar_euler_plan,
+  heun_step,
+  linear_path_drift,
+)
 
 
 def test_euler_solve_matches_numpy_loop_and_guidance_flags():
