@@ -8,8 +8,8 @@ default `act_layer=nn.GELU` (erf GELU, not SiLU) into timm 0.9.12's `SwiGLU`:
 with F = int(D * mlp_ratio * 2 / 3) (2048 for D=768, 2730 for 1024, 3413 for 1280, 4096 for 1536).
 The activation goes on the `fc1_g` branch. All three Linears have biases.
 
-`dense` is the
-Linear factory every FlowAR/xAR layer uses (xavier-uniform kernel, zero bias, as the official init).
+`dense` is the Linear factory every FlowAR/xAR layer uses (xavier-uniform kernel, zero bias, as
+the official init).
 """
 
 from __future__ import annotations

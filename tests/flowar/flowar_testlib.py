@@ -4,7 +4,6 @@ converted to JAX with the real converter."""
 from __future__ import annotations
 
 import dataclasses
-import io
 
 import numpy as np
 import torch
@@ -48,8 +47,6 @@ def jax_model(tmodel, tmp_path=None):
   if tmp_path is not None:
     sd = read_state_dict(saved_pth(tmodel, tmp_path / 'flowar.pth'))
   else:
-    buf = io.BytesIO()
-    torch.save(tmodel.state_dict(), buf)
     sd = state_dict_np(tmodel)
   _, graphdef, state = convert_state(sd)
   return nnx.merge(graphdef, state)
