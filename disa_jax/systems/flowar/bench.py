@@ -68,40 +68,44 @@ def run(variant: str, batch: int, *, repeats: int = 1, use_torch: bool = True,
   result = {'variant': f'FlowAR-{key}', 'batch': batch, 'cfg': cfg_scale,
             'guidance': settings.guidance, 'device': jax.devices()[0].device_kind,
             'repeats': repeats, 'runs': {}}
-  outs = {}
-  for name, steps in schedules.items():
+  outs, times = {}, {name: [] for name in schedules}
+
+  def sample(steps):
+    return jax.block_until_ready(sampler.generate(labels, steps=steps, cfg=cfg_scale,
+                                                  guidance=settings.guidance, noise=noise))
+
+  for name, steps in schedules.items():          # first calls: compile + one run
     t0 = time.perf_counter()
-    jax.block_until_ready(sampler.generate(labels, steps=steps, cfg=cfg_scale,
-                                           guidance=settings.guidance, noise=noise))
+    sample(steps)
     first = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      out = jax.block_until_ready(sampler.generate(labels, steps=steps, cfg=cfg_scale,
-                                                   guidance=settings.guidance, noise=noise))
-      times.append(time.perf_counter() - t0)
-    outs[name] = np.asarray(out)
-    print(f'jax {name}: first call {first:.1f} s, timed {min(times):.1f} s', file=sys.stderr,
-          flush=True)
+    print(f'jax {name}: first call {first:.1f} s', file=sys.stderr, flush=True)
     fl = run_flops(arch, steps, cfg_scale=cfg_scale)
     result['runs'][name] = {
-      'steps': steps, 'jax_s_per_image': min(times) / batch,
-      'jax_first_call_s': first, 'tflop_per_image': fl['total'] / 1e12,
+      'steps': steps, 'jax_first_call_s': first, 'tflop_per_image': fl['total'] / 1e12,
       'head_flop_share': fl['head'] / fl['total']}
+  for _ in range(repeats):                       # timed runs, schedules interleaved
+    for name, steps in schedules.items():
+      t0 = time.perf_counter()
+      outs[name] = np.asarray(sample(steps))
+      times[name].append(time.perf_counter() - t0)
+      print(f'jax {name}: {times[name][-1]:.1f} s', file=sys.stderr, flush=True)
+  for name in schedules:
+    result['runs'][name]['jax_s_per_image'] = min(times[name]) / batch
   result['compile_count'] = sampler.compile_count
   if use_torch:
     labels_t = torch.as_tensor(labels)
     noise_t = [torch.from_numpy(n) for n in noise]
     for name, steps in schedules.items():
-      times = []
+      t_times = []
       for _ in range(repeats):
         t0 = time.perf_counter()
-        out = ref.sample_tokens(labels_t, cfg=cfg_scale, guidance=settings.guidance,
-                                noise=noise_t, steps=steps).numpy()
-        times.append(time.perf_counter() - t0)
-      print(f'torch {name}: {min(times):.1f} s', file=sys.stderr, flush=True)
+        with torch.no_grad():
+          out = ref.sample_tokens(labels_t, cfg=cfg_scale, guidance=settings.guidance,
+                                  noise=noise_t, steps=steps).numpy()
+        t_times.append(time.perf_counter() - t0)
+      print(f'torch {name}: {min(t_times):.1f} s', file=sys.stderr, flush=True)
       r = result['runs'][name]
-      r['torch_s_per_image'] = min(times) / batch
+      r['torch_s_per_image'] = min(t_times) / batch
       r['jax_over_torch_time'] = r['jax_s_per_image'] / r['torch_s_per_image']
       r['max_rel_diff_jax_vs_torch'] = float(np.abs(outs[name] - out).max()
                                              / np.abs(out).max())
