@@ -1,0 +1,155 @@
+"""Flow-matching ODE / SDE solvers of FlowAR and xAR, with classifier-free-guidance hooks.
+
+Official: `FlowAR_DiSA/models/sampler.py` (`euler_sampler`) and `xAR_DiSA/models/sampler.py`
+(`euler_maruyama_sampler`). Path: x_t = (1 - t) x_0 + t eps, velocity v = eps - x_0; t = 1 is
+noise, t = 0 data; samplers integrate from 1 to 0.
+
+FlowAR Euler time grid for a requested step count n (float64):
+  n == 50: 51 uniform points 1 -> 0
+  else:    n//2 points linspace(1, 0.3) followed by n//2 + 1 points linspace(0.25, 0)
+so odd n loses one evaluation (25 -> 24, 17 -> 16, 15 -> 14) and the step 0.30 -> 0.25 is an
+ordinary Euler step between segments of different spacing ("the jump").
+Each step t_cur -> t_next: x <- x + (t_next - t_cur) v(x, t_cur). The network sees the time as
+tau = trunc(fp32(fp32(t_cur) * 1000)) (`time_to_tau`), built host-side (never from a device
+linspace). Guidance (FlowAR): a step is guided iff cfg_s > 1 and low <= t_cur <= high; guided
+velocity v = v_u + cfg_s (v_c - v_u) (`cfg_combine`).
+
+Grids are built with torch's linspace formula (first half start + i*step, second half
+end - (n-1-i)*step); torch's vectorised CPU kernel can differ from it by one ulp at a few points,
+which only matters where a point equals the guidance threshold to the ulp (spec §4.3; the README
+configurations are unaffected and the golden tables are tested).
+
+Euler-Maruyama (xAR): grid linspace(1, 0.04, n) then 0; drift d = v - t * score with
+score = ((t - 1) v - x) / t, i.e. d = (2 - t) v + x; stochastic steps add
+sqrt(2 t_cur) sqrt(|dt|) xi, the last step (0.04 -> 0) is deterministic.
+Heun (second-order, for experiments; the official samplers leave it commented out).
+
+State precision: the official state is float64. JAX runs with x64 off, so the solvers keep the
+state in float32; the step sizes dt are computed in float64 host-side and rounded once. The
+measured difference (<= 3.5e-6 relative on FlowAR test models) is documented in
+`disa_jax/systems/flowar/sampling.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def torch_linspace(start: float, end: float, steps: int) -> np.ndarray:
+  """float64 linspace with torch's formula (two halves anchored at start and end)."""
+  if steps == 1:
+    return np.array([start], np.float64)
+  step = (end - start) / (steps - 1)
+  i = np.arange(steps)
+  half = steps // 2
+  return np.where(i < half, start + step * i, end - step * (steps - 1 - i)).astype(np.float64)
+
+
+def flowar_time_grid(num_steps: int) -> np.ndarray:
+  """The official FlowAR Euler grid (float64) for `num_steps` requested steps."""
+  if num_steps < 2:
+    raise ValueError(f'FlowAR needs at least 2 flow steps per scale, got {num_steps}')
+  if num_steps == 50:
+    return torch_linspace(1.0, 0.0, 51)
+  return np.concatenate([torch_linspace(1.0, 0.3, num_steps // 2),
+                         torch_linspace(0.25, 0.0, num_steps // 2 + 1)])
+
+
+def num_evaluations(num_steps: int) -> int:
+  """Network evaluations of the FlowAR Euler grid: 50 for 50, else 2 * (n // 2)."""
+  return len(flowar_time_grid(num_steps)) - 1
+
+
+def time_to_tau(t) -> np.ndarray:
+  """Integer timesteps as the networks compute them: trunc(fp32(fp32(t) * 1000))."""
+  t32 = np.asarray(t, np.float64).astype(np.float32)
+  return np.trunc((t32 * np.float32(1000)).astype(np.float32)).astype(np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class EulerPlan:
+  """Host-side arrays of one Euler solve (length = evaluations).
+
+  t: float32 t_cur fed to the network; dt: t_next - t_cur (float64 difference, float32);
+  tau: integer timesteps; guided: whether CFG applies at the step.
+  """
+
+  t: np.ndarray
+  dt: np.ndarray
+  tau: np.ndarray
+  guided: np.ndarray
+
+  @property
+  def num_evals(self) -> int:
+    return len(self.t)
+
+  def arrays(self):
+    return (jnp.asarray(self.t), jnp.asarray(self.dt), jnp.asarray(self.tau),
+            jnp.asarray(self.guided))
+
+
+def guided_flags(grid: np.ndarray, cfg: float, high: float, low: float = 0.0) -> np.ndarray:
+  """Per step (t_cur = grid[:-1]): cfg > 1 and low <= t_cur <= high (float64 comparisons)."""
+  t_cur = grid[:-1]
+  return (cfg > 1.0) & (t_cur <= high) & (t_cur >= low)
+
+
+def flowar_euler_plan(num_steps: int, cfg: float = 1.0, guidance_high: float = 1.0,
+                      guidance_low: float = 0.0) -> EulerPlan:
+  """The FlowAR Euler plan for a requested step count and (per-scale) CFG / interval."""
+  grid = flowar_time_grid(num_steps)
+  return EulerPlan(t=grid[:-1].astype(np.float32), dt=np.diff(grid).astype(np.float32),
+                   tau=time_to_tau(grid[:-1]),
+                   guided=guided_flags(grid, cfg, guidance_high, guidance_low))
+
+
+def cfg_combine(v_cond, v_uncond, scale):
+  """v_u + scale (v_c - v_u)."""
+  return v_uncond + scale * (v_cond - v_uncond)
+
+
+def euler_solve(velocity, x, plan_arrays):
+  """x after the Euler steps of `plan_arrays` = (t, dt, tau, guided) (device arrays).
+
+  velocity(x, t, tau, guided) -> v with x's shape (t, tau, guided: scalars of the step);
+  runs as one `lax.fori_loop`, so it traces `velocity` once.
+  """
+  t, dt, tau, guided = plan_arrays
+
+  def body(i, x):
+    v = velocity(x, t[i], tau[i], guided[i])
+    return x + dt[i].astype(x.dtype) * v.astype(x.dtype)
+
+  return jax.lax.fori_loop(0, t.shape[0], body, x)
+
+
+def euler_maruyama_grid(num_steps: int) -> np.ndarray:
+  """xAR grid: linspace(1, 0.04, n) then 0 (float64, n + 1 points, n evaluations)."""
+  if num_steps < 3:
+    raise ValueError(f'the Euler-Maruyama sampler needs at least 3 steps, got {num_steps}')
+  return np.concatenate([torch_linspace(1.0, 0.04, num_steps), [0.0]])
+
+
+def linear_path_drift(v, x, t):
+  """SDE drift of the linear path: v - t * score with score = ((t - 1) v - x) / t."""
+  return (2.0 - t) * v + x
+
+
+def euler_maruyama_step(x, drift, t_cur, dt, noise, *, last: bool):
+  """x + drift dt (+ sqrt(2 t_cur) sqrt(|dt|) noise unless `last`)."""
+  x = x + drift * dt
+  if last:
+    return x
+  return x + jnp.sqrt(2.0 * t_cur) * jnp.sqrt(jnp.abs(dt)) * noise
+
+
+def heun_step(velocity, x, t_cur, t_next):
+  """One Heun step: Euler predictor, trapezoidal corrector (velocity(x, t) -> v)."""
+  dt = t_next - t_cur
+  v0 = velocity(x, t_cur)
+  x1 = x + dt * v0
+  return x + dt * 0.5 * (v0 + velocity(x1, t_next))

@@ -1,0 +1,205 @@
+"""FlowAR architecture and official sampling settings (variants S / L / H).
+
+Official: `FlowAR_DiSA/models/flowar.py` factories `flowar_small/large/huge`, the README eval
+commands (flow-head sizes `--diffloss_d/--diffloss_w` are not implied by the model name) and
+the DiSA README (spec `flowar_xar.md` §1).
+
+| variant | D    | enc + dec | heads (hd) | MLP F | head W x d, block       | README (no DiSA)       | DiSA README          |
+| S       | 768  | 6 + 6     | 12 (64)    | 2048  | 1024 x 2,  self-attn    | 25 steps, cfg 4.3, g .9 | 25 -> 15, cfg 4.2, .9 |
+| L       | 1024 | 8 + 8     | 16 (64)    | 2730  | 1024 x 12, + cross-attn | 25, cfg 2.4, g .9       | 25 -> 15, 2.4, .9     |
+| H       | 1536 | 15 + 15   | 16 (96)    | 4096  | 1536 x 12, + cross-attn | 50, cfg 2.4, g .7       | 50 -> 15, 2.4, .7     |
+Fixed: scales 1, 2, 4, 8, 16 (341 tokens), KL-16 latents (16 channels), 1000 classes + null 1000.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from disa_jax.errors import UserError
+from disa_jax.layers.mlp import gated_hidden
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowARConfig:
+  """Architecture of a FlowAR model (everything the converter reads off the shapes)."""
+
+  width: int = 768                 # trunk width D (encoder = decoder width)
+  encoder_depth: int = 6
+  decoder_depth: int = 6
+  heads: int = 12                  # trunk heads (head dim = width / heads)
+  head_width: int = 1024           # flow head width W (its heads = W / 64)
+  head_depth: int = 2
+  head_cross: bool = False         # head block v2 (self + cross-attention) for L / H
+  scales: tuple[int, ...] = (1, 2, 4, 8, 16)
+  token_dim: int = 16              # VAE channels
+  class_num: int = 1000
+  mlp_ratio: float = 4.0
+
+  def __post_init__(self):
+    object.__setattr__(self, 'scales', tuple(int(s) for s in self.scales))
+    if self.width % self.heads or (self.width // self.heads) % 4:
+      raise UserError(f'FlowAR width {self.width} with {self.heads} heads: the head dim must be '
+                      'an integer divisible by 4 (2-D RoPE); change width or heads')
+    if self.head_width % 64:
+      raise UserError(f'FlowAR head width {self.head_width} must be a multiple of 64 '
+                      '(head dim 64); change head_width')
+
+  @property
+  def head_dim(self) -> int:
+    return self.width // self.heads
+
+  @property
+  def head_heads(self) -> int:
+    return self.head_width // 64
+
+  @property
+  def mlp_hidden(self) -> int:
+    return gated_hidden(self.width, self.mlp_ratio)
+
+  @property
+  def head_mlp_hidden(self) -> int:
+    return gated_hidden(self.head_width, self.mlp_ratio)
+
+  @property
+  def seq_len(self) -> int:
+    return sum(s * s for s in self.scales)
+
+  @property
+  def starts(self) -> tuple[int, ...]:
+    out, acc = [], 0
+    for s in self.scales:
+      out.append(acc)
+      acc += s * s
+    return tuple(out)
+
+  @property
+  def null_class(self) -> int:
+    return self.class_num
+
+  def to_dict(self) -> dict:
+    d = dataclasses.asdict(self)
+    d['scales'] = list(self.scales)
+    return d
+
+  @classmethod
+  def from_dict(cls, d: dict) -> FlowARConfig:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise UserError(f'unknown FlowAR config fields {unknown}; expected a subset of '
+                      f'{sorted(names)}')
+    return cls(**d)
+
+
+VARIANTS = {
+  'S': FlowARConfig(width=768, encoder_depth=6, decoder_depth=6, heads=12, head_width=1024,
+                    head_depth=2, head_cross=False),
+  'L': FlowARConfig(width=1024, encoder_depth=8, decoder_depth=8, heads=16, head_width=1024,
+                    head_depth=12, head_cross=True),
+  'H': FlowARConfig(width=1536, encoder_depth=15, decoder_depth=15, heads=16, head_width=1536,
+                    head_depth=12, head_cross=True),
+}
+# Tiny test shapes (both head block types), used by the tests and the `:tiny` configs.
+TINY = {
+  'S': FlowARConfig(width=64, encoder_depth=1, decoder_depth=1, heads=2, head_width=64,
+                    head_depth=1, head_cross=False, class_num=10),
+  'L': FlowARConfig(width=64, encoder_depth=1, decoder_depth=2, heads=2, head_width=128,
+                    head_depth=2, head_cross=True, class_num=10),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSettings:
+  """Official sampling settings: baseline = `upper` steps at every scale; DiSA = upper -> lower."""
+
+  cfg: float
+  guidance: float
+  upper: int
+  lower: int
+  disa_cfg: float | None = None    # the DiSA README's cfg where it differs (FlowAR-S: 4.2)
+
+
+OFFICIAL_SAMPLING = {
+  'S': SamplingSettings(cfg=4.3, guidance=0.9, upper=25, lower=15, disa_cfg=4.2),
+  'L': SamplingSettings(cfg=2.4, guidance=0.9, upper=25, lower=15),
+  'H': SamplingSettings(cfg=2.4, guidance=0.7, upper=50, lower=15),
+}
+
+
+def variant_key(name: str) -> str:
+  """'S' / 'L' / 'H' from 's', 'FlowAR-L', 'flowar_huge', ..."""
+  key = name.upper().removeprefix('FLOWAR-').removeprefix('FLOWAR_')
+  key = {'SMALL': 'S', 'LARGE': 'L', 'HUGE': 'H'}.get(key, key)
+  if key not in VARIANTS:
+    raise UserError(f'unknown FlowAR variant {name!r}; choose S, L or H')
+  return key
+
+
+def variant(name: str) -> FlowARConfig:
+  """The official architecture of a variant name."""
+  return VARIANTS[variant_key(name)]
+
+
+# CPU-sized stand-in: the official 341-token layout with tiny widths (random weights).
+CPU = FlowARConfig(width=64, encoder_depth=2, decoder_depth=2, heads=4, head_width=128,
+                   head_depth=2, head_cross=False)
+
+
+def parse_config_arg(arg: str | None) -> dict:
+  """'cpu' / 'tiny' / 'cpu,tiny' (the text after ':' in --config=configs/flowar/s.py:cpu)."""
+  out = {'cpu': False, 'tiny': False}
+  for item in (arg or '').split(','):
+    if not item:
+      continue
+    if item not in out:
+      raise UserError(f'unknown FlowAR config argument {item!r}; use cpu or tiny')
+    out[item] = True
+  return out
+
+
+def flowar_config(name: str, arg: str | None = None):
+  """ml_collections config of FlowAR-S/L/H (`model`, `sampling`, `runtime`, `tokenizer`)."""
+  import ml_collections
+
+  opts = parse_config_arg(arg)
+  key = variant_key(name)
+  official = OFFICIAL_SAMPLING[key]
+  if opts['tiny']:
+    arch = TINY['L' if VARIANTS[key].head_cross else 'S']
+  elif opts['cpu']:
+    arch = dataclasses.replace(CPU, head_cross=VARIANTS[key].head_cross)
+  else:
+    arch = VARIANTS[key]
+  c = ml_collections.ConfigDict()
+  c.system = 'flowar'
+  c.name = f'flowar_{key.lower()}' + ('-tiny' if opts['tiny'] else '-cpu' if opts['cpu'] else '')
+  c.variant = key
+  c.model = ml_collections.ConfigDict(arch.to_dict())
+  c.checkpoint = ''                 # directory written by `disa-convert flowar`
+  s = ml_collections.ConfigDict()
+  s.preset = 'disa'                 # 'disa' (DiSA README upper -> lower) | 'baseline' (official)
+  s.strategy = ''                   # '' = preset; or constant | linear | cosine | two-stage
+  s.upper_steps = official.upper
+  s.lower_steps = official.lower
+  s.steps = ''                      # explicit per-scale list "25,22,20,17,15" (overrides)
+  s.cfg = official.disa_cfg or official.cfg      # DiSA README cfg (S: 4.2; official S: 4.3)
+  s.baseline_cfg = official.cfg
+  s.guidance = official.guidance    # guided only while t <= guidance
+  s.num_images = 4 if (opts['cpu'] or opts['tiny']) else 8
+  s.batch_size = 4 if (opts['cpu'] or opts['tiny']) else 8
+  s.classes = ''
+  s.seed = 0
+  if opts['tiny']:
+    s.update(upper_steps=6, lower_steps=2, cfg=2.0, baseline_cfg=2.0)
+  c.sampling = s
+  r = ml_collections.ConfigDict()
+  r.matmul_precision = ''           # '' backend default, or 'highest' (parity runs)
+  r.compilation_cache = '~/.cache/disa_jax/xla'
+  r.num_devices = 0
+  c.runtime = r
+  t = ml_collections.ConfigDict()
+  t.kind = 'none' if (opts['cpu'] or opts['tiny']) else 'kl16'
+  t.vae = ''                        # directory written by `disa-convert vae`
+  t.scale = 0.2325                  # latent = tokens / 0.2325 before decoding
+  c.tokenizer = t
+  return c
