@@ -34,7 +34,7 @@ from disa_jax.systems.flowar.model import FlowAR, block_causal_mask
 ENTRIES = ('model_ema', 'model')
 
 
-class FlowARConversionError(ConversionError, UserError):
+class FlowARConversionError(ConversionError):
   """The weights file does not hold a valid FlowAR state dict; one line says what is wrong."""
 
 
