@@ -12,3 +12,5 @@ Public API (see each module's docstring for the math and the official file it ma
             load_converted, XARConversionError
   io        save_xar, load_xar
 """
+
+from disa_jax.systems.xar.system import SYSTEM  # noqa: E402,F401

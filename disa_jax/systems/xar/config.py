@@ -139,6 +139,7 @@ def parse_config_arg(arg: str | None) -> dict:
 def xar_config(name: str, arg: str | None = None):
   """ml_collections config of xAR-B/L/H (`model`, `sampling`, `runtime`, `tokenizer`)."""
   import ml_collections
+  from ml_collections import config_dict
 
   opts = parse_config_arg(arg)
   key = variant_key(name)
@@ -152,6 +153,7 @@ def xar_config(name: str, arg: str | None = None):
   c.model = ml_collections.ConfigDict(arch.to_dict())
   c.checkpoint = ''                 # directory written by `disa-convert xar`
   s = ml_collections.ConfigDict()
+  s.variant = key                   # whose README presets `preset` refers to
   s.preset = 'disa'                 # 'disa' (DiSA README 50 -> 15) | 'baseline' (xAR README)
   s.strategy = ''                   # '' = preset; or constant | linear | cosine | two-stage
   s.upper_steps = official.upper
@@ -159,6 +161,10 @@ def xar_config(name: str, arg: str | None = None):
   s.baseline_steps = official.baseline_steps
   s.steps = ''                      # explicit per-cell list "50,38,26,15" (overrides)
   s.cfg = official.cfg              # ramped per cell: (cfg - 1) s / 3 + 1
+  s.cfg_schedule = 'linear'         # the official per-cell ramp (the only one xAR has)
+  s.num_iter = arch.num_cells       # AR stages = cells (fixed by the architecture)
+  s.temperature = 1.0               # shared flag; the xAR sampler has no temperature
+  s.max_timestep = config_dict.placeholder(int)   # shared flag; unused by flow solvers
   s.num_images = 4 if small else 8
   s.batch_size = 4 if small else 8
   s.classes = ''
@@ -169,7 +175,7 @@ def xar_config(name: str, arg: str | None = None):
   r = ml_collections.ConfigDict()
   r.matmul_precision = ''           # '' backend default, or 'highest' (parity runs)
   r.compilation_cache = '~/.cache/disa_jax/xla'
-  r.num_devices = 0
+  r.num_devices = 1                 # the xAR sampler runs on one device
   c.runtime = r
   t = ml_collections.ConfigDict()
   t.kind = 'none' if small else 'kl16'

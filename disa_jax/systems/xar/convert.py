@@ -43,8 +43,9 @@ def _fail(msg: str):
   raise XARConversionError(' '.join(msg.split()))
 
 
-def read_state_dict(path) -> dict[str, np.ndarray]:
-  """The raw state dict of a weights file, dtypes preserved (safe loaders only)."""
+def read_state_dict(path, weights: str = 'ema') -> dict[str, np.ndarray]:
+  """The raw state dict of a weights file, dtypes preserved (safe loaders only); of a training
+  checkpoint the 'model_ema' entry (weights='ema') or 'model' (weights='raw')."""
   path = os.path.expanduser(os.fspath(path))
   if not os.path.isfile(path):
     _fail(f'xAR checkpoint {path} does not exist or is not a file; pass the .pth or '
@@ -66,7 +67,8 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
   if not isinstance(obj, Mapping):
     _fail(f'{path} holds a {type(obj).__name__}, not an xAR state dict')
   if not any(isinstance(v, torch.Tensor) for v in obj.values()):
-    entry = next((e for e in ENTRIES if isinstance(obj.get(e), Mapping)), None)
+    order = ENTRIES if weights == 'ema' else ENTRIES[::-1]
+    entry = next((e for e in order if isinstance(obj.get(e), Mapping)), None)
     if entry is None:
       _fail(f'{path} holds no state dict (entries: {", ".join(map(str, obj))}); pass the '
             'official xAR-*.pth file')
@@ -218,7 +220,7 @@ def load_converted(path) -> XAR:
 
 
 def convert(torch_checkpoint, out, *, overwrite: bool = False, variant: str | None = None,
-            **_flags) -> Path:
+            weights: str = 'ema', **_flags) -> Path:
   """`disa-convert xar`: weights file -> model directory `out` (written atomically)."""
   from disa_jax.convert.source import check_output
   from disa_jax.systems.xar.io import save_xar
@@ -227,7 +229,7 @@ def convert(torch_checkpoint, out, *, overwrite: bool = False, variant: str | No
     out = check_output(out, overwrite)
   except CheckpointError as e:
     raise XARConversionError(str(e)) from None
-  cfg, graphdef, state = convert_state(read_state_dict(torch_checkpoint))
+  cfg, graphdef, state = convert_state(read_state_dict(torch_checkpoint, weights))
   if variant:
     from disa_jax.systems.xar.config import variant as official
     want = official(variant)
