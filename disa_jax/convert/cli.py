@@ -22,6 +22,7 @@ KINDS = {
   'mar': 'MAR-B/L/H checkpoint-last.pth (model / model_ema) or mar-*.safetensors',
   'vae': 'KL-16 VAE kl16.ckpt / kl16.safetensors',
   'inception': 'FID Inception-v3 pt_inception-2015-12-05-6726825d.pth',
+  'xar': 'xAR-B/L/H.pth (flat state dict, official) or .safetensors',
 }
 
 
