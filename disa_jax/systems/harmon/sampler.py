@@ -164,12 +164,14 @@ class HarmonRunStats:
     return d
 
 
-def pad_prompts(prompts: Sequence[Sequence[int]], bucket: int, pad_id: int = 0):
-  """Right-padded ids [R, Lp] (Lp = longest rounded up to `bucket`) and validity [R, Lp]."""
+def pad_prompts(prompts: Sequence[Sequence[int]], bucket: int, pad_id: int = 0,
+                min_len: int = 0):
+  """Right-padded ids [R, Lp] (Lp = max(longest, min_len) rounded up to `bucket`) and
+  validity [R, Lp]."""
   if not prompts or any(len(p) == 0 for p in prompts):
     raise ValueError('every prompt needs at least one token')
   longest = max(len(p) for p in prompts)
-  lp = -(-longest // bucket) * bucket
+  lp = -(-max(longest, min_len) // bucket) * bucket
   ids = np.full((len(prompts), lp), pad_id, np.int32)
   valid = np.zeros((len(prompts), lp), bool)
   for r, p in enumerate(prompts):
@@ -192,13 +194,14 @@ class HarmonSampler:
 
   def __init__(self, model: Harmon, *, image_size: int | None = None, enc_bucket: int = 0,
                prompt_bucket: int = 16, max_head_waste: float = 0.05,
-               matmul_precision: str | None = None):
+               matmul_precision: str | None = None, mesh=None):
     if model.mar.config.img_size == model.config.mar.img_size:      # checkpoint shapes
       model = at_image_size(model, image_size)
     elif image_size and image_size != model.mar.config.img_size:
       raise ValueError(f'model is already resized to {model.mar.config.img_size} px; pass the '
                        f'checkpoint-shaped model to sample at {image_size} px')
     self.model = model
+    self.mesh = mesh
     self.config = model.config
     self.mar_config = model.mar.config
     self.graphdef, self.state = nnx.split(model)
@@ -217,6 +220,15 @@ class HarmonSampler:
     return make_plan(self.mar_config, batch_size=batch_size, steps=steps,
                      max_timestep=max_timestep, cfg=cfg, cfg_schedule=cfg_schedule,
                      enc_bucket=self.enc_bucket, max_head_waste=self.max_head_waste)
+
+  def compile(self, plan: SamplingPlan, *, prompt_len: int, timed: bool = False) -> float:
+    """Compiles every executable `plan` needs with prompt rows padded to `prompt_len`
+    (prefill, backbone buckets, head buckets); returns the seconds spent compiling."""
+    before = sum(self.compile_log.values())
+    rows = 2 * plan.batch_size if plan.use_cfg else plan.batch_size
+    lp = -(-prompt_len // self.prompt_bucket) * self.prompt_bucket
+    self._compile(plan, plan.batch_size, (rows, lp), explicit_noise=False, timed=timed)
+    return sum(self.compile_log.values()) - before
 
   def _precision(self):
     if self.matmul_precision:
@@ -238,13 +250,18 @@ class HarmonSampler:
                uncond_ids: Sequence[int] | None = None, steps: Sequence[int],
                max_timestep: int | None = None, cfg: float = 3.0,
                cfg_schedule: str = 'constant', temperature: float = 1.0, orders=None,
-               noise: Callable | None = None, timed: bool = False):
+               noise: Callable | None = None, timed: bool = False, image_ids=None,
+               progress: Callable | None = None, prompt_len: int = 0):
     """Token latents [B, L, C] for B tokenised prompts (cond ids, each a list of ints).
 
     uncond_ids: the tokenised unconditional prompt (required when cfg != 1). steps: requested
     diffusion steps per MAR iteration (len = K). orders [B, L] and noise(iter, n) ->
     (x_T [B, n, C], eps [A, B, n, C]) replace the internal randomness. timed: run the encoder,
     LLM, decoder and head as separately synchronised stages and report their seconds.
+    image_ids [B] (default 0..B-1) select each image's random stream under `key` (so an image
+    does not depend on the batch it is in). progress(iteration) is called after each MAR
+    iteration. prompt_len: pad the prompt rows to at least this length (one prefill shape for
+    every batch of a run).
     """
     steps = [int(s) for s in steps]
     b = len(prompt_ids)
@@ -252,7 +269,7 @@ class HarmonSampler:
     if use_cfg and not uncond_ids:
       raise ValueError('cfg != 1 needs the unconditional prompt ids (uncond_ids)')
     rows = [r for p in prompt_ids for r in ((p, uncond_ids) if use_cfg else (p,))]
-    ids, valid, longest = pad_prompts(rows, self.prompt_bucket)
+    ids, valid, longest = pad_prompts(rows, self.prompt_bucket, min_len=prompt_len)
     plan = self.plan(b, steps=steps, max_timestep=max_timestep, cfg=cfg,
                      cfg_schedule=cfg_schedule)
     stats = HarmonRunStats(plan=plan, prompt_len=ids.shape[1],
@@ -274,7 +291,8 @@ class HarmonSampler:
     stats.compile_s = sum(self.compile_log.values()) - compile_before
 
     t_start = time.perf_counter()
-    image_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(b, dtype=jnp.uint32))
+    image_ids = np.arange(b) if image_ids is None else np.asarray(image_ids)
+    image_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.asarray(image_ids, jnp.uint32))
     gen_orders = self._run('init', (image_keys,), dict(seq_len=seq))
     if orders is not None:
       gen_orders = jnp.asarray(np.asarray(orders, np.int32))
@@ -313,6 +331,8 @@ class HarmonSampler:
         tokens = self._run('head_explicit', (self.mar_state, z, pred_pos, pred_valid, tokens,
                                              x_init, eps, tables, *hs), hstatic)
       sync('head', t0, tokens)
+      if progress is not None:
+        progress(s.index)
     jax.block_until_ready(tokens)
     stats.wall_s = time.perf_counter() - t_start
     stats.phase_s = dict(phase)

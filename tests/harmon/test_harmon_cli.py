@@ -1,0 +1,136 @@
+"""Harmon through the shared commands: `disa-sample` end to end on the tiny config (a converted
+checkpoint, a KL-16 VAE directory, a tokenizer.json built offline with the `tokenizers`
+library, repeated --prompt flags and a prompts file), the sampler contract (per-image
+randomness independent of the batch), and bad inputs of the new flags (one `error:` line,
+exit status 2, nothing written)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from conftest import CACHE, REPO
+from harmon_helpers import tiny_harmon, write_tokenizer_json
+
+torch = pytest.importorskip('torch')
+pytest.importorskip('tokenizers')
+
+TINY = f'--config={REPO}/configs/harmon/0_5b.py:tiny'
+FAST = ('--num_iter=2', '--upper_steps=3', '--lower_steps=2')
+
+
+def run_cli(*args, tool='sample'):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+             PYTHONPATH=str(REPO))
+  cmd = [sys.executable, '-m', f'disa_jax.cli.{tool}', *args,
+         f'--config.runtime.compilation_cache={CACHE}']
+  if tool == 'sample':
+    cmd.append('--noprogress')
+  return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+
+
+@pytest.fixture(scope='module')
+def files(tmp_path_factory):
+  """tokenizer.json, a converted tiny Harmon and a small converted KL-16 VAE."""
+  from flax import nnx
+  from helpers import SMALL_VAE, torch_vae
+
+  from disa_jax.convert.cli import main as convert_main
+  from disa_jax.convert.mapping import flax_state_to_torch
+  from disa_jax.systems.harmon.convert import convert
+  from disa_jax.tokenizers.kl16 import VAEConfig
+
+  d = tmp_path_factory.mktemp('harmon_cli')
+  write_tokenizer_json(d / 'tokenizer.json')
+  sd = {k: torch.as_tensor(np.array(v)) for k, v in
+        flax_state_to_torch(nnx.state(tiny_harmon(seed=3))).items()}
+  torch.save(sd, d / 'harmon_tiny.pth')
+  convert(d / 'harmon_tiny.pth', d / 'harmon', num_heads=14, mar_num_heads=4)
+  torch.save({'model': torch_vae(VAEConfig(**SMALL_VAE), seed=1).state_dict()}, d / 'kl16.ckpt')
+  assert convert_main(['vae', '--torch-checkpoint', str(d / 'kl16.ckpt'),
+                       '--out', str(d / 'kl16')]) == 0
+  (d / 'prompts.txt').write_text('a red apple\n\na photo of a cat\n')
+  return d
+
+
+@pytest.mark.slow   # ~1-2 min of compiles on the shared 2-core machine
+def test_sample_writes_images_and_grid(files, tmp_path):
+  out = tmp_path / 'out'
+  r = run_cli(TINY, f'--checkpoint={files / "harmon"}', f'--vae={files / "kl16"}',
+              f'--tokenizer={files / "tokenizer.json"}', '--prompt=a red apple',
+              '--prompt=a photo of a cat', '--num_images=3', '--batch_size=2', *FAST,
+              f'--out={out}')
+  assert r.returncode == 0, r.stderr
+  assert f'checkpoint {files / "harmon"}' in r.stdout
+  assert sorted(os.listdir(out / 'images')) == ['000000.png', '000001.png', '000002.png']
+  from PIL import Image
+
+  img = np.asarray(Image.open(out / 'images' / '000002.png'))
+  assert img.shape == (128, 128, 3) and img.std() > 0      # 8 x 8 tokens x 16 px
+  assert np.asarray(Image.open(out / 'grid.png')).shape[0] >= 128
+  assert list(np.load(out / 'labels.npy')) == [0, 1, 0]    # prompt indices, cycled
+  m = json.loads((out / 'metrics.json').read_text())
+  assert m['num_images'] == 3 and m['num_iter'] == 2 and m['steps_requested'] == [3, 3]
+  # one prefill, one init, then the backbone / head buckets; every batch reuses them
+  assert m['compilations']['total'] == 2 + m['compilations']['backbone'] + \
+    m['compilations']['head']
+
+
+@pytest.mark.slow
+def test_sample_prompts_file_disa(files, tmp_path):
+  out = tmp_path / 'out'
+  r = run_cli(TINY, f'--tokenizer={files / "tokenizer.json"}',
+              f'--prompts_file={files / "prompts.txt"}', '--num_images=2', '--preset=disa',
+              *FAST, f'--out={out}')
+  assert r.returncode == 0, r.stderr
+  assert 'RANDOM WEIGHTS' in r.stdout
+  assert np.load(out / 'tokens.npy').shape == (2, 64, 16)
+  m = json.loads((out / 'metrics.json').read_text())
+  assert m['max_timestep'] == 950 and m['steps_requested'] == [3, 2]
+
+
+@pytest.mark.parametrize('args,message', [
+  (['--prompt=a cat'], 'no text tokenizer given; pass --tokenizer='),
+  (['--tokenizer=TOK'], 'no prompt given; pass --prompt='),
+  (['--tokenizer=/nonexistent/tokenizer.json', '--prompt=a cat'],
+   'tokenizer file /nonexistent/tokenizer.json does not exist'),
+  (['--tokenizer=TOK', '--prompts_file=/nonexistent/p.txt'],
+   'prompts file /nonexistent/p.txt does not exist'),
+  (['--tokenizer=TOK', '--prompt=   '], '--prompt must be one non-empty line'),
+])
+def test_bad_inputs(files, tmp_path, args, message):
+  out = tmp_path / 'out'
+  args = [a.replace('TOK', str(files / 'tokenizer.json')) for a in args]
+  r = run_cli(TINY, *args, f'--out={out}')
+  assert r.returncode == 2, r.stderr
+  lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+  assert len(lines) == 1 and lines[0].startswith('error: ') and message in lines[0], r.stderr
+  assert not out.exists() and not (tmp_path / 'out.partial').exists()
+
+
+def test_per_image_randomness_is_independent_of_the_batch(files):
+  """Image k's tokens depend on (key, k) only: batch [0, 1, 2, 3] and batch [2, 3] agree."""
+  from ml_collections import config_flags  # noqa: F401
+
+  from disa_jax.systems.harmon.config import harmon_config
+  from disa_jax.systems.harmon.system import SYSTEM
+
+  c = harmon_config('harmon_0_5b', tiny=True)
+  with c.unlocked():
+    c.tokenizer.text = str(files / 'tokenizer.json')
+    c.sampling.prompt = 'a red apple\na photo of a cat'
+  SYSTEM.validate(c)
+  model, _ = SYSTEM.build_model(c, seed=0)
+  sampler = SYSTEM.make_sampler(model, c, None)
+  conds = SYSTEM.conditions(c, 4)
+  steps = [3, 2]
+  key = jax.random.key(7)
+  kw = dict(steps=steps, max_timestep=950, cfg=3.0, cfg_schedule='constant')
+  full = np.asarray(sampler.generate(conds, key, image_ids=np.arange(4), **kw))
+  part = np.asarray(sampler.generate(conds[2:], key, image_ids=np.arange(2, 4), **kw))
+  np.testing.assert_allclose(part, full[2:], rtol=1e-5, atol=1e-5)
+  assert not np.allclose(full[0], full[2])     # same prompt, different image id
+  assert sampler.last_stats.compiles.get('prefill', 0) == 1   # new batch size: new prefill
