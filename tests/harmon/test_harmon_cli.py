@@ -33,6 +33,11 @@ def run_cli(*args, tool='sample'):
 
 
 @pytest.fixture(scope='module')
+def tokenizer(tmp_path_factory):
+  return write_tokenizer_json(tmp_path_factory.mktemp('harmon_tok') / 'tokenizer.json')
+
+
+@pytest.fixture(scope='module')
 def files(tmp_path_factory):
   """tokenizer.json, a converted tiny Harmon and a small converted KL-16 VAE."""
   from flax import nnx
@@ -95,15 +100,18 @@ def test_sample_prompts_file_disa(files, tmp_path):
 @pytest.mark.parametrize('args,message', [
   (['--prompt=a cat'], 'no text tokenizer given; pass --tokenizer='),
   (['--tokenizer=TOK'], 'no prompt given; pass --prompt='),
-  (['--tokenizer=/nonexistent/tokenizer.json', '--prompt=a cat'],
-   'tokenizer file /nonexistent/tokenizer.json does not exist'),
-  (['--tokenizer=TOK', '--prompts_file=/nonexistent/p.txt'],
-   'prompts file /nonexistent/p.txt does not exist'),
-  (['--tokenizer=TOK', '--prompt=   '], '--prompt must be one non-empty line'),
+  pytest.param(['--tokenizer=/nonexistent/tokenizer.json', '--prompt=a cat'],
+               'tokenizer file /nonexistent/tokenizer.json does not exist',
+               marks=pytest.mark.slow),
+  pytest.param(['--tokenizer=TOK', '--prompts_file=/nonexistent/p.txt'],
+               'prompts file /nonexistent/p.txt does not exist', marks=pytest.mark.slow),
+  pytest.param(['--tokenizer=TOK', '--prompt=   '], '--prompt must be one non-empty line',
+               marks=pytest.mark.slow),
 ])
-def test_bad_inputs(files, tmp_path, args, message):
+def test_bad_inputs(tokenizer, tmp_path, args, message):
+  """~30 s each (a fresh process importing jax); three rows run with the slow tests."""
   out = tmp_path / 'out'
-  args = [a.replace('TOK', str(files / 'tokenizer.json')) for a in args]
+  args = [a.replace('TOK', str(tokenizer)) for a in args]
   r = run_cli(TINY, *args, f'--out={out}')
   assert r.returncode == 2, r.stderr
   lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
@@ -111,16 +119,14 @@ def test_bad_inputs(files, tmp_path, args, message):
   assert not out.exists() and not (tmp_path / 'out.partial').exists()
 
 
-def test_per_image_randomness_is_independent_of_the_batch(files):
+def test_per_image_randomness_is_independent_of_the_batch(tokenizer):
   """Image k's tokens depend on (key, k) only: batch [0, 1, 2, 3] and batch [2, 3] agree."""
-  from ml_collections import config_flags  # noqa: F401
-
   from disa_jax.systems.harmon.config import harmon_config
   from disa_jax.systems.harmon.system import SYSTEM
 
   c = harmon_config('harmon_0_5b', tiny=True)
   with c.unlocked():
-    c.tokenizer.text = str(files / 'tokenizer.json')
+    c.tokenizer.text = str(tokenizer)
     c.sampling.prompt = 'a red apple\na photo of a cat'
   SYSTEM.validate(c)
   model, _ = SYSTEM.build_model(c, seed=0)
@@ -134,3 +140,22 @@ def test_per_image_randomness_is_independent_of_the_batch(files):
   np.testing.assert_allclose(part, full[2:], rtol=1e-5, atol=1e-5)
   assert not np.allclose(full[0], full[2])     # same prompt, different image id
   assert sampler.last_stats.compiles.get('prefill', 0) == 1   # new batch size: new prefill
+
+
+@pytest.mark.slow   # four settings, each compiled and timed twice (fused and phase-split)
+def test_bench_compares_baseline_and_three_disa_settings(tmp_path):
+  out = tmp_path / 'bench.json'
+  r = run_cli(TINY, '--batch_size=1', '--config.sampling.num_iter=2', f'--json_out={out}',
+              tool='bench')
+  assert r.returncode == 0, r.stderr
+  for name in ('baseline', 'disa_100_5', 'disa_50_5', 'disa_25_5'):
+    assert name in r.stdout
+  res = json.loads(out.read_text())
+  s = res['settings']
+  assert s['baseline']['steps_requested'] == 200 and s['disa_25_5']['steps_requested'] == 30
+  for e in s.values():
+    assert set(e['jax_phase_s']) == {'encoder', 'llm', 'decoder', 'head'}
+    assert all(v > 0 for v in e['jax_phase_s'].values())
+  # the head's FLOPs follow the steps; the backbone's do not
+  assert s['baseline']['tflop_per_image']['head'] > 3 * s['disa_25_5']['tflop_per_image']['head']
+  assert s['baseline']['tflop_per_image']['llm'] == s['disa_25_5']['tflop_per_image']['llm']

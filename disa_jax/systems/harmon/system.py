@@ -49,7 +49,9 @@ def load_model(path, *, expect_config=None, overrides=None):
   dtype = (overrides or {}).get('dtype') or (expect_config.dtype if expect_config else None)
   model = load_harmon(path, dtype=dtype)
   if expect_config is not None:
-    have = dataclasses.replace(model.config, image_size=expect_config.image_size)
+    # the run-time image size and attention splitting are the config's, not the checkpoint's
+    mar = dataclasses.replace(model.config.mar, attn_splits=expect_config.mar.attn_splits)
+    have = dataclasses.replace(model.config, image_size=expect_config.image_size, mar=mar)
     if have.llm != expect_config.llm or have.mar != expect_config.mar:
       raise UserError(f'{path} holds a different Harmon architecture than the config (LLM '
                       f'{model.config.llm.hidden_size} wide x {model.config.llm.num_hidden_layers}'
