@@ -159,3 +159,29 @@ def test_bench_compares_baseline_and_three_disa_settings(tmp_path):
   # the head's FLOPs follow the steps; the backbone's do not
   assert s['baseline']['tflop_per_image']['head'] > 3 * s['disa_25_5']['tflop_per_image']['head']
   assert s['baseline']['tflop_per_image']['llm'] == s['disa_25_5']['tflop_per_image']['llm']
+
+
+@pytest.mark.slow   # two samplers compiled (one on 8 devices): minutes on the shared CPU
+def test_eight_devices_give_the_same_tokens_as_one(tokenizer):
+  """The batch over the data axis of 8 (fake CPU) devices, parameters replicated: same tokens
+  as one device (cond / uncond rows of an image stay on one device)."""
+  from disa_jax import sharding as shd
+  from disa_jax.systems.harmon.config import harmon_config
+  from disa_jax.systems.harmon.system import SYSTEM
+
+  assert jax.device_count() == 8
+  c = harmon_config('harmon_0_5b', tiny=True)
+  with c.unlocked():
+    c.tokenizer.text = str(tokenizer)
+    c.sampling.prompt = 'a red apple\na photo of a cat\ntwo dogs'
+  model, _ = SYSTEM.build_model(c, seed=1)
+  conds = SYSTEM.conditions(c, 8)
+  kw = dict(steps=[3, 2], max_timestep=950, cfg=3.0, cfg_schedule='constant',
+            image_ids=np.arange(8))
+  key = jax.random.key(3)
+  one = np.asarray(SYSTEM.make_sampler(model, c, None).generate(conds, key, **kw))
+  mesh = shd.make_mesh(8)
+  sharded = SYSTEM.make_sampler(model, c, mesh)
+  out = sharded.generate(conds, key, **kw)
+  assert len(out.sharding.device_set) == 8
+  np.testing.assert_allclose(np.asarray(out), one, rtol=1e-5, atol=1e-5)

@@ -164,7 +164,37 @@ def disa_bench(config, *, batch_size: int, seed: int = 0, with_torch: bool = Fal
   out = run_model(model, sampler, args, variant=config.get('name', ''), prompt=prompt,
                   uncond=uncond)
   out['model'] = source
+  out.update(summary_runs(out, num_iter=args.num_iter, dtype=model.config.dtype))
   return out
+
+
+def summary_runs(result: dict, *, num_iter: int, dtype: str) -> dict:
+  """disa-bench's common per-run fields (what bench/gpu_suite.py tabulates): seconds per image,
+  images/s, speed-up, FLOP-predicted speed-up, achieved TFLOP/s and its fraction of a matmul
+  peak measured in this process."""
+  from disa_jax.benchmark import matmul_peak
+
+  peak = matmul_peak(jax.numpy.bfloat16 if dtype == 'bfloat16' else jax.numpy.float32)
+  dev = jax.devices()[0]
+  b = result['batch']
+  runs = []
+  for name, e in result['settings'].items():
+    upper, lower = (100, 100) if name == 'baseline' else DISA_PRESETS[name]
+    achieved = e['tflop_per_image_as_run']['total'] * b / e['jax_s']
+    t = {}
+    if 'torch_s' in e:
+      t = {'s_per_image': round(e['torch_s'] / b, 4),
+           'jax_over_torch': e['jax_speedup_vs_torch']}
+    runs.append({
+      'label': name, 'num_iter': num_iter, 'preset': 'mar' if name == 'baseline' else 'disa',
+      'upper_steps': upper, 'lower_steps': lower, 'strategy': 'linear',
+      'images_per_s': round(b / e['jax_s'], 4), 's_per_image': round(e['jax_s'] / b, 4),
+      'speedup': e.get('speedup_vs_baseline', 1.0),
+      'flop_speedup': e.get('flop_ratio_vs_baseline', 1.0),
+      'achieved_tflops': round(achieved, 4), 'fraction_of_matmul_peak': achieved * 1e12 / peak,
+      'compile_s': e['compile_s'], 'phase_s': e['jax_phase_s'], 'torch': t})
+  return {'runs': runs, 'dtype': dtype, 'batch_size': b, 'device_kind': dev.device_kind,
+          'devices': jax.device_count(), 'matmul_peak_tflops': round(peak / 1e12, 3)}
 
 
 def format_table(result: dict) -> str:

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from disa_jax import sharding as shd
 from disa_jax.diffusion.ddpm import device_tables
 from disa_jax.systems.harmon.model import Harmon, at_image_size
 from disa_jax.systems.mar.plan import SamplingPlan, make_plan
@@ -237,7 +238,26 @@ class HarmonSampler:
 
   def _run(self, name: str, args, static: dict):
     """Calls the AOT-compiled executable of `name` for these shapes (compiling if new)."""
-    return self._lower(name, args, static)(*args)
+    exe = self._lower(name, args, static)
+    if self.mesh is not None:   # each argument where the executable expects it (no-op if so)
+      args = jax.device_put(args, exe.input_shardings[0])
+    return exe(*args)
+
+  def _spec(self, ndim: int, axis: int = 0):
+    """The sharding of an array whose dimension `axis` is the batch (rows), or None."""
+    if self.mesh is None:
+      return None
+    spec = [None] * ndim
+    spec[axis] = shd.batch_sharded(self.mesh).spec[0]
+    return jax.sharding.NamedSharding(self.mesh, jax.P(*spec))
+
+  def _sds(self, shape, dtype, axis: int = 0):
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=self._spec(len(shape), axis))
+
+  def _put(self, x, axis: int = 0):
+    x = jnp.asarray(x)
+    sharding = self._spec(x.ndim, axis)
+    return x if sharding is None else jax.device_put(x, sharding)
 
   def _device_tables(self, requested: int, max_timestep):
     key = (requested, max_timestep)
@@ -292,14 +312,15 @@ class HarmonSampler:
 
     t_start = time.perf_counter()
     image_ids = np.arange(b) if image_ids is None else np.asarray(image_ids)
-    image_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.asarray(image_ids, jnp.uint32))
+    image_keys = self._put(jax.vmap(jax.random.fold_in, (None, 0))(
+      key, jnp.asarray(image_ids, jnp.uint32)))
     gen_orders = self._run('init', (image_keys,), dict(seq_len=seq))
     if orders is not None:
-      gen_orders = jnp.asarray(np.asarray(orders, np.int32))
+      gen_orders = self._put(np.asarray(orders, np.int32))
     t0 = time.perf_counter()
-    cache = sync('llm', t0, self._run('prefill', (st, jnp.asarray(ids), jnp.asarray(valid)),
+    cache = sync('llm', t0, self._run('prefill', (st, self._put(ids), self._put(valid)),
                                       dict(graphdef=gd)))
-    tokens = jnp.zeros((b, seq, ch), jnp.float32)
+    tokens = self._put(np.zeros((b, seq, ch), np.float32))
     for s in plan.steps:
       args = (tokens, gen_orders)
       scal = (jnp.int32(s.m_cur), jnp.int32(s.n_pred))
@@ -346,17 +367,21 @@ class HarmonSampler:
     seq, ch = self.mar_config.seq_len, self.mar_config.token_embed_dim
     gd, st = self.graphdef, self.state
     use_cfg = plan.use_cfg
-    sds = jax.ShapeDtypeStruct
+    sds = self._sds
     rows = 2 * b if use_cfg else b
-    keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), b))
+    k = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), b))
+    keys = jax.ShapeDtypeStruct(k.shape, k.dtype, sharding=self._spec(1))
     self._lower('init', (keys,), dict(seq_len=seq))
     ids = sds(ids_shape, jnp.int32)
     cache = jax.eval_shape(
       functools.partial(_prefill, graphdef=gd), st, ids, sds(ids_shape, jnp.bool_))
+    cache = dataclasses.replace(cache, keys=sds(cache.keys.shape, cache.keys.dtype, axis=1),
+                                values=sds(cache.values.shape, cache.values.dtype, axis=1),
+                                valid=sds(cache.valid.shape, cache.valid.dtype))
     self._lower('prefill', (st, ids, sds(ids_shape, jnp.bool_)), dict(graphdef=gd))
     tokens = sds((b, seq, ch), jnp.float32)
     orders = sds((b, seq), jnp.int32)
-    i32 = sds((), jnp.int32)
+    i32 = jax.ShapeDtypeStruct((), jnp.int32)
     dd = self.mar_config.decoder_embed_dim
     d = self.mar_config.encoder_embed_dim
     for vpad in plan.backbone_buckets:
@@ -376,7 +401,7 @@ class HarmonSampler:
     z = sds((b, *branch, plan.n_query, dd), jnp.float32)
     pos = sds((b, plan.n_query), jnp.int32)
     val = sds((b, plan.n_query), jnp.bool_)
-    f32 = sds((), jnp.float32)
+    f32 = jax.ShapeDtypeStruct((), jnp.float32)
     for a, n_pad in plan.head_buckets:
       req = next(s.requested_steps for s in plan.steps if s.actual_steps == a)
       tables = self._device_tables(req, plan.max_timestep)
@@ -384,7 +409,8 @@ class HarmonSampler:
       if explicit_noise:
         self._lower('head_explicit', (self.mar_state, z, pos, val, tokens,
                                       sds((b, n_pad, ch), jnp.float32),
-                                      sds((a, b, n_pad, ch), jnp.float32), tables, f32, f32),
+                                      sds((a, b, n_pad, ch), jnp.float32, axis=1), tables,
+                                      f32, f32),
                     static)
       else:
         self._lower('head', (self.mar_state, z, pos, val, tokens, keys, tables, f32, f32),
