@@ -185,3 +185,28 @@ def test_eight_devices_give_the_same_tokens_as_one(tokenizer):
   out = sharded.generate(conds, key, **kw)
   assert len(out.sharding.device_set) == 8
   np.testing.assert_allclose(np.asarray(out), one, rtol=1e-5, atol=1e-5)
+
+
+def test_bench_rows_fit_the_gpu_suite_table():
+  """Harmon's disa-bench result carries the common per-run fields the GPU suite tabulates."""
+  sys.path.insert(0, str(REPO / 'bench'))
+  import gpu_suite
+
+  from disa_jax.systems.harmon.bench import summary_runs
+
+  def entry(s, head):
+    return {'jax_s': s, 'compile_s': 1.0, 'jax_phase_s': {'encoder': 0.1, 'llm': 0.2,
+                                                          'decoder': 0.1, 'head': head},
+            'tflop_per_image_as_run': {'total': 0.5}, 'speedup_vs_baseline': 4.0 / s,
+            'flop_ratio_vs_baseline': 1.1}
+  result = {'batch': 2, 'backend': 'cpu', 'settings': {
+    'baseline': entry(4.0, 3.0), 'disa_50_5': entry(1.0, 0.5)}}
+  result.update(summary_runs(result, num_iter=8, dtype='float32'))
+  job = next(j for j in gpu_suite.JOBS if j.name == 'Harmon-1.5B b16')
+  rows = gpu_suite.rows(job, result)
+  assert [r['run'] for r in rows] == ['baseline', 'disa_50_5']
+  assert rows[1]['speedup'] == 4.0 and rows[1]['steps'] == '50->5 linear'
+  assert rows[0]['s_per_image'] == 2.0 and rows[0]['images_per_s'] == 0.5
+  table = gpu_suite.markdown({'mode': 'dry run', 'device': 'cpu', 'total_s': 1, 'budget_s': 2,
+                              'rows': rows, 'jobs': []})
+  assert '| Harmon-1.5B b16 | disa_50_5 |' in table
