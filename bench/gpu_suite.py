@@ -42,6 +42,8 @@ class Job:
   torch: bool = False       # also time the PyTorch reference (same weights, batch, schedule)
   dtypes: str = 'bfloat16'  # the official samplers run under bf16 autocast
   tiny_runs: str = 'base=mar:4:4,disa=disa:4:4:2:linear'
+  extra: tuple = ()         # further flags (full run)
+  tiny_extra: tuple = ()    # further flags (dry run)
 
 
 # MAR: official evaluation is K=64 AR steps, 100 diffusion steps, CFG linear; DiSA 50 -> 5.
@@ -53,6 +55,12 @@ JOBS = [
   Job('MAR-H', 'configs/mar_huge.py', 128, _MAR_RUNS, 150),
   Job('MAR-B K=256', 'configs/mar_base.py', 256, 'mar256=mar:256:100,disa64=disa:64:50:5:linear',
       120),
+  # Harmon-1.5B (random weights at the real shapes: timing does not depend on them; the spec's
+  # default prompt as token ids): baseline 100 steps vs DiSA 100 / 50 / 25 -> 5 in one process
+  # (Harmon's own disa-bench comparison; --runs / --dtypes do not apply), phase split included.
+  Job('Harmon-1.5B b1', 'configs/harmon/1_5b.py', 1, '', 240, dtypes='float32',
+      tiny_extra=('--config.sampling.num_iter=2',)),
+  Job('Harmon-1.5B b16', 'configs/harmon/1_5b.py', 16, '', 300, dtypes='float32'),
 ]
 
 
@@ -69,6 +77,7 @@ def command(job: Job, out_json: Path, *, dry_run: bool, devices: int = 1) -> lis
   argv.append(f'--dtypes={dtypes}')
   if job.torch:
     argv.append('--torch')
+  argv += list(job.tiny_extra if dry_run else job.extra)
   return argv
 
 

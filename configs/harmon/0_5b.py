@@ -2,12 +2,14 @@
 (64 iterations, constant CFG 3.0, 100 diffusion steps); DiSA with --config.sampling.preset=disa.
 
 Weights: harmon_0.5b.pth from the HF repo wusize/harmon, converted once:
-  python -c "from disa_jax.systems.harmon.convert import convert; \\
-             convert('harmon_0.5b.pth', 'ckpt/harmon_0_5b')"
-Sampling (CLI wiring pending; the Python API is disa_jax.systems.harmon.HarmonSampler):
-  disa-sample --config=configs/harmon/0_5b.py --checkpoint=ckpt/harmon_0_5b --vae=ckpt/kl16 \
-      --tokenizer=tokenizer.json --prompt="a red apple on a wooden table"
-Benchmark (random weights, CPU): python -m disa_jax.systems.harmon.bench --variant=harmon_0_5b
+  disa-convert harmon --torch-checkpoint harmon_0.5b.pth --out ckpt/harmon_0_5b
+Sampling (prompts by --prompt, repeatable, or --prompts_file=FILE; a Qwen2.5 tokenizer.json):
+  disa-sample --config=configs/harmon/0_5b.py --checkpoint=ckpt/harmon_0_5b --vae=ckpt/kl16 \\
+      --tokenizer=tokenizer.json --prompt="a red apple on a wooden table" --out=outputs/harmon
+  DiSA 50 -> 5: add --preset=disa --upper-steps=50 --lower-steps=5
+Benchmark (baseline vs DiSA 100/50/25 -> 5, phase split):
+  disa-bench --config=configs/harmon/0_5b.py --checkpoint=ckpt/harmon_0_5b --batch-size=16
+  (random weights at the real widths, CPU: python -m disa_jax.systems.harmon.bench)
 CPU stand-in (real head geometry, few layers, 256 px): --config=configs/harmon/0_5b.py:cpu
 Unit-test size: --config=configs/harmon/0_5b.py:tiny
 """

@@ -14,6 +14,11 @@ model calibrated on the baseline's backbone / head split). `--phases` adds a syn
 into backbone / head (/ VAE decode with --vae); `--torch` times the PyTorch reference
 (`reference.mar`: same weights, batch and schedule); `--dtypes` repeats
 everything per compute dtype and reports bfloat16's error against float32.
+
+Harmon configs (configs/harmon/*.py) run Harmon's own comparison instead
+(`disa_jax.systems.harmon.bench.disa_bench`): the baseline (100 steps) and DiSA 100 -> 5,
+50 -> 5, 25 -> 5 side by side, time split MAR encoder / LLM / MAR decoder / head:
+  disa-bench --config=configs/harmon/0_5b.py:cpu --batch-size=2 --config.sampling.num_iter=16
 """
 
 from __future__ import annotations
@@ -112,6 +117,8 @@ def _run(argv):
       config.checkpoint = FLAGS.checkpoint
     if FLAGS.vae:
       config.tokenizer.vae = FLAGS.vae
+  if _system_bench(config):
+    return
   try:
     specs = [RunSpec.parse(t) for t in FLAGS.runs.split(',') if t]
   except ValueError as e:
@@ -151,6 +158,37 @@ def _run(argv):
       print(format_table(res))
     if 'precision' in result:
       print('precision vs ' + (dtypes or ['float32'])[0] + ': ' + json.dumps(result['precision']))
+
+
+def _system_bench(config) -> bool:
+  """Systems with their own comparison (`disa_jax.systems.<name>.bench.disa_bench`, e.g.
+  Harmon: baseline vs the three DiSA settings with the phase split) run it here."""
+  import importlib
+
+  from disa_jax.systems.base import system_of
+
+  name = system_of(config).name
+  if name == 'mar':
+    return False
+  try:
+    module = importlib.import_module(f'disa_jax.systems.{name}.bench')
+  except ModuleNotFoundError:
+    return False
+  if not hasattr(module, 'disa_bench'):
+    return False
+  if FLAGS.batch_size < 1:
+    raise common.CliError('--batch_size must be >= 1')
+  log = (lambda m: print(m, file=sys.stderr, flush=True)) if FLAGS.json else print
+  result = module.disa_bench(config, batch_size=FLAGS.batch_size, seed=FLAGS.seed,
+                             with_torch=FLAGS.torch, torch_threads=FLAGS.torch_threads, log=log)
+  result['command'] = ' '.join(['disa-bench'] + sys.argv[1:])
+  if FLAGS.json_out:
+    common.write_json(FLAGS.json_out, result)
+  if FLAGS.json:
+    print(json.dumps(result, indent=2, sort_keys=True))
+  else:
+    print(module.format_table(result))
+  return True
 
 
 def run():

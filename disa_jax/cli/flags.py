@@ -8,7 +8,9 @@
   define_metric()    --metric, --inception, --ref_stats, --inception_batch_size, ...
   define_sampling()  --num_images, --batch_size, --classes, --seed, --preset, --strategy,
                      --upper_steps, --lower_steps, --steps, --num_iter, --cfg, --cfg_schedule,
-                     --temperature, --max_timestep
+                     --temperature, --max_timestep; and every system's own flags
+                     (`define_system_flags`: `disa_jax/systems/<name>/flags.py`, e.g. Harmon's
+                     --prompt, --prompts_file, --tokenizer), applied by the config's system
 Numeric flags are checked where they enter (range and finiteness, absl validators); the same
 rules are applied to the config after `--config.*` overrides by `validate_sampling`, so a value
 is refused whichever way it came in. The system of a config (`config.system`) adds its own
@@ -116,6 +118,18 @@ def define_sampling():
                            message='--temperature must be a finite number > 0')
   flags.register_validator('max_timestep', lambda v: v is None or _valid_max_timestep(v),
                            message='--max_timestep must be in [1, 999], or -1 for no clamp')
+  define_system_flags()
+
+
+def define_system_flags():
+  """Defines the flags of every system that has a `flags.py` (its `define()`; the names are
+  the system's `System.flag_names`). Found by file, so no system package is imported here."""
+  import disa_jax.systems as systems_pkg
+
+  for root in systems_pkg.__path__:
+    for name in sorted(os.listdir(root)):
+      if os.path.isfile(os.path.join(root, name, 'flags.py')):
+        importlib.import_module(f'disa_jax.systems.{name}.flags').define()
 
 
 def _valid_max_timestep(v) -> bool:
@@ -137,7 +151,32 @@ def apply_model_and_sampling(config):
         config.tokenizer.vae = FLAGS.vae
         if config.tokenizer.kind == 'none':    # CPU/tiny configs: --vae asks for images
           config.tokenizer.kind = 'kl16'
+    _apply_system_flags(config)
   return config
+
+
+def _apply_system_flags(config):
+  """The config's system copies its own flags (`System.flag_names`) into the config."""
+  from disa_jax.systems.base import system_of
+
+  system = system_of(config)
+  if system.flag_names:
+    importlib.import_module(f'disa_jax.systems.{system.name}.flags').apply(config)
+  given = [n for n in _system_flag_names() - set(system.flag_names)
+           if n in FLAGS and FLAGS[n].present]
+  if given:
+    raise UserError(f'--{given[0]} does not apply to {system.name} configs; drop it')
+
+
+def _system_flag_names() -> set:
+  import disa_jax.systems as systems_pkg
+
+  names = set()
+  for root in systems_pkg.__path__:
+    for name in os.listdir(root):
+      if os.path.isfile(os.path.join(root, name, 'flags.py')):
+        names.update(importlib.import_module(f'disa_jax.systems.{name}.flags').FLAG_NAMES)
+  return names
 
 
 def validate_sampling(config) -> None:
@@ -173,7 +212,9 @@ def input_paths(config) -> list[str]:
   """The paths a sampling run reads (an output must never replace one of them)."""
   paths = [config.get('checkpoint', '')]
   if 'tokenizer' in config:
-    paths.append(config.tokenizer.get('vae', ''))
+    paths += [config.tokenizer.get('vae', ''), config.tokenizer.get('text', '')]
+  if 'sampling' in config:
+    paths.append(config.sampling.get('prompts_file', ''))
   return [p for p in paths if p]
 
 

@@ -45,3 +45,28 @@ def prompts(rows, lengths, vocab=512, seed=0, pad_id=0):
 def max_rel_error(a, b) -> float:
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+
+
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"
+               r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def write_tokenizer_json(path, vocab_size=400):
+  """A Qwen2-style byte-level BPE tokenizer.json built offline with the `tokenizers` library
+  (Qwen2 split regex, byte-level, the three chat special tokens); ids < vocab_size."""
+  from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+  tok = Tokenizer(models.BPE())
+  tok.normalizer = normalizers.NFC()
+  tok.pre_tokenizer = pre_tokenizers.Sequence([
+    pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior='isolated'),
+    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+  tok.decoder = decoders.ByteLevel()
+  corpus = ['Generate an image: a red apple on a wooden table.', 'a photo of a cat',
+            'Generate an image.', 'two dogs and 3 cats, 4K photo'] * 20
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[
+    '<|endoftext|>', '<|im_start|>', '<|im_end|>'],
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator(corpus, trainer)
+  tok.save(str(path))
+  return path

@@ -61,10 +61,22 @@ def run(args) -> dict:
                      layers=args.llm_layers, mar_depth=args.mar_depth)
   model = Harmon(cfg, rngs=nnx.Rngs(0))
   sampler = HarmonSampler(model, enc_bucket=args.enc_bucket)
+  return run_model(model, sampler, args, variant=args.variant)
+
+
+def spec_prompts(vocab: int):
+  """The spec's default prompt and the unconditional prompt as token ids (mod `vocab`)."""
+  return [t % vocab for t in PROMPT], [t % vocab for t in UNCOND]
+
+
+def run_model(model, sampler, args, *, variant: str, prompt=None, uncond=None) -> dict:
+  """Times every setting of `args.settings` on `model` (one process, side by side)."""
+  cfg = dataclasses.replace(model.config, image_size=sampler.mar_config.img_size)
   b = args.batch
-  prompts = [[t % args.vocab for t in PROMPT]] * b
-  uncond = [t % args.vocab for t in UNCOND]
-  out = {'variant': args.variant, 'image_size': args.image_size, 'num_iter': args.num_iter,
+  if prompt is None:
+    prompt, uncond = spec_prompts(cfg.llm.vocab_size)
+  prompts = [list(prompt)] * b
+  out = {'variant': variant, 'image_size': cfg.image_size, 'num_iter': args.num_iter,
          'batch': b, 'cfg': 3.0, 'llm_layers': cfg.llm.num_hidden_layers,
          'mar_depth': cfg.mar.encoder_depth, 'enc_bucket': sampler.enc_bucket,
          'backend': jax.default_backend(), 'settings': {}}
@@ -96,8 +108,8 @@ def run(args) -> dict:
     sampler.generate(prompts, key, timed=True, **kw)
     timed = sampler.last_stats.as_dict()
     plan = sampler.last_stats.plan
-    flops = harmon_flops(cfg, plan, prompt_len=len(PROMPT), uncond_len=len(UNCOND))
-    run_flops = harmon_flops(cfg, plan, prompt_len=len(PROMPT), uncond_len=len(UNCOND),
+    flops = harmon_flops(cfg, plan, prompt_len=len(prompt), uncond_len=len(uncond))
+    run_flops = harmon_flops(cfg, plan, prompt_len=len(prompt), uncond_len=len(uncond),
                              padded_prompt=fused['prompt_len'], official=False)
     entry = {'jax_s': fused['wall_s'], 'jax_timed_s': timed['wall_s'],
              'jax_phase_s': timed['phase_s'], 'compile_s': first['compile_s'] + timed['compile_s'],
@@ -125,6 +137,81 @@ def run(args) -> dict:
       e['flop_ratio_vs_baseline'] = round(base['tflop_per_image']['total']
                                           / e['tflop_per_image']['total'], 3)
   return out
+
+
+def disa_bench(config, *, batch_size: int, seed: int = 0, with_torch: bool = False,
+               torch_threads: int = 0, settings=SETTINGS, log=print) -> dict:
+  """`disa-bench` on a Harmon config: the baseline (100 steps) and the three DiSA settings
+  (100 / 50 / 25 -> 5, clamp 950) side by side on the config's model (checkpoint or random
+  weights) at `config.sampling.num_iter` iterations, with the phase split MAR encoder / LLM /
+  MAR decoder / head. Prompts: the config's (with its tokenizer) if given, else the spec's
+  default prompt as token ids."""
+  from disa_jax.systems.harmon import system
+
+  model, source = system.build_model(config, seed=seed)
+  rt = config.runtime
+  sampler = HarmonSampler(model, enc_bucket=rt.enc_bucket, prompt_bucket=rt.prompt_bucket,
+                          max_head_waste=rt.max_head_waste,
+                          matmul_precision=rt.matmul_precision or None)
+  prompt = uncond = None
+  if config.tokenizer.get('text'):
+    ids, uncond = system.encoded_prompts(config)
+    prompt = ids[0]
+  args = argparse.Namespace(batch=batch_size, num_iter=config.sampling.num_iter,
+                            settings=list(settings), torch=with_torch,
+                            torch_settings=list(settings), threads=torch_threads or 2)
+  log(f'model: {config.get("name", "?")} ({source}); settings {", ".join(settings)}')
+  out = run_model(model, sampler, args, variant=config.get('name', ''), prompt=prompt,
+                  uncond=uncond)
+  out['model'] = source
+  out.update(summary_runs(out, num_iter=args.num_iter, dtype=model.config.dtype))
+  return out
+
+
+def summary_runs(result: dict, *, num_iter: int, dtype: str) -> dict:
+  """disa-bench's common per-run fields (what bench/gpu_suite.py tabulates): seconds per image,
+  images/s, speed-up, FLOP-predicted speed-up, achieved TFLOP/s and its fraction of a matmul
+  peak measured in this process."""
+  from disa_jax.benchmark import matmul_peak
+
+  peak = matmul_peak(jax.numpy.bfloat16 if dtype == 'bfloat16' else jax.numpy.float32)
+  dev = jax.devices()[0]
+  b = result['batch']
+  runs = []
+  for name, e in result['settings'].items():
+    upper, lower = (100, 100) if name == 'baseline' else DISA_PRESETS[name]
+    achieved = e['tflop_per_image_as_run']['total'] * b / e['jax_s']
+    t = {}
+    if 'torch_s' in e:
+      t = {'s_per_image': round(e['torch_s'] / b, 4),
+           'jax_over_torch': e['jax_speedup_vs_torch']}
+    runs.append({
+      'label': name, 'num_iter': num_iter, 'preset': 'mar' if name == 'baseline' else 'disa',
+      'upper_steps': upper, 'lower_steps': lower, 'strategy': 'linear',
+      'images_per_s': round(b / e['jax_s'], 4), 's_per_image': round(e['jax_s'] / b, 4),
+      'speedup': e.get('speedup_vs_baseline', 1.0),
+      'flop_speedup': e.get('flop_ratio_vs_baseline', 1.0),
+      'achieved_tflops': round(achieved, 4), 'fraction_of_matmul_peak': achieved * 1e12 / peak,
+      'compile_s': e['compile_s'], 'phase_s': e['jax_phase_s'], 'torch': t})
+  return {'runs': runs, 'dtype': dtype, 'batch_size': b, 'device_kind': dev.device_kind,
+          'devices': jax.device_count(), 'matmul_peak_tflops': round(peak / 1e12, 3)}
+
+
+def format_table(result: dict) -> str:
+  """One row per setting: seconds, speed-up, FLOP ratio and the phase split."""
+  head = (f'{"setting":<12} {"s/batch":>8} {"speedup":>8} {"flop x":>7} {"encoder":>8} '
+          f'{"llm":>8} {"decoder":>8} {"head":>8} {"head %":>7}')
+  lines = [f'{result.get("variant", "")}: batch {result["batch"]}, {result["num_iter"]} '
+           f'iterations, {result["image_size"]} px ({result["backend"]})', head]
+  for name, e in result['settings'].items():
+    ph = e['jax_phase_s']
+    total = sum(ph.values()) or 1.0
+    lines.append(f'{name:<12} {e["jax_s"]:>8.3f} {e.get("speedup_vs_baseline", 1.0):>8.2f} '
+                 f'{e.get("flop_ratio_vs_baseline", 1.0):>7.2f} '
+                 + ' '.join(f'{ph.get(k, 0.0):>8.3f}' for k in ('encoder', 'llm', 'decoder',
+                                                                  'head'))
+                 + f' {100 * ph.get("head", 0.0) / total:>6.1f}%')
+  return '\n'.join(lines)
 
 
 def main(argv=None):

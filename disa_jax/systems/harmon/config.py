@@ -109,7 +109,7 @@ def harmon_config(variant: str, *, cpu: bool = False, tiny: bool = False):
   """The ml_collections config of `configs/harmon/*.py` (`config.system = 'harmon'`)."""
   import ml_collections
 
-  from disa_jax.config import runtime_config, sampling_config
+  from disa_jax.config import runtime_config, sampling_config, tokenizer_config
 
   if variant not in VARIANTS:
     raise ValueError(f'unknown Harmon variant {variant!r}; choose one of {sorted(VARIANTS)}')
@@ -118,17 +118,20 @@ def harmon_config(variant: str, *, cpu: bool = False, tiny: bool = False):
   c.system = 'harmon'
   c.name = variant + ('-tiny' if tiny else '-cpu' if cpu else '')
   c.model = ml_collections.ConfigDict(arch.to_dict())
-  c.checkpoint = ''              # directory written by disa_jax.systems.harmon.convert
-  c.vae = ''                     # KL-16 VAE directory (`disa-convert vae`; kl16.ckpt)
-  c.tokenizer = ''               # path to a Qwen2.5 tokenizer.json (no download)
+  c.checkpoint = ''              # directory written by `disa-convert harmon`
+  # Image decoder: KL-16 VAE directory (`disa-convert vae`; kl16.ckpt, --vae) and the text
+  # tokenizer: a Qwen2.5 tokenizer.json (--tokenizer; no download). The CPU / tiny stand-ins
+  # write tokens and a latent preview unless --vae is given.
+  c.tokenizer = tokenizer_config(kind='none' if (cpu or tiny) else 'kl16', scale=VAE_SCALE)
+  c.tokenizer.text = ''
   # Official scripts/text2image.py defaults: 64 iterations, constant CFG 3.0, temperature 1,
   # 100 diffusion steps at every iteration without the clamp ('mar' preset = Harmon baseline);
-  # --config.sampling.preset=disa --config.sampling.upper_steps=50 gives DiSA 50 -> 5 (clamp 950).
+  # --preset=disa --upper-steps=50 gives DiSA 50 -> 5 (clamp 950).
   c.sampling = sampling_config(preset='mar', upper_steps=100, lower_steps=5, num_iter=64,
                                cfg=3.0, cfg_schedule='constant', temperature=1.0,
                                num_images=4, batch_size=4)
-  c.sampling.prompt = 'a photo of a cat'
-  c.sampling.prompts_file = ''   # one prompt per line (overrides `prompt`)
+  c.sampling.prompt = ''         # --prompt (repeatable: several prompts joined by newlines)
+  c.sampling.prompts_file = ''   # --prompts_file: one prompt per line (replaces `prompt`)
   c.sampling.cfg_prompt = UNCOND_TEXT
   c.sampling.append_period = False   # batch_text2image.py appends '.' to each prompt
   if cpu or tiny:
@@ -137,6 +140,7 @@ def harmon_config(variant: str, *, cpu: bool = False, tiny: bool = False):
     c.sampling.update(num_iter=4, upper_steps=10, lower_steps=3)
   c.runtime = runtime_config(enc_bucket=0)
   c.runtime.prompt_bucket = 16
+  c.lock()
   return c
 
 

@@ -136,12 +136,17 @@ def harmon_from_state_dict(state_dict: Mapping[str, np.ndarray], *, variant: str
 
 
 def convert(checkpoint, out, *, variant: str | None = None, dtype: str = 'float32',
-            overwrite: bool = False, **heads) -> Path:
+            overwrite: bool = False, weights: str = 'ema', **heads) -> Path:
   """Converts `harmon_{0.5b,1.5b}.pth` (flat state dict, loaded with weights_only=True) or an
   HF-format `model.safetensors` into the model directory `out` (written atomically).
 
   dtype: 'float32' (the released bf16 values are exact in fp32) or 'bfloat16'.
+  weights: `disa-convert`'s --weights; Harmon releases one set of weights, so only the default
+  'ema' (= the released weights) is accepted.
   """
+  if weights != 'ema':
+    raise CheckpointError(f'--weights={weights} does not apply to Harmon (one released set of '
+                          'weights); drop it')
   if dtype not in ('float32', 'bfloat16'):
     raise CheckpointError(f'dtype must be float32 or bfloat16, got {dtype!r}')
   out = source.check_output(out, overwrite)

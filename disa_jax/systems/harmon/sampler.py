@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from disa_jax import sharding as shd
 from disa_jax.diffusion.ddpm import device_tables
 from disa_jax.systems.harmon.model import Harmon, at_image_size
 from disa_jax.systems.mar.plan import SamplingPlan, make_plan
@@ -164,12 +165,14 @@ class HarmonRunStats:
     return d
 
 
-def pad_prompts(prompts: Sequence[Sequence[int]], bucket: int, pad_id: int = 0):
-  """Right-padded ids [R, Lp] (Lp = longest rounded up to `bucket`) and validity [R, Lp]."""
+def pad_prompts(prompts: Sequence[Sequence[int]], bucket: int, pad_id: int = 0,
+                min_len: int = 0):
+  """Right-padded ids [R, Lp] (Lp = max(longest, min_len) rounded up to `bucket`) and
+  validity [R, Lp]."""
   if not prompts or any(len(p) == 0 for p in prompts):
     raise ValueError('every prompt needs at least one token')
   longest = max(len(p) for p in prompts)
-  lp = -(-longest // bucket) * bucket
+  lp = -(-max(longest, min_len) // bucket) * bucket
   ids = np.full((len(prompts), lp), pad_id, np.int32)
   valid = np.zeros((len(prompts), lp), bool)
   for r, p in enumerate(prompts):
@@ -192,13 +195,14 @@ class HarmonSampler:
 
   def __init__(self, model: Harmon, *, image_size: int | None = None, enc_bucket: int = 0,
                prompt_bucket: int = 16, max_head_waste: float = 0.05,
-               matmul_precision: str | None = None):
+               matmul_precision: str | None = None, mesh=None):
     if model.mar.config.img_size == model.config.mar.img_size:      # checkpoint shapes
       model = at_image_size(model, image_size)
     elif image_size and image_size != model.mar.config.img_size:
       raise ValueError(f'model is already resized to {model.mar.config.img_size} px; pass the '
                        f'checkpoint-shaped model to sample at {image_size} px')
     self.model = model
+    self.mesh = mesh
     self.config = model.config
     self.mar_config = model.mar.config
     self.graphdef, self.state = nnx.split(model)
@@ -218,6 +222,15 @@ class HarmonSampler:
                      max_timestep=max_timestep, cfg=cfg, cfg_schedule=cfg_schedule,
                      enc_bucket=self.enc_bucket, max_head_waste=self.max_head_waste)
 
+  def compile(self, plan: SamplingPlan, *, prompt_len: int, timed: bool = False) -> float:
+    """Compiles every executable `plan` needs with prompt rows padded to `prompt_len`
+    (prefill, backbone buckets, head buckets); returns the seconds spent compiling."""
+    before = sum(self.compile_log.values())
+    rows = 2 * plan.batch_size if plan.use_cfg else plan.batch_size
+    lp = -(-prompt_len // self.prompt_bucket) * self.prompt_bucket
+    self._compile(plan, plan.batch_size, (rows, lp), explicit_noise=False, timed=timed)
+    return sum(self.compile_log.values()) - before
+
   def _precision(self):
     if self.matmul_precision:
       return jax.default_matmul_precision(self.matmul_precision)
@@ -225,7 +238,26 @@ class HarmonSampler:
 
   def _run(self, name: str, args, static: dict):
     """Calls the AOT-compiled executable of `name` for these shapes (compiling if new)."""
-    return self._lower(name, args, static)(*args)
+    exe = self._lower(name, args, static)
+    if self.mesh is not None:   # each argument where the executable expects it (no-op if so)
+      args = jax.device_put(args, exe.input_shardings[0])
+    return exe(*args)
+
+  def _spec(self, ndim: int, axis: int = 0):
+    """The sharding of an array whose dimension `axis` is the batch (rows), or None."""
+    if self.mesh is None:
+      return None
+    spec = [None] * ndim
+    spec[axis] = shd.batch_sharded(self.mesh).spec[0]
+    return jax.sharding.NamedSharding(self.mesh, jax.P(*spec))
+
+  def _sds(self, shape, dtype, axis: int = 0):
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=self._spec(len(shape), axis))
+
+  def _put(self, x, axis: int = 0):
+    x = jnp.asarray(x)
+    sharding = self._spec(x.ndim, axis)
+    return x if sharding is None else jax.device_put(x, sharding)
 
   def _device_tables(self, requested: int, max_timestep):
     key = (requested, max_timestep)
@@ -238,13 +270,18 @@ class HarmonSampler:
                uncond_ids: Sequence[int] | None = None, steps: Sequence[int],
                max_timestep: int | None = None, cfg: float = 3.0,
                cfg_schedule: str = 'constant', temperature: float = 1.0, orders=None,
-               noise: Callable | None = None, timed: bool = False):
+               noise: Callable | None = None, timed: bool = False, image_ids=None,
+               progress: Callable | None = None, prompt_len: int = 0):
     """Token latents [B, L, C] for B tokenised prompts (cond ids, each a list of ints).
 
     uncond_ids: the tokenised unconditional prompt (required when cfg != 1). steps: requested
     diffusion steps per MAR iteration (len = K). orders [B, L] and noise(iter, n) ->
     (x_T [B, n, C], eps [A, B, n, C]) replace the internal randomness. timed: run the encoder,
     LLM, decoder and head as separately synchronised stages and report their seconds.
+    image_ids [B] (default 0..B-1) select each image's random stream under `key` (so an image
+    does not depend on the batch it is in). progress(iteration) is called after each MAR
+    iteration. prompt_len: pad the prompt rows to at least this length (one prefill shape for
+    every batch of a run).
     """
     steps = [int(s) for s in steps]
     b = len(prompt_ids)
@@ -252,7 +289,7 @@ class HarmonSampler:
     if use_cfg and not uncond_ids:
       raise ValueError('cfg != 1 needs the unconditional prompt ids (uncond_ids)')
     rows = [r for p in prompt_ids for r in ((p, uncond_ids) if use_cfg else (p,))]
-    ids, valid, longest = pad_prompts(rows, self.prompt_bucket)
+    ids, valid, longest = pad_prompts(rows, self.prompt_bucket, min_len=prompt_len)
     plan = self.plan(b, steps=steps, max_timestep=max_timestep, cfg=cfg,
                      cfg_schedule=cfg_schedule)
     stats = HarmonRunStats(plan=plan, prompt_len=ids.shape[1],
@@ -274,14 +311,16 @@ class HarmonSampler:
     stats.compile_s = sum(self.compile_log.values()) - compile_before
 
     t_start = time.perf_counter()
-    image_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(b, dtype=jnp.uint32))
+    image_ids = np.arange(b) if image_ids is None else np.asarray(image_ids)
+    image_keys = self._put(jax.vmap(jax.random.fold_in, (None, 0))(
+      key, jnp.asarray(image_ids, jnp.uint32)))
     gen_orders = self._run('init', (image_keys,), dict(seq_len=seq))
     if orders is not None:
-      gen_orders = jnp.asarray(np.asarray(orders, np.int32))
+      gen_orders = self._put(np.asarray(orders, np.int32))
     t0 = time.perf_counter()
-    cache = sync('llm', t0, self._run('prefill', (st, jnp.asarray(ids), jnp.asarray(valid)),
+    cache = sync('llm', t0, self._run('prefill', (st, self._put(ids), self._put(valid)),
                                       dict(graphdef=gd)))
-    tokens = jnp.zeros((b, seq, ch), jnp.float32)
+    tokens = self._put(np.zeros((b, seq, ch), np.float32))
     for s in plan.steps:
       args = (tokens, gen_orders)
       scal = (jnp.int32(s.m_cur), jnp.int32(s.n_pred))
@@ -313,6 +352,8 @@ class HarmonSampler:
         tokens = self._run('head_explicit', (self.mar_state, z, pred_pos, pred_valid, tokens,
                                              x_init, eps, tables, *hs), hstatic)
       sync('head', t0, tokens)
+      if progress is not None:
+        progress(s.index)
     jax.block_until_ready(tokens)
     stats.wall_s = time.perf_counter() - t_start
     stats.phase_s = dict(phase)
@@ -326,17 +367,21 @@ class HarmonSampler:
     seq, ch = self.mar_config.seq_len, self.mar_config.token_embed_dim
     gd, st = self.graphdef, self.state
     use_cfg = plan.use_cfg
-    sds = jax.ShapeDtypeStruct
+    sds = self._sds
     rows = 2 * b if use_cfg else b
-    keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), b))
+    k = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), b))
+    keys = jax.ShapeDtypeStruct(k.shape, k.dtype, sharding=self._spec(1))
     self._lower('init', (keys,), dict(seq_len=seq))
     ids = sds(ids_shape, jnp.int32)
     cache = jax.eval_shape(
       functools.partial(_prefill, graphdef=gd), st, ids, sds(ids_shape, jnp.bool_))
+    cache = dataclasses.replace(cache, keys=sds(cache.keys.shape, cache.keys.dtype, axis=1),
+                                values=sds(cache.values.shape, cache.values.dtype, axis=1),
+                                valid=sds(cache.valid.shape, cache.valid.dtype))
     self._lower('prefill', (st, ids, sds(ids_shape, jnp.bool_)), dict(graphdef=gd))
     tokens = sds((b, seq, ch), jnp.float32)
     orders = sds((b, seq), jnp.int32)
-    i32 = sds((), jnp.int32)
+    i32 = jax.ShapeDtypeStruct((), jnp.int32)
     dd = self.mar_config.decoder_embed_dim
     d = self.mar_config.encoder_embed_dim
     for vpad in plan.backbone_buckets:
@@ -356,7 +401,7 @@ class HarmonSampler:
     z = sds((b, *branch, plan.n_query, dd), jnp.float32)
     pos = sds((b, plan.n_query), jnp.int32)
     val = sds((b, plan.n_query), jnp.bool_)
-    f32 = sds((), jnp.float32)
+    f32 = jax.ShapeDtypeStruct((), jnp.float32)
     for a, n_pad in plan.head_buckets:
       req = next(s.requested_steps for s in plan.steps if s.actual_steps == a)
       tables = self._device_tables(req, plan.max_timestep)
@@ -364,7 +409,8 @@ class HarmonSampler:
       if explicit_noise:
         self._lower('head_explicit', (self.mar_state, z, pos, val, tokens,
                                       sds((b, n_pad, ch), jnp.float32),
-                                      sds((a, b, n_pad, ch), jnp.float32), tables, f32, f32),
+                                      sds((a, b, n_pad, ch), jnp.float32, axis=1), tables,
+                                      f32, f32),
                     static)
       else:
         self._lower('head', (self.mar_state, z, pos, val, tokens, keys, tables, f32, f32),
