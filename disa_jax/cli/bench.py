@@ -28,6 +28,7 @@ from disa_jax.cli import flags as cli_flags
 
 _CONFIG = cli_flags.define_config()
 cli_flags.define_model()
+cli_flags.define_system_flags()
 flags.DEFINE_integer('batch_size', 4, 'Batch size (images per run).')
 flags.DEFINE_string('runs', 'mar256=mar:256:100,mar64=mar:64:100,disa64=disa:64:50:5:linear',
                     'Comma-separated runs label=preset:num_iter:upper[:lower[:strategy]]; '
@@ -107,6 +108,10 @@ def _run(argv):
   config = common.config_value(_CONFIG)
   common.check_config(config)
   common.setup_runtime(config)
+  own = cli_flags.system_command(config, 'bench')
+  if own is not None:          # a system with its own command body (D-AR)
+    own(config)
+    return
   with config.unlocked():
     if FLAGS.checkpoint:
       config.checkpoint = FLAGS.checkpoint
