@@ -106,12 +106,13 @@ def _run(argv):
   from disa_jax.benchmark import RunSpec, format_table
 
   config = common.config_value(_CONFIG)
-  common.check_config(config)
-  common.setup_runtime(config)
-  own = cli_flags.system_command(config, 'bench')
-  if own is not None:          # a system with its own command body (D-AR)
+  own = cli_flags.system_command(config, 'bench') if config is not None else None
+  if own is not None:          # a system with its own command body and checks (D-AR)
+    common.setup_runtime(config)
     own(config)
     return
+  common.check_config(config)
+  common.setup_runtime(config)
   with config.unlocked():
     if FLAGS.checkpoint:
       config.checkpoint = FLAGS.checkpoint

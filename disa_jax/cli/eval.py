@@ -280,12 +280,12 @@ def _round(v):
 def _run(argv):
   del argv
   config = common.config_value(_CONFIG)
-  common.check_config(config)
-  own = cli_flags.system_command(config, 'eval')
-  if own is not None:          # a system with its own command body (D-AR)
+  own = cli_flags.system_command(config, 'eval') if config is not None else None
+  if own is not None:          # a system with its own command body and checks (D-AR)
     common.setup_runtime(config)
     own(config)
     return
+  common.check_config(config)
   config = cli_flags.apply_model_and_sampling(config)
   from disa_jax.systems.base import system_of
 

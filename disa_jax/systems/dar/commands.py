@@ -392,6 +392,8 @@ def evaluate(config, out, *, metric_name='inception', inception=None, ref_stats=
 
 def eval_command(config):
   FLAGS = _flags()
+  if FLAGS['max_batches'].present:
+    raise UserError('--max-batches: D-AR evaluation is not resumable yet; run it whole')
   config = apply_flags(config)
   with config.unlocked():
     if FLAGS.num_images is None:

@@ -255,11 +255,12 @@ class TokenizerRunner:
 @dataclasses.dataclass
 class Generation:
   """Result of `Sampler.generate`: ids (B, L) int32, images (B, H, W, 3) or None, previews
-  (G, B, H, W, 3) or None, and wall-clock seconds per phase."""
+  (G, B, H, W, 3) or None, wall-clock seconds per phase, ids sampled per image."""
   ids: np.ndarray
   images: np.ndarray | None = None
   previews: np.ndarray | None = None
   seconds: dict = dataclasses.field(default_factory=dict)
+  num_ids: int = 0           # ids sampled per image (prefix included; < L after an early stop)
 
 
 class Sampler:
@@ -423,7 +424,7 @@ class Sampler:
         seq[:, j] = np.asarray(ids)
         t_gpt += time.perf_counter() - t0
         finish_groups(j + 1)
-    out = Generation(ids=seq, seconds={'gpt': t_gpt, 'decoder': t_dec})
+    out = Generation(ids=seq, seconds={'gpt': t_gpt, 'decoder': t_dec}, num_ids=n_total)
     if want_decode:
       out.images = None if last_preview[0] is None else np.asarray(last_preview[0])
       if previews:

@@ -133,7 +133,7 @@ class RunSampler:
                                 decoder_steps=self.decoder_steps)
     wall = time.perf_counter() - t0
     after = sum(self.sampler.compiles.values()) + sum(self.tok.compiles.values())
-    n_tok = int(gen.ids.shape[0]) * int(num_tokens or self.num_tokens or gen.ids.shape[1])
+    n_tok = int(gen.ids.shape[0]) * (gen.num_ids - (0 if prefix is None else np.shape(prefix)[-1]))
     self.last_stats = RunStats(
       compile_s=0.0, gpt_s=gen.seconds['gpt'], decoder_s=gen.seconds['decoder'],
       tokens=n_tok, compiles={**self.sampler.compiles, **{f'tokenizer_{k}': v for k, v in
