@@ -110,7 +110,7 @@ def test_bench_knob_table(tmp_path):
   assert list(rows) == ['full', 'stop=8', 'grid=2'] and res['system'] == 'dar'
   assert rows['full']['mean_abs_diff_to_full'] == 0 and rows['full']['tokens'] == 16
   assert rows['stop=8']['tokens'] == 8 and rows['grid=2']['tokens'] == 12
-  assert rows['grid=2']['decoder_steps_run'] == 2
+  assert rows['grid=2']['decoder_steps_run'] == 2 and rows['stop=8']['decoder_steps_run'] == 2
   for name in ('stop=8', 'grid=2'):
     assert rows[name]['mean_abs_diff_to_full'] > 0 and rows[name]['tokens_per_s'] > 0
   assert json.loads((tmp_path / 'b.json').read_text())['runs'] == res['runs']

@@ -281,7 +281,8 @@ def benchmark(config, runs, *, batch_size: int, repeats: int = 1, log=print) -> 
     mse = float(np.mean((u8 - r8) ** 2))
     n_tok = rs.last_stats.tokens
     row = {'run': label, **knobs, 'tokens': n_tok // batch_size,
-           'decoder_steps_run': int(knobs.get('decoder_steps') or model.tokenizer.cfg.num_groups),
+           'decoder_steps_run': decoder_steps_taken(model.tokenizer.cfg, best.num_ids,
+                                                    knobs.get('decoder_steps')),
            'wall_s': round(best.seconds['wall'], 4), 'gpt_s': round(best.seconds['gpt'], 4),
            'decoder_s': round(best.seconds['decoder'], 4),
            'tokens_per_s': round(n_tok / best.seconds['gpt'], 2),
@@ -293,9 +294,19 @@ def benchmark(config, runs, *, batch_size: int, repeats: int = 1, log=print) -> 
     log(f'{label}: {row["wall_s"]:.3f} s (GPT {row["gpt_s"]:.3f}, decoder '
         f'{row["decoder_s"]:.3f}), {row["tokens_per_s"]:.1f} tokens/s, |diff| {mad:.4f}')
   return {'system': 'dar', 'config': config.get('name', ''), 'model': source,
+          'full_mean_abs_pixel': round(float(np.mean(np.abs(ref))), 6),
           'batch_size': batch_size, 'repeats': repeats, 'backend': jax.default_backend(),
           'cfg': str(config.sampling.cfg), 'compilations': dict(rs.last_stats.compiles),
           'runs': rows}
+
+
+def decoder_steps_taken(tok_cfg, num_ids: int, decoder_steps=None) -> int:
+  """Decoder (flow) steps a run takes: the grid's steps whose group completed."""
+  from disa_jax.systems.dar.tokenizer import flow_grid
+
+  q = tok_cfg.queries_per_group
+  grid = flow_grid(tok_cfg, num_steps=decoder_steps or None)
+  return sum(1 for s in grid.group_start if (s // q + 1) * q <= num_ids)
 
 
 def format_table(result) -> str:

@@ -19,23 +19,29 @@ from absl import flags
 
 FLAGS = flags.FLAGS
 
-if 'layout_from' not in FLAGS:
-  flags.DEFINE_bool('previews', None, 'D-AR: write a strip of the streaming previews (one per '
-                    'group) per image into previews/.')
-  flags.DEFINE_string('layout_from', None, 'D-AR: reference image whose first --prefix_groups '
-                      'groups of ids prefix every sample (layout control).')
-  flags.DEFINE_integer('prefix_groups', None, 'D-AR: groups of ids in the layout prefix.',
-                       lower_bound=0)
-  flags.DEFINE_bool('prefix_from_sample', None, 'D-AR: share the first --prefix_groups groups '
-                    'of image 0 across every image.')
-  flags.DEFINE_integer('num_tokens', None, 'D-AR knob: stop after this many ids (early stop '
-                       'with preview; 0 = all).', lower_bound=0)
-  flags.DEFINE_integer('decoder_steps', None, 'D-AR knob: coarser decoder grid of this many '
-                       'steps (0 = the official one step per group).', lower_bound=0)
-  flags.DEFINE_integer('top_k', None, 'D-AR: top-k filter (0 = off).', lower_bound=0)
-  flags.DEFINE_float('top_p', None, 'D-AR: top-p filter in (0, 1] (1.0 = off).')
-  flags.DEFINE_string('tokenizer_checkpoint', None, 'D-AR: tokenizer model directory '
-                      '(disa-convert dar-tokenizer).')
+
+def _define(define, name, help_text, **kw):
+  """Defines a flag unless another system's flags module already did (same meaning)."""
+  if name not in FLAGS:
+    define(name, None, help_text, **kw)
+
+
+_define(flags.DEFINE_bool, 'previews', 'D-AR: write a strip of the streaming previews (one per '
+        'group) per image into previews/.')
+_define(flags.DEFINE_string, 'layout_from', 'D-AR: reference image whose first --prefix_groups '
+        'groups of ids prefix every sample (layout control).')
+_define(flags.DEFINE_integer, 'prefix_groups', 'D-AR: groups of ids in the layout prefix.',
+        lower_bound=0)
+_define(flags.DEFINE_bool, 'prefix_from_sample', 'D-AR: share the first --prefix_groups groups '
+        'of image 0 across every image.')
+_define(flags.DEFINE_integer, 'num_tokens', 'D-AR knob: stop after this many ids (early stop '
+        'with preview; 0 = all).', lower_bound=0)
+_define(flags.DEFINE_integer, 'decoder_steps', 'D-AR knob: coarser decoder grid of this many '
+        'steps (0 = the official one step per group).', lower_bound=0)
+_define(flags.DEFINE_integer, 'top_k', 'top-k filter (0 = off).', lower_bound=0)
+_define(flags.DEFINE_float, 'top_p', 'top-p filter in (0, 1] (1.0 = off).')
+_define(flags.DEFINE_string, 'tokenizer_checkpoint', 'D-AR: tokenizer model directory '
+        '(disa-convert dar-tokenizer).')
 
 SAMPLING = ('previews', 'layout_from', 'prefix_groups', 'prefix_from_sample', 'num_tokens',
             'decoder_steps', 'top_k', 'top_p')
