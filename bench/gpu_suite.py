@@ -44,6 +44,7 @@ class Job:
   tiny_runs: str = 'base=mar:4:4,disa=disa:4:4:2:linear'
   extra: tuple = ()         # further flags (full run)
   tiny_extra: tuple = ()    # further flags (dry run)
+  system: str = 'mar'       # 'dar': D-AR's bench (runs full,stop=N,grid=S; no --dtypes)
 
 
 # MAR: official evaluation is K=64 AR steps, 100 diffusion steps, CFG linear; DiSA 50 -> 5.
@@ -61,6 +62,12 @@ JOBS = [
   Job('Harmon-1.5B b1', 'configs/harmon/1_5b.py', 1, '', 240, dtypes='float32',
       tiny_extra=('--config.sampling.num_iter=2',)),
   Job('Harmon-1.5B b16', 'configs/harmon/1_5b.py', 16, '', 300, dtypes='float32'),
+  # D-AR: official FID sampling is 64 images per GPU, cfg 1.2 -> 8.0 linear, GPT in bf16; runs:
+  # the full 256-id decode, early stop after 6 of 8 groups, a 4-step decoder grid.
+  Job('D-AR-L', 'configs/dar/l.py', 64, 'full,stop=192,grid=4', 150, system='dar',
+      tiny_runs='full,stop=8,grid=2'),
+  Job('D-AR-XL', 'configs/dar/xl.py', 64, 'full,stop=192,grid=4', 200, system='dar',
+      tiny_runs='full,stop=8,grid=2'),
 ]
 
 
@@ -73,6 +80,8 @@ def command(job: Job, out_json: Path, *, dry_run: bool, devices: int = 1) -> lis
   batch = max(2, devices) if dry_run else job.batch   # the batch is split over the devices
   argv = [sys.executable, '-m', 'disa_jax.cli.bench', f'--config={cfg}', f'--batch_size={batch}',
           f'--runs={job.tiny_runs if dry_run else job.runs}', f'--json_out={out_json}', '--json']
+  if job.system == 'dar':
+    return argv
   dtypes = 'float32' if dry_run and 'float32' in job.dtypes else job.dtypes
   argv.append(f'--dtypes={dtypes}')
   if job.torch:
@@ -84,6 +93,15 @@ def command(job: Job, out_json: Path, *, dry_run: bool, devices: int = 1) -> lis
 def rows(job: Job, result: dict) -> list[dict]:
   """Flattens one disa-bench result (single- or multi-dtype) into table rows."""
   out = []
+  if result.get('system') == 'dar':
+    return [{'job': job.name, 'run': r['run'], 'dtype': '-', 'batch': result['batch_size'],
+             'K': r['tokens'], 'steps': f'{r["decoder_steps_run"]} decoder',
+             'images_per_s': r['images_per_s'], 's_per_image': 1 / r['images_per_s'],
+             'speedup': r['speedup'], 'flop_speedup': None, 'mfu': None, 'achieved_tflops': None,
+             'compile_s': None, 'torch_s_per_image': None, 'jax_over_torch': None,
+             'tokens_per_s': r['tokens_per_s'], 'gpt_s': r['gpt_s'],
+             'decoder_s': r['decoder_s'], 'diff_to_full': r['mean_abs_diff_to_full'],
+             'device': result['backend']} for r in result['runs']]
   for res in result.get('results', [result]):
     for r in res['runs']:
       t = r.get('torch') or {}
@@ -115,13 +133,17 @@ def markdown(report: dict) -> str:
     jt = row['jax_over_torch']
     cells = [row['job'], row['run'], row['dtype'], row['batch'], row['K'], row['steps'],
              f'{row["images_per_s"]:.3g}', f'{row["speedup"]:.2f}x',
-             f'{row["flop_speedup"]:.2f}x', f'{row["mfu"]:.0%}', f'{row["compile_s"]:.1f}',
-             '-' if jt is None else f'{jt:.2f}']
+             _fmt(row['flop_speedup'], '{:.2f}x'), _fmt(row['mfu'], '{:.0%}'),
+             _fmt(row['compile_s'], '{:.1f}'), _fmt(jt, '{:.2f}')]
     lines.append('| ' + ' | '.join(map(str, cells)) + ' |')
   for job in report['jobs']:
     if job['status'] != 'ok':
       lines.append(f'\n{job["name"]}: {job["status"]} {job.get("detail", "")}'.rstrip())
   return '\n'.join(lines) + '\n'
+
+
+def _fmt(value, spec: str) -> str:
+  return '-' if value is None else spec.format(value)
 
 
 def _write(path: Path, text: str) -> None:

@@ -37,3 +37,14 @@ def test_refuses_full_run_without_gpu_and_unknown_jobs(tmp_path):
   assert r.returncode == 2 and '--only matched no job' in r.stderr
   r = _run('--dry-run', '--budget-s=nan')
   assert r.returncode == 2 and r.stderr.count('\n') == 1
+
+
+def test_dry_run_dar_job(tmp_path):
+  r = _run('--dry-run', f'--out={tmp_path}', '--only=D-AR-L')
+  assert r.returncode == 0, r.stderr
+  report = json.loads((tmp_path / 'gpu_suite.json').read_text())
+  (job,) = report['jobs']
+  assert job['status'] == 'ok', job
+  assert [row['run'] for row in report['rows']] == ['full', 'stop=8', 'grid=2']
+  assert all(row['images_per_s'] > 0 for row in report['rows'])
+  assert (tmp_path / 'gpu_suite.md').read_text().count('| D-AR-L |') == 3

@@ -5,10 +5,13 @@ Official weights, converted once (showlab/D-AR on Hugging Face):
   disa-convert dar-tokenizer --torch-checkpoint D-AR-tokenizer_v1.pt --out ckpt/dar_tokenizer
   disa-convert dar --torch-checkpoint D-AR-XL-360K.pt --out ckpt/dar_xl
   disa-sample --config=configs/dar/xl.py --checkpoint=ckpt/dar_xl \
-      --config.tokenizer_checkpoint=ckpt/dar_tokenizer --out=outputs/dar_xl
-Demo setting: --config.sampling.cfg=4.0; streaming previews: --config.sampling.previews=true.
-Python API (until the CLIs are wired):
-  from disa_jax.systems.dar import Sampler, TokenizerRunner, load_gpt, load_tokenizer
+      --tokenizer-checkpoint=ckpt/dar_tokenizer --out=outputs/dar_xl
+Demo setting: --cfg=4.0; streaming previews (a strip per image): --previews; layout control:
+--layout-from=IMAGE --prefix-groups=2, or --prefix-from-sample --prefix-groups=2.
+Speed knobs (off by default): --num-tokens=192 (early stop), --decoder-steps=4 (coarser grid).
+  disa-bench --config=configs/dar/xl.py:cpu --batch-size=4 --runs=full,stop=192,grid=4
+  disa-eval --config=configs/dar/xl.py --checkpoint=ckpt/dar_xl \
+      --tokenizer-checkpoint=ckpt/dar_tokenizer --inception=ckpt/inc --ref-stats=REF.npz
 CPU-sized stand-in with random weights (256 ids in 8 groups, 256x256, toy widths):
   --config=configs/dar/xl.py:cpu        Unit-test size (16 ids, 64x64): --config=configs/dar/xl.py:tiny
 """

@@ -33,6 +33,7 @@ from disa_jax.cli import flags as cli_flags
 
 _CONFIG = cli_flags.define_config()
 cli_flags.define_model()
+cli_flags.define_system_flags()
 flags.DEFINE_integer('batch_size', 4, 'Batch size (images per run).')
 flags.DEFINE_string('runs', 'mar256=mar:256:100,mar64=mar:64:100,disa64=disa:64:50:5:linear',
                     'Comma-separated runs label=preset:num_iter:upper[:lower[:strategy]]; '
@@ -110,6 +111,11 @@ def _run(argv):
   from disa_jax.benchmark import RunSpec, format_table
 
   config = common.config_value(_CONFIG)
+  own = cli_flags.system_command(config, 'bench') if config is not None else None
+  if own is not None:          # a system with its own command body and checks (D-AR)
+    common.setup_runtime(config)
+    own(config)
+    return
   common.check_config(config)
   common.setup_runtime(config)
   with config.unlocked():

@@ -38,6 +38,7 @@ from disa_jax.cli import flags as cli_flags
 _CONFIG = cli_flags.define_config()
 cli_flags.define_model()
 cli_flags.define_output()
+cli_flags.define_system_flags()
 cli_flags.define_sampling()
 
 cli_flags.define_metric()
@@ -279,6 +280,11 @@ def _round(v):
 def _run(argv):
   del argv
   config = common.config_value(_CONFIG)
+  own = cli_flags.system_command(config, 'eval') if config is not None else None
+  if own is not None:          # a system with its own command body and checks (D-AR)
+    common.setup_runtime(config)
+    own(config)
+    return
   common.check_config(config)
   config = cli_flags.apply_model_and_sampling(config)
   from disa_jax.systems.base import system_of

@@ -20,6 +20,7 @@ checks (`System.validate`).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import math
 import os
 
@@ -129,7 +130,9 @@ def define_system_flags():
   for root in systems_pkg.__path__:
     for name in sorted(os.listdir(root)):
       if os.path.isfile(os.path.join(root, name, 'flags.py')):
-        importlib.import_module(f'disa_jax.systems.{name}.flags').define()
+        module = importlib.import_module(f'disa_jax.systems.{name}.flags')
+        if hasattr(module, 'define'):     # defined on import otherwise (idempotent)
+          module.define()
 
 
 def _valid_max_timestep(v) -> bool:
@@ -251,3 +254,34 @@ def build_metric(name: str, *, inception=None, ref_stats=None, batch_size=0,
     return get_quality_metric(name)
   except (ValueError, CheckpointError, ImportError, AttributeError) as e:
     raise UserError(f'--metric={name}: {e}') from None
+
+
+def system_command(config, command: str):
+  """The system's own body of `command` ('sample', 'bench', 'eval') when it has one
+  (`System.commands`), else None; refuses flags of other systems."""
+  from disa_jax.systems.base import system_of
+
+  system = system_of(config)
+  check_system_flags(system)
+  if not system.commands:
+    return None
+  return getattr(importlib.import_module(system.commands), f'{command}_command', None)
+
+
+def check_system_flags(system) -> None:
+  """UserError when a flag another system defines was given for a run of `system`."""
+  import pkgutil
+
+  import disa_jax.systems as systems
+  from disa_jax.systems.base import get_system
+
+  own = set(system.flag_names)
+  for info in pkgutil.iter_modules(systems.__path__):
+    if not info.ispkg or info.name == system.name:
+      continue
+    if not importlib.util.find_spec(f'disa_jax.systems.{info.name}.flags'):
+      continue
+    for name in get_system(info.name).flag_names:
+      if name not in own and name in FLAGS and FLAGS[name].present:
+        raise UserError(f'--{name} is a flag of the {info.name} system; this config runs '
+                        f'{system.name} (config.system); drop it or use a {info.name} config')

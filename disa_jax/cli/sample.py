@@ -28,6 +28,7 @@ _CONFIG = cli_flags.define_config(
 cli_flags.define_model()
 cli_flags.define_output()
 cli_flags.define_sampling()
+cli_flags.define_system_flags()
 
 FLAGS = flags.FLAGS
 
@@ -171,6 +172,11 @@ def _run(argv):
     from disa_jax.systems.mar.variants import digits_config
 
     config = digits_config()
+  own = cli_flags.system_command(config, 'sample')
+  if own is not None:          # a system with its own command body (D-AR)
+    common.setup_runtime(config)
+    own(config)
+    return
   config = apply_flags(config)
   common.setup_runtime(config)
   out = FLAGS.out or os.path.join('outputs', f'sample-{config.get("name", "run")}')

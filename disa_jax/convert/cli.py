@@ -6,7 +6,8 @@
 
 Each KIND is a module `disa_jax.systems.<kind>.convert` (a system) or `disa_jax.convert.<kind>`
 (a shared model) exposing
-`convert(torch_checkpoint, out, *, weights, variant, overwrite) -> pathlib.Path`, which
+`convert(torch_checkpoint, out, *, weights, variant, overwrite) -> pathlib.Path` (KIND
+`SYSTEM-PART`, e.g. dar-tokenizer: that module's `convert_PART`), which
 validates strictly and writes atomically. Errors are one line (exit status 2); nothing is
 written on failure.
 """
@@ -23,6 +24,8 @@ KINDS = {
   'vae': 'KL-16 VAE kl16.ckpt / kl16.safetensors',
   'inception': 'FID Inception-v3 pt_inception-2015-12-05-6726825d.pth',
   'xar': 'xAR-B/L/H.pth (flat state dict, official) or .safetensors',
+  'dar': 'D-AR GPT D-AR-L-360K.pt / D-AR-XL-360K.pt',
+  'dar-tokenizer': 'D-AR tokenizer D-AR-tokenizer_v1.pt',
 }
 
 
@@ -82,12 +85,14 @@ def main(argv=None) -> int:
       raise UserError('--torch-checkpoint FILE and --out DIR are required')
     if FLAGS.num_heads is not None and kind != 'mar':
       raise UserError(f'--num-heads applies to `disa-convert mar` only, not {kind}')
-    module = converter_module(kind)
-    if module is None:
+    base, _, part = kind.partition('-')    # SYSTEM-PART: convert_PART of the system's module
+    module = converter_module(base) if base.isidentifier() else None
+    fn = getattr(module, f'convert_{part}' if part else 'convert', None) if module else None
+    if fn is None:
       raise UserError(f'converting {kind} checkpoints is not available in this version; '
                       f'choose one of {", ".join(sorted(KINDS))}')
     extra = {'num_heads': FLAGS.num_heads} if FLAGS.num_heads is not None else {}
-    out = module.convert(FLAGS.torch_checkpoint, FLAGS.out, weights=FLAGS.weights,
+    out = fn(FLAGS.torch_checkpoint, FLAGS.out, weights=FLAGS.weights,
                          variant=FLAGS.variant, overwrite=FLAGS.overwrite, **extra)
   except UserError as e:
     _print_error(e)

@@ -89,6 +89,9 @@ class System:
   flops           (model_config, plan) -> dict of FLOPs per image (`disa-bench`).
   train_step      module name providing `TrainState`, `train_step(...)` (`disa-train`).
   flag_names      names of extra absl flags the system defines (in its own `flags` module).
+  commands        module name whose `sample_command(config)`, `bench_command(config)`,
+                  `eval_command(config)` replace the shared MAR-shaped command bodies (a
+                  system whose decoder runs inside generation, e.g. D-AR); None: shared.
   """
 
   name: str
@@ -105,6 +108,7 @@ class System:
   flops: Callable | None = None
   train_step: str | None = None
   flag_names: tuple[str, ...] = ()
+  commands: str | None = None
 
 
 DEFAULT_SYSTEM = 'mar'

@@ -28,10 +28,11 @@ from disa_jax.systems.dar.sampling import (
   layout_prefix,
   to_uint8,
 )
+from disa_jax.systems.dar.system import SYSTEM
 from disa_jax.systems.dar.tokenizer import Tokenizer, TokenizerConfig, flow_grid
 
 __all__ = [
-  'DarConversionError', 'DecodeStream', 'GPT', 'GPTConfig', 'GPT_VARIANTS', 'Generation',
+  'SYSTEM', 'DarConversionError', 'DecodeStream', 'GPT', 'GPTConfig', 'GPT_VARIANTS', 'Generation',
   'Sampler', 'SamplingOptions', 'Tokenizer', 'TokenizerConfig', 'TokenizerRunner',
   'cfg_schedule', 'convert_gpt', 'convert_tokenizer', 'flow_grid', 'layout_prefix', 'load_gpt',
   'load_tokenizer', 'save_gpt', 'save_tokenizer', 'to_uint8',

@@ -46,6 +46,9 @@ def sampling_config(**overrides) -> ml_collections.ConfigDict:
   c.prefix_groups = 0        # layout control: groups of ids taken from a reference
   c.layout_from = ''         # reference image for layout control ('' = none)
   c.prefix_from_sample = False
+  c.num_tokens = 0           # knob: early stop after this many ids, image = last preview (0 = off)
+  c.decoder_steps = 0        # knob: coarser decoder grid of S < groups steps (0 = official)
+  c.num_groups = 8           # the tokenizer's groups (stages), set from model.tokenizer
   c.update(overrides)
   return c
 
@@ -81,6 +84,7 @@ def dar_config(variant: str, *, cpu: bool = False, tiny: bool = False
   c.tokenizer_checkpoint = ''  # tokenizer model directory (disa-convert dar-tokenizer)
   c.sampling = sampling_config()
   c.runtime = runtime_config()
+  c.sampling.num_groups = c.model.tokenizer.num_groups
   if cpu or tiny:
     c.sampling.update(num_images=4, batch_size=4)
     c.runtime.gpt_dtype = 'float32'
@@ -93,7 +97,7 @@ def build_models(config, *, seed: int = 0) -> tuple[GPT, Tokenizer]:
 
   dtype = config.runtime.gpt_dtype
   if config.checkpoint:
-    gpt = load_gpt(config.checkpoint, dtype=dtype)
+    gpt = load_gpt(config.checkpoint, dtype=dtype, block_size=config.model.gpt.block_size)
   else:
     gpt = GPT(GPTConfig.from_dict({**config.model.gpt.to_dict(), 'dtype': dtype}),
               rngs=nnx.Rngs(seed))

@@ -351,12 +351,17 @@ def tokenizer_settings_from_official(cfg: Mapping | None) -> dict:
 
 # ---------------------------------------------------------------------------------- convert
 def convert_tokenizer(torch_checkpoint, out, *, settings: Mapping | None = None,
-                      weights: str = 'ema', overwrite: bool = False) -> Path:
-  """D-AR-tokenizer_v1.pt (or a .safetensors state dict) -> tokenizer model directory.
+                      weights: str = 'ema', overwrite: bool = False,
+                      variant: str | None = None) -> Path:
+  """D-AR-tokenizer_v1.pt (or a .safetensors state dict) -> tokenizer model directory
+  (`disa-convert dar-tokenizer`).
 
-  weights: 'ema' (preferred by the official loader) or 'model'. settings: TokenizerConfig
-  fields the weights do not show; the file's embedded config is used first, then these.
+  weights: 'ema' (preferred by the official loader) or 'model' (= 'raw'). settings:
+  TokenizerConfig fields the weights do not show; the file's embedded config is used first,
+  then these.
   """
+  _no_variant(variant)
+  weights = 'model' if weights == 'raw' else weights
   if weights not in ('ema', 'model'):
     raise DarConversionError(f'weights must be ema or model, got {weights!r}')
   out = _check_output(out, overwrite)
@@ -377,11 +382,12 @@ def convert_gpt(torch_checkpoint, out, *, settings: Mapping | None = None,
                 weights: str = 'model', overwrite: bool = False) -> Path:
   """D-AR-{L,XL}-360K.pt (or .safetensors) -> GPT model directory ('model' entry by default,
   as the official sampling scripts)."""
-  if weights not in ('model', 'ema'):
-    raise DarConversionError(f'weights must be model or ema, got {weights!r}')
+  if weights not in ('model', 'ema', 'auto'):
+    raise DarConversionError(f'weights must be model, ema or auto, got {weights!r}')
   out = _check_output(out, overwrite)
   obj, _ = read_checkpoint(torch_checkpoint)
-  entries = (weights, 'module', 'state_dict') if weights == 'model' else ('ema',)
+  entries = {'model': ('model', 'module', 'state_dict'), 'ema': ('ema',),
+             'auto': ('ema', 'model', 'module', 'state_dict')}[weights]
   sd, entry = _select(obj, entries, torch_checkpoint)
   _expect_family(sd, 'a D-AR GPT', torch_checkpoint)
   cfg = infer_gpt_config(_shapes(sd), settings)
@@ -390,6 +396,25 @@ def convert_gpt(torch_checkpoint, out, *, settings: Mapping | None = None,
   meta = {'source': str(Path(torch_checkpoint).expanduser().absolute()), 'source_entry': entry,
           'converted_by': 'disa_jax.systems.dar.convert.convert_gpt'}
   return save_gpt(model, out, meta=meta, overwrite=overwrite)
+
+
+def convert(torch_checkpoint, out, *, weights: str = 'ema', variant: str | None = None,
+            overwrite: bool = False) -> Path:
+  """`disa-convert dar`: a D-AR GPT file -> GPT model directory. weights 'ema' (the CLI
+  default) takes the 'ema' entry when the file has one, else 'model' (the published
+  D-AR-{L,XL}-360K.pt have no EMA; 'model' is what the official sampling loads); 'raw' =
+  'model'. The architecture (L / XL) is read from the shapes."""
+  _no_variant(variant)
+  if weights not in ('ema', 'raw'):
+    raise DarConversionError(f'--weights must be ema or raw, got {weights!r}')
+  return convert_gpt(torch_checkpoint, out, weights='auto' if weights == 'ema' else 'model',
+                     overwrite=overwrite)
+
+
+def _no_variant(variant):
+  if variant is not None:
+    raise DarConversionError(f'--variant={variant} is a MAR option; D-AR reads the architecture '
+                             'from the checkpoint shapes (drop --variant)')
 
 
 def _shapes(sd):
@@ -445,10 +470,14 @@ def load_tokenizer(directory) -> Tokenizer:
                TokenizerConfig.from_dict, None)
 
 
-def load_gpt(directory, *, dtype: str | None = None) -> GPT:
-  """GPT model directory -> GPT (dtype 'bfloat16' casts the weights, as the official runs)."""
+def load_gpt(directory, *, dtype: str | None = None, block_size: int | None = None) -> GPT:
+  """GPT model directory -> GPT (dtype 'bfloat16' casts the weights, as the official runs;
+  block_size, the number of ids generated, is not in the weights: given, it replaces the
+  stored one)."""
+  overrides = {**({'dtype': dtype} if dtype else {}),
+               **({'block_size': int(block_size)} if block_size else {})}
   model = _load(directory, GPT_KIND, lambda c: GPT(c, rngs=nnx.Rngs(0)), GPTConfig.from_dict,
-                {'dtype': dtype} if dtype else None)
+                overrides or None)
   if model.cfg.dtype == 'bfloat16':
     import jax.numpy as jnp
 

@@ -255,11 +255,12 @@ class TokenizerRunner:
 @dataclasses.dataclass
 class Generation:
   """Result of `Sampler.generate`: ids (B, L) int32, images (B, H, W, 3) or None, previews
-  (G, B, H, W, 3) or None, and wall-clock seconds per phase."""
+  (G, B, H, W, 3) or None, wall-clock seconds per phase, ids sampled per image."""
   ids: np.ndarray
   images: np.ndarray | None = None
   previews: np.ndarray | None = None
   seconds: dict = dataclasses.field(default_factory=dict)
+  num_ids: int = 0           # ids sampled per image (prefix included; < L after an early stop)
 
 
 class Sampler:
@@ -316,8 +317,8 @@ class Sampler:
 
   def generate(self, labels, *, key=None, options: SamplingOptions = SamplingOptions(),
                uniforms=None, prefix_ids=None, decode: bool = True, noise=None,
-               previews: bool = False, on_group=None, num_tokens: int | None = None
-               ) -> Generation:
+               previews: bool = False, on_group=None, num_tokens: int | None = None,
+               decoder_steps: int | None = None) -> Generation:
     """Samples L ids per label (and decodes them).
 
     labels (B,) class ids; key: jax key for the draws not given; uniforms (B, L) in [0, 1)
@@ -328,6 +329,9 @@ class Sampler:
     group completes (with decode, the decoder advances one step per group while sampling).
     num_tokens: stop after this many ids (early stop; `images` is then the preview of the last
     completed group, the unsampled ids stay 0).
+    decoder_steps: a coarser decoder grid (S < G steps of the official `num_steps=S` decode);
+    step i advances when the group it reads completes, and the GPT stops after the last group
+    any step reads (previews: one per decoder step). Default: the official G-step grid.
     """
     cfg = self.gpt_cfg
     labels = np.asarray(labels, np.int32).reshape(-1)
@@ -347,6 +351,18 @@ class Sampler:
       raise UserError(f'uniforms must have shape ({b}, {L}), got {uniforms.shape}')
     prefix = self._prefix(prefix_ids, b)
     p = prefix.shape[1]
+    tok = self.tokenizer
+    want_decode = decode and tok is not None
+    q = tok.cfg.queries_per_group if tok is not None else 32
+    step_groups = list(range(L // q))
+    if decoder_steps is not None:
+      if tok is None or not 1 <= decoder_steps <= tok.cfg.num_groups:
+        g_max = tok.cfg.num_groups if tok is not None else L // q
+        raise UserError(f'decoder_steps must be in 1..{g_max} (one group per step at most), '
+                        f'got {decoder_steps}')
+      step_groups = [s // q for s in flow_grid(tok.cfg, num_steps=decoder_steps).group_start]
+      if num_tokens is None:
+        num_tokens = max(p + 1, (step_groups[-1] + 1) * q)
     n_total = L if num_tokens is None else int(num_tokens)
     if not p < n_total <= L:
       raise UserError(f'num_tokens must be in {p + 1}..{L} (after a {p}-id prefix), got '
@@ -355,17 +371,14 @@ class Sampler:
     stat = dict(on=on, batch=b, temperature=float(options.temperature),
                 top_k=int(options.top_k), top_p=float(options.top_p))
     rows = 2 * b if on else b
-    want_decode = decode and self.tokenizer is not None
-    tok = self.tokenizer
     if want_decode:
       if tok.cfg.num_queries != L or tok.cfg.codebook_size != cfg.vocab_size:
         raise UserError('tokenizer and GPT disagree on the sequence length or vocabulary')
       if noise is None:
         noise = tok.noise(k_noise, b)
-      stream = tok.stream(noise)
-      if len(stream.grid.steps) != tok.cfg.num_groups:
-        raise UserError('streaming decode needs one decoder step per group')
-    q = tok.cfg.queries_per_group if tok is not None else 32
+      stream = tok.stream(noise, num_steps=decoder_steps)
+      if len(stream.grid.steps) > tok.cfg.num_groups:
+        raise UserError('streaming decode needs at most one decoder step per group')
     seq = np.zeros((b, L), np.int32)
     seq[:, :p] = prefix
     groups_out, t_gpt, t_dec = [], 0.0, 0.0
@@ -376,7 +389,7 @@ class Sampler:
       while done_groups < L // q and (done_groups + 1) * q <= n_ids:
         g = done_groups
         preview = None
-        if want_decode:
+        if want_decode and g in step_groups:
           t0 = time.perf_counter()
           with tok.precision():
             cond = tok._conditions(tok.state, jnp.asarray(seq))
@@ -388,10 +401,10 @@ class Sampler:
           t_dec += time.perf_counter() - t0
           if previews:
             groups_out.append(preview)
+          last_preview[0] = preview
         if on_group is not None:
           on_group(g, seq[:, :(g + 1) * q].copy(), preview)
         done_groups += 1
-        last_preview[0] = preview
 
     last_preview = [None]
     with self.precision():
@@ -411,7 +424,7 @@ class Sampler:
         seq[:, j] = np.asarray(ids)
         t_gpt += time.perf_counter() - t0
         finish_groups(j + 1)
-    out = Generation(ids=seq, seconds={'gpt': t_gpt, 'decoder': t_dec})
+    out = Generation(ids=seq, seconds={'gpt': t_gpt, 'decoder': t_dec}, num_ids=n_total)
     if want_decode:
       out.images = None if last_preview[0] is None else np.asarray(last_preview[0])
       if previews:
