@@ -42,6 +42,7 @@ class Job:
   torch: bool = False       # also time the PyTorch reference (same weights, batch, schedule)
   dtypes: str = 'bfloat16'  # the official samplers run under bf16 autocast
   tiny_runs: str = 'base=mar:4:4,disa=disa:4:4:2:linear'
+  system: str = 'mar'       # flowar: disa-bench's FlowAR benchmark (runs from the config)
 
 
 # MAR: official evaluation is K=64 AR steps, 100 diffusion steps, CFG linear; DiSA 50 -> 5.
@@ -54,6 +55,10 @@ JOBS = [
   Job('MAR-B K=256', 'configs/mar_base.py', 256, 'mar256=mar:256:100,disa64=disa:64:50:5:linear',
       120),
 ]
+# FlowAR: official eval batch 256 per GPU (512 rows with CFG), fp32; runs = the config's
+# baseline (official steps, baseline_cfg) vs DiSA (upper -> lower, cfg), repeats interleaved.
+JOBS += [Job(f'FlowAR-{v}', f'configs/flowar/{v.lower()}.py', 256, '', est, dtypes='float32',
+             tiny_runs='', system='flowar') for v, est in (('S', 120), ('L', 180), ('H', 300))]
 
 
 class SuiteError(Exception):
@@ -64,7 +69,10 @@ def command(job: Job, out_json: Path, *, dry_run: bool, devices: int = 1) -> lis
   cfg = job.config + (':tiny' if dry_run else '')
   batch = max(2, devices) if dry_run else job.batch   # the batch is split over the devices
   argv = [sys.executable, '-m', 'disa_jax.cli.bench', f'--config={cfg}', f'--batch_size={batch}',
-          f'--runs={job.tiny_runs if dry_run else job.runs}', f'--json_out={out_json}', '--json']
+          f'--json_out={out_json}', '--json']
+  if job.system == 'flowar':
+    return argv + ['--repeats=1' if dry_run else '--repeats=2', '--phases']
+  argv.insert(5, f'--runs={job.tiny_runs if dry_run else job.runs}')
   dtypes = 'float32' if dry_run and 'float32' in job.dtypes else job.dtypes
   argv.append(f'--dtypes={dtypes}')
   if job.torch:
@@ -75,6 +83,17 @@ def command(job: Job, out_json: Path, *, dry_run: bool, devices: int = 1) -> lis
 def rows(job: Job, result: dict) -> list[dict]:
   """Flattens one disa-bench result (single- or multi-dtype) into table rows."""
   out = []
+  if job.system == 'flowar':
+    for r in result['runs']:
+      out.append({
+        'job': job.name, 'run': r['label'], 'dtype': 'float32', 'batch': result['batch_size'],
+        'K': len(r['steps_requested']), 'steps': '/'.join(map(str, r['steps_requested'])),
+        'images_per_s': r['images_per_s'], 's_per_image': r['s_per_image'],
+        'speedup': r['speedup'], 'flop_speedup': r['flop_speedup'], 'mfu': None,
+        'achieved_tflops': None, 'compile_s': r['compile_s'], 'torch_s_per_image': None,
+        'jax_over_torch': None, 'phases': r.get('phases'),
+        'device': f'{result["backend"]} {result["device_kind"]}'})
+    return out
   for res in result.get('results', [result]):
     for r in res['runs']:
       t = r.get('torch') or {}
@@ -106,7 +125,8 @@ def markdown(report: dict) -> str:
     jt = row['jax_over_torch']
     cells = [row['job'], row['run'], row['dtype'], row['batch'], row['K'], row['steps'],
              f'{row["images_per_s"]:.3g}', f'{row["speedup"]:.2f}x',
-             f'{row["flop_speedup"]:.2f}x', f'{row["mfu"]:.0%}', f'{row["compile_s"]:.1f}',
+             f'{row["flop_speedup"]:.2f}x', '-' if row['mfu'] is None else f'{row["mfu"]:.0%}',
+             f'{row["compile_s"]:.1f}',
              '-' if jt is None else f'{jt:.2f}']
     lines.append('| ' + ' | '.join(map(str, cells)) + ' |')
   for job in report['jobs']:

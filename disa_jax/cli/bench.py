@@ -112,6 +112,21 @@ def _run(argv):
       config.checkpoint = FLAGS.checkpoint
     if FLAGS.vae:
       config.tokenizer.vae = FLAGS.vae
+  own = _system_bench(config)
+  if own is not None:            # a system with its own benchmark (FlowAR): systems/<name>/bench
+    if FLAGS.batch_size < 1 or FLAGS.repeats < 1:
+      raise common.CliError('--batch_size and --repeats must be >= 1')
+    extra = [n for n in ('torch', 'torch_threads', 'dtypes', 'quality', 'cfg_schedule',
+                         'calibrate') if FLAGS[n].present]
+    if extra:
+      raise common.CliError(f'--{extra[0]} is not available for {config.system} in disa-bench '
+                            f'(see python -m {own.__name__} --help)')
+    result = own.benchmark_config(
+      config, runs=FLAGS.runs if FLAGS['runs'].present else None, batch_size=FLAGS.batch_size,
+      repeats=FLAGS.repeats, phases=FLAGS.phases, seed=FLAGS.seed, cfg=FLAGS.cfg,
+      log=_logger())
+    _report(result, lambda res: print(own.format_table(res)))
+    return
   try:
     specs = [RunSpec.parse(t) for t in FLAGS.runs.split(',') if t]
   except ValueError as e:
@@ -124,22 +139,49 @@ def _run(argv):
   for d in dtypes or []:
     if d not in ('float32', 'bfloat16'):
       raise common.CliError(f'--dtypes entries must be float32 or bfloat16, got {d!r}')
-  import jax
-
-  if jax.process_index() != 0:
-    log = lambda m: None  # noqa: E731
-  elif FLAGS.json:
-    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-  else:
-    log = print
+  log = _logger()
   result = benchmark(config, specs, batch_size=FLAGS.batch_size, dtypes=dtypes,
                      repeats=FLAGS.repeats, phases=FLAGS.phases,
                      calibrate=FLAGS.calibrate, with_torch=FLAGS.torch,
                      seed=FLAGS.seed, cfg=FLAGS.cfg, cfg_schedule=FLAGS.cfg_schedule,
                      torch_threads=FLAGS.torch_threads, quality=FLAGS.quality, log=log)
-  result['command'] = ' '.join(['disa-bench'] + sys.argv[1:])
+
+  def table(result):
+    for res in result.get('results', [result]):
+      print(format_table(res))
+    if 'precision' in result:
+      print('precision vs ' + (dtypes or ['float32'])[0] + ': ' + json.dumps(result['precision']))
+
+  _report(result, table)
+
+
+def _logger():
   import jax
 
+  if jax.process_index() != 0:
+    return lambda m: None
+  if FLAGS.json:
+    return lambda m: print(m, file=sys.stderr, flush=True)
+  return print
+
+
+def _system_bench(config):
+  """`disa_jax.systems.<name>.bench` when it offers `benchmark_config` (else None: MAR's)."""
+  import importlib
+
+  from disa_jax.systems.base import system_name
+
+  try:
+    module = importlib.import_module(f'disa_jax.systems.{system_name(config)}.bench')
+  except ModuleNotFoundError:
+    return None
+  return module if hasattr(module, 'benchmark_config') else None
+
+
+def _report(result, table) -> None:
+  import jax
+
+  result['command'] = ' '.join(['disa-bench'] + sys.argv[1:])
   if jax.process_index() != 0:   # every process ran the same timed work; one reports
     return
   if FLAGS.json_out:
@@ -147,10 +189,7 @@ def _run(argv):
   if FLAGS.json:
     print(json.dumps(result, indent=2, sort_keys=True))
   else:
-    for res in result.get('results', [result]):
-      print(format_table(res))
-    if 'precision' in result:
-      print('precision vs ' + (dtypes or ['float32'])[0] + ': ' + json.dumps(result['precision']))
+    table(result)
 
 
 def run():

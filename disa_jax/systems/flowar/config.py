@@ -185,6 +185,8 @@ def flowar_config(name: str, arg: str | None = None):
   s.cfg = official.disa_cfg or official.cfg      # DiSA README cfg (S: 4.2; official S: 4.3)
   s.baseline_cfg = official.cfg
   s.guidance = official.guidance    # guided only while t <= guidance
+  s.cfg_schedule = 'linear'         # the official ramp over scales (the only one)
+  s.temperature = 1.0               # the Euler ODE has no noise temperature (must stay 1.0)
   s.num_images = 4 if (opts['cpu'] or opts['tiny']) else 8
   s.batch_size = 4 if (opts['cpu'] or opts['tiny']) else 8
   s.classes = ''
