@@ -20,8 +20,9 @@ TINY = f'--config={REPO}/configs/flowar/s.py:tiny'
 def run_cli(tool, *args):
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
              DISA_TEST_XLA_CACHE=CACHE, PYTHONPATH=str(REPO))
-  extra = [f'--config.runtime.compilation_cache={CACHE}'] if tool != 'convert.cli' else []
-  return subprocess.run([sys.executable, '-m', f'disa_jax.cli.{tool}', *args, *extra],
+  extra = [f'--config.runtime.compilation_cache={CACHE}'] if tool != 'convert' else []
+  module = 'disa_jax.convert.cli' if tool == 'convert' else f'disa_jax.cli.{tool}'
+  return subprocess.run([sys.executable, '-m', module, *args, *extra],
                         capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
 
 
@@ -40,7 +41,7 @@ def converted(tmp_path_factory):
   d = tmp_path_factory.mktemp('flowar_cli')
   pth = d / 'FlowAR-tiny.pth'
   torch.save({'model_ema': torch_model('S', seed=5).state_dict(), 'epoch': 3}, pth)
-  r = run_cli('convert.cli', 'flowar', f'--torch-checkpoint={pth}', f'--out={d / "ckpt"}')
+  r = run_cli('convert', 'flowar', f'--torch-checkpoint={pth}', f'--out={d / "ckpt"}')
   assert r.returncode == 0, r.stderr
   assert 'wrote' in r.stdout
   return d
@@ -78,7 +79,7 @@ def test_convert_then_sample(converted):
 def test_convert_bad_file_writes_nothing(tmp_path):
   bad = tmp_path / 'FlowAR-S.pth'
   bad.write_bytes(b'not a checkpoint')
-  r = run_cli('convert.cli', 'flowar', f'--torch-checkpoint={bad}', f'--out={tmp_path / "o"}')
+  r = run_cli('convert', 'flowar', f'--torch-checkpoint={bad}', f'--out={tmp_path / "o"}')
   assert r.returncode == 2
   one_error_line(r.stderr)
   assert not (tmp_path / 'o').exists()
@@ -97,7 +98,7 @@ def test_sample_bad_guidance_cli(tmp_path):
   ('max_timestep', 900, 'clamp'),
   ('num_iter', 64, 'one AR stage per scale'),
   ('cfg_schedule', 'constant', 'linearly'),
-  ('steps', '9,9,9', 'per scale'),
+  ('steps', '9,9,9', 'one per AR step'),
   ('lower_steps', 1, 'at least 2'),
   ('baseline_cfg', float('inf'), 'baseline_cfg'),
 ])

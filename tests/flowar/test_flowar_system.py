@@ -77,7 +77,7 @@ def test_compile_once_per_shape(model):
   assert sampler.last_stats.compiles == {'scale': 0} and sampler.last_stats.compile_s == 0
   sampler.generate(np.array([1, 2]), jax.random.key(0), steps=(6, 6, 6, 6, 6), timed=True)
   st = sampler.last_stats
-  assert st.compiles == {'scale': 4}           # scale 1.. with 6 evaluations; scale 0 had 4
+  assert st.compiles == {'scale': 5}           # 6 evaluations at every scale: all new
   assert st.trunk_s > 0 and st.head_s > 0
   rep = st.as_dict()
   assert rep['steps_actual'] == [6] * 5 and rep['head_token_steps_per_image'] == 341 * 6
@@ -97,7 +97,7 @@ def test_validate_rows():
   system = get_system('flowar')
   rows = [('guidance', 1.5, 'guidance'), ('guidance', float('nan'), 'guidance'),
           ('baseline_cfg', -1.0, 'baseline_cfg'), ('temperature', 0.7, 'temperature'),
-          ('cfg_schedule', 'constant', 'linearly'), ('steps', '5,5', 'per scale'),
+          ('cfg_schedule', 'constant', 'linearly'), ('steps', '5,5', 'one per AR step'),
           ('lower_steps', 1, 'at least 2')]
   for field, value, word in rows:
     config = flowar_config('S', 'tiny')
@@ -113,7 +113,7 @@ def test_decoder_layout_is_row_major_nhwc():
   from disa_jax.tokenizers.image import VAETokenizer
   from disa_jax.tokenizers.kl16 import AutoencoderKL, VAEConfig
 
-  vae = AutoencoderKL(VAEConfig(ch=8, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1,
+  vae = AutoencoderKL(VAEConfig(ch=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1,
                                 attn_levels=()), rngs=nnx.Rngs(0))
   cfg = TINY['S']
   tok = VAETokenizer(latent_layout(cfg), vae, scale=0.2325, devices=jax.devices()[:1])

@@ -2,9 +2,12 @@
 directly (torch F.interpolate for the per-scale targets and the teacher-forced inputs, numpy for
 the flow-matching loss and weights), and a few AdamW steps lowering the loss."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from flax import nnx
@@ -94,3 +97,48 @@ def test_a_few_steps_lower_the_loss():
   moved = jax.tree.leaves(jax.tree.map(lambda e, p: jnp.abs(e - p).max(), state.ema,
                                        state.params))
   assert max(float(v) for v in moved) > 0                      # EMA lags the raw weights
+
+
+def _cli(tool, *args):
+  import os
+  import subprocess
+  import sys
+
+  from conftest import CACHE, REPO
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+             PYTHONPATH=str(REPO))
+  return subprocess.run([sys.executable, '-m', f'disa_jax.cli.{tool}', *args,
+                         f'--config.runtime.compilation_cache={CACHE}'],
+                        capture_output=True, text=True, env=env, cwd=REPO, timeout=1200)
+
+
+@pytest.mark.slow
+def test_disa_train_digits_then_sample(tmp_path):
+  from conftest import REPO
+
+  cfg = f'--config={REPO}/configs/flowar/s.py:tiny,digits'
+  cache = f'--config.data.cache_dir={tmp_path / "digits"}'
+  r = _cli('train', cfg, cache, f'--workdir={tmp_path / "run"}', '--config.train.num_steps=6',
+           '--config.train.log_every=3', '--config.train.checkpoint_every=3',
+           f'--export={tmp_path / "model"}')
+  assert r.returncode == 0, r.stderr
+  assert 'exported the ema weights of step 6' in r.stdout
+  lines = [json.loads(x) for x in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
+  assert [x['step'] for x in lines] == [3, 6] and all(np.isfinite(x['loss']) for x in lines)
+  assert 'loss_scale4' in lines[0]
+  out = tmp_path / 'samples'
+  r = _cli('sample', cfg, f'--checkpoint={tmp_path / "model"}', '--num-images=2',
+           '--batch-size=2', '--noprogress', f'--out={out}')
+  assert r.returncode == 0, r.stderr
+  assert np.load(out / 'tokens.npy').shape == (2, 256, 3)
+
+
+def test_train_bad_label_drop(tmp_path):
+  from conftest import REPO
+
+  r = _cli('train', f'--config={REPO}/configs/flowar/s.py:tiny,digits',
+           '--config.train.label_drop_prob=1.5', f'--workdir={tmp_path / "run"}')
+  assert r.returncode == 2
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 1 and 'label_drop_prob' in lines[0], r.stderr
+  assert not (tmp_path / 'run').exists()

@@ -121,5 +121,38 @@ def train_step(state: TrainState, batch, *, graphdef, tx: optax.GradientTransfor
   finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
   new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
   new = new.replace(rng=jax.random.key_data(key))
-  return new, {'loss': loss, 'loss_per_scale': per, 'grad_norm': gnorm,
-               'finite': finite.astype(jnp.float32)}
+  metrics = {f'loss_scale{s}': per[s] for s in range(per.shape[0])}
+  return new, {'loss': loss, **metrics, 'grad_norm': gnorm, 'finite': finite.astype(jnp.float32)}
+
+
+class Trainer:
+  """What `disa_jax.train.loop` needs to train FlowAR (see `loop.MARTrainer`)."""
+
+  kind = 'flowar'
+
+  def __init__(self, config):
+    from disa_jax.systems.flowar.config import FlowARConfig
+    from disa_jax.systems.flowar.model import FlowAR
+
+    self.model_cfg = FlowARConfig.from_dict(dict(config.model))
+    side = self.model_cfg.scales[-1]
+    self.data_shape = (side, side, self.model_cfg.token_dim)   # cached moments (NHWC)
+    self.label_drop_prob = config.train.get('label_drop_prob', 0.1)
+    if not (isinstance(self.label_drop_prob, int | float) and 0 <= self.label_drop_prob <= 1):
+      from disa_jax.errors import UserError
+
+      raise UserError('--config.train.label_drop_prob must be a number in [0, 1] (official '
+                      f'0.1), got {self.label_drop_prob!r}')
+    self.graphdef, _ = nnx.split(nnx.eval_shape(lambda: FlowAR(self.model_cfg,
+                                                                 rngs=nnx.Rngs(0))))
+
+  def init_state(self, tx, seed: int) -> TrainState:
+    from disa_jax.systems.flowar.model import FlowAR
+
+    return init_state(FlowAR(self.model_cfg, rngs=nnx.Rngs(seed)), tx, seed + 1)
+
+  def step_fn(self, *, tx, ema_rate: float, latent_scale: float):
+    import functools
+
+    return functools.partial(train_step, graphdef=self.graphdef, tx=tx, ema_rate=ema_rate,
+                             latent_scale=latent_scale, label_drop_prob=self.label_drop_prob)
