@@ -130,7 +130,7 @@ def test_disa_train_digits_then_sample(tmp_path):
   r = _cli('sample', cfg, f'--checkpoint={tmp_path / "model"}', '--num-images=2',
            '--batch-size=2', '--noprogress', f'--out={out}')
   assert r.returncode == 0, r.stderr
-  assert np.load(out / 'tokens.npy').shape == (2, 256, 3)
+  assert np.load(out / 'tokens.npy').shape == (2, 256, 1)
 
 
 def test_train_bad_label_drop(tmp_path):

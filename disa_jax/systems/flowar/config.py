@@ -147,7 +147,7 @@ CPU = FlowARConfig(width=64, encoder_depth=2, decoder_depth=2, heads=4, head_wid
 
 def parse_config_arg(arg: str | None) -> dict:
   """'cpu' / 'tiny' / 'tiny,digits' (the text after ':' in --config=configs/flowar/s.py:cpu);
-  'digits' trains on the bundled digits cache (3-channel 16x16 pixel tokens, 10 classes)."""
+  'digits' trains on the bundled digits cache (1-channel 16x16 pixel tokens, 10 classes)."""
   out = {'cpu': False, 'tiny': False, 'digits': False}
   for item in (arg or '').split(','):
     if not item:
@@ -172,7 +172,7 @@ def flowar_config(name: str, arg: str | None = None):
   else:
     arch = VARIANTS[key]
   if opts['digits']:
-    arch = dataclasses.replace(arch, token_dim=3, class_num=10)
+    arch = dataclasses.replace(arch, token_dim=1, class_num=10)
   c = ml_collections.ConfigDict()
   c.system = 'flowar'
   c.name = f'flowar_{key.lower()}' + ('-tiny' if opts['tiny'] else '-cpu' if opts['cpu'] else '') \
