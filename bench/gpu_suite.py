@@ -44,7 +44,7 @@ class Job:
   tiny_runs: str = 'base=mar:4:4,disa=disa:4:4:2:linear'
   extra: tuple = ()         # further flags (full run)
   tiny_extra: tuple = ()    # further flags (dry run)
-  system: str = 'mar'       # 'dar': D-AR's bench (runs full,stop=N,grid=S; no --dtypes)
+  system: str = 'mar'       # mar: --runs/--dtypes/--torch; dar, flowar, harmon: their own bench
 
 
 # MAR: official evaluation is K=64 AR steps, 100 diffusion steps, CFG linear; DiSA 50 -> 5.
@@ -60,8 +60,9 @@ JOBS = [
   # default prompt as token ids): baseline 100 steps vs DiSA 100 / 50 / 25 -> 5 in one process
   # (Harmon's own disa-bench comparison; --runs / --dtypes do not apply), phase split included.
   Job('Harmon-1.5B b1', 'configs/harmon/1_5b.py', 1, '', 240, dtypes='float32',
-      tiny_extra=('--config.sampling.num_iter=2',)),
-  Job('Harmon-1.5B b16', 'configs/harmon/1_5b.py', 16, '', 300, dtypes='float32'),
+      tiny_runs='', tiny_extra=('--config.sampling.num_iter=2',), system='harmon'),
+  Job('Harmon-1.5B b16', 'configs/harmon/1_5b.py', 16, '', 300, dtypes='float32',
+      tiny_runs='', system='harmon'),
   # D-AR: official FID sampling is 64 images per GPU, cfg 1.2 -> 8.0 linear, GPT in bf16; runs:
   # the full 256-id decode, early stop after 6 of 8 groups, a 4-step decoder grid.
   Job('D-AR-L', 'configs/dar/l.py', 64, 'full,stop=192,grid=4', 150, system='dar',
@@ -69,6 +70,10 @@ JOBS = [
   Job('D-AR-XL', 'configs/dar/xl.py', 64, 'full,stop=192,grid=4', 200, system='dar',
       tiny_runs='full,stop=8,grid=2'),
 ]
+# FlowAR: official eval batch 256 per GPU (512 rows with CFG), fp32; runs = the config's
+# baseline (official steps, baseline_cfg) vs DiSA (upper -> lower, cfg), repeats interleaved.
+JOBS += [Job(f'FlowAR-{v}', f'configs/flowar/{v.lower()}.py', 256, '', est, dtypes='float32',
+             tiny_runs='', system='flowar') for v, est in (('S', 120), ('L', 180), ('H', 300))]
 
 
 class SuiteError(Exception):
@@ -79,14 +84,19 @@ def command(job: Job, out_json: Path, *, dry_run: bool, devices: int = 1) -> lis
   cfg = job.config + (':tiny' if dry_run else '')
   batch = max(2, devices) if dry_run else job.batch   # the batch is split over the devices
   argv = [sys.executable, '-m', 'disa_jax.cli.bench', f'--config={cfg}', f'--batch_size={batch}',
-          f'--runs={job.tiny_runs if dry_run else job.runs}', f'--json_out={out_json}', '--json']
-  if job.system == 'dar':
+          f'--json_out={out_json}', '--json']
+  runs = job.tiny_runs if dry_run else job.runs
+  if runs:
+    argv.append(f'--runs={runs}')
+  argv += list(job.tiny_extra if dry_run else job.extra)
+  if job.system == 'flowar':
+    return argv + ['--repeats=1' if dry_run else '--repeats=2', '--phases']
+  if job.system != 'mar':
     return argv
   dtypes = 'float32' if dry_run and 'float32' in job.dtypes else job.dtypes
   argv.append(f'--dtypes={dtypes}')
   if job.torch:
     argv.append('--torch')
-  argv += list(job.tiny_extra if dry_run else job.extra)
   return argv
 
 
@@ -102,6 +112,17 @@ def rows(job: Job, result: dict) -> list[dict]:
              'tokens_per_s': r['tokens_per_s'], 'gpt_s': r['gpt_s'],
              'decoder_s': r['decoder_s'], 'diff_to_full': r['mean_abs_diff_to_full'],
              'device': result['backend']} for r in result['runs']]
+  if job.system == 'flowar':
+    for r in result['runs']:
+      out.append({
+        'job': job.name, 'run': r['label'], 'dtype': 'float32', 'batch': result['batch_size'],
+        'K': len(r['steps_requested']), 'steps': '/'.join(map(str, r['steps_requested'])),
+        'images_per_s': r['images_per_s'], 's_per_image': r['s_per_image'],
+        'speedup': r['speedup'], 'flop_speedup': r['flop_speedup'], 'mfu': None,
+        'achieved_tflops': None, 'compile_s': r['compile_s'], 'torch_s_per_image': None,
+        'jax_over_torch': None, 'phases': r.get('phases'),
+        'device': f'{result["backend"]} {result["device_kind"]}'})
+    return out
   for res in result.get('results', [result]):
     for r in res['runs']:
       t = r.get('torch') or {}

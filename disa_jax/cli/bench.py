@@ -137,22 +137,36 @@ def _run(argv):
   for d in dtypes or []:
     if d not in ('float32', 'bfloat16'):
       raise common.CliError(f'--dtypes entries must be float32 or bfloat16, got {d!r}')
-  import jax
-
-  if jax.process_index() != 0:
-    log = lambda m: None  # noqa: E731
-  elif FLAGS.json:
-    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-  else:
-    log = print
+  log = _logger()
   result = benchmark(config, specs, batch_size=FLAGS.batch_size, dtypes=dtypes,
                      repeats=FLAGS.repeats, phases=FLAGS.phases,
                      calibrate=FLAGS.calibrate, with_torch=FLAGS.torch,
                      seed=FLAGS.seed, cfg=FLAGS.cfg, cfg_schedule=FLAGS.cfg_schedule,
                      torch_threads=FLAGS.torch_threads, quality=FLAGS.quality, log=log)
-  result['command'] = ' '.join(['disa-bench'] + sys.argv[1:])
+
+  def table(result):
+    for res in result.get('results', [result]):
+      print(format_table(res))
+    if 'precision' in result:
+      print('precision vs ' + (dtypes or ['float32'])[0] + ': ' + json.dumps(result['precision']))
+
+  _report(result, table)
+
+
+def _logger():
   import jax
 
+  if jax.process_index() != 0:
+    return lambda m: None
+  if FLAGS.json:
+    return lambda m: print(m, file=sys.stderr, flush=True)
+  return print
+
+
+def _report(result, table) -> None:
+  import jax
+
+  result['command'] = ' '.join(['disa-bench'] + sys.argv[1:])
   if jax.process_index() != 0:   # every process ran the same timed work; one reports
     return
   if FLAGS.json_out:
@@ -160,16 +174,17 @@ def _run(argv):
   if FLAGS.json:
     print(json.dumps(result, indent=2, sort_keys=True))
   else:
-    for res in result.get('results', [result]):
-      print(format_table(res))
-    if 'precision' in result:
-      print('precision vs ' + (dtypes or ['float32'])[0] + ': ' + json.dumps(result['precision']))
+    table(result)
 
 
 def _system_bench(config) -> bool:
-  """Systems with their own comparison (`disa_jax.systems.<name>.bench.disa_bench`, e.g.
-  Harmon: baseline vs the three DiSA settings with the phase split) run it here."""
+  """Systems with their own comparison run it here: `disa_jax.systems.<name>.bench.disa_bench(
+  config, *, batch_size, seed, log, ...)` (FlowAR: baseline vs DiSA per scale; Harmon: the
+  baseline vs the three DiSA settings with the phase split). The generic flags the user gave
+  are passed by name when the function takes them (`--torch` as `with_torch`); a given flag it
+  does not take is a one-line error."""
   import importlib
+  import inspect
 
   from disa_jax.systems.base import system_of
 
@@ -182,19 +197,25 @@ def _system_bench(config) -> bool:
     return False
   if not hasattr(module, 'disa_bench'):
     return False
-  if FLAGS.batch_size < 1:
-    raise common.CliError('--batch_size must be >= 1')
-  log = (lambda m: print(m, file=sys.stderr, flush=True)) if FLAGS.json else print
-  result = module.disa_bench(config, batch_size=FLAGS.batch_size, seed=FLAGS.seed,
-                             with_torch=FLAGS.torch, torch_threads=FLAGS.torch_threads, log=log)
-  result['command'] = ' '.join(['disa-bench'] + sys.argv[1:])
-  if FLAGS.json_out:
-    common.write_json(FLAGS.json_out, result)
-  if FLAGS.json:
-    print(json.dumps(result, indent=2, sort_keys=True))
-  else:
-    print(module.format_table(result))
+  if FLAGS.batch_size < 1 or FLAGS.repeats < 1:
+    raise common.CliError('--batch_size and --repeats must be >= 1')
+  params = inspect.signature(module.disa_bench).parameters
+  kwargs = {'batch_size': FLAGS.batch_size, 'seed': FLAGS.seed}
+  for flag, kw in _SYSTEM_BENCH_FLAGS.items():
+    if FLAGS[flag].present:
+      if kw not in params:
+        raise common.CliError(f'--{flag} is not available for {name} in disa-bench; drop it')
+      kwargs[kw] = FLAGS[flag].value
+  result = module.disa_bench(config, log=_logger(), **kwargs)
+  _report(result, lambda res: print(module.format_table(res)))
   return True
+
+
+# Generic disa-bench flags -> keyword of a system's own `disa_bench`.
+_SYSTEM_BENCH_FLAGS = {'runs': 'runs', 'repeats': 'repeats', 'phases': 'phases', 'cfg': 'cfg',
+                       'torch': 'with_torch', 'torch_threads': 'torch_threads',
+                       'dtypes': 'dtypes', 'quality': 'quality', 'cfg_schedule': 'cfg_schedule',
+                       'calibrate': 'calibrate'}
 
 
 def run():

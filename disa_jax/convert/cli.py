@@ -2,6 +2,7 @@
 
   disa-convert mar --torch-checkpoint checkpoint-last.pth --out ckpt/mar_base [--weights ema]
   disa-convert vae --torch-checkpoint kl16.ckpt --out ckpt/kl16
+  disa-convert flowar --torch-checkpoint FlowAR-S.pth --out ckpt/flowar_s
   disa-convert inception --torch-checkpoint pt_inception-2015-12-05-6726825d.pth --out ckpt/inc
 
 Each KIND is a module `disa_jax.systems.<kind>.convert` (a system) or `disa_jax.convert.<kind>`
@@ -21,6 +22,7 @@ from absl import flags
 
 KINDS = {
   'mar': 'MAR-B/L/H checkpoint-last.pth (model / model_ema) or mar-*.safetensors',
+  'flowar': 'FlowAR-S/L/H FlowAR-*.pth (flat state dict, or model_ema / model) or .safetensors',
   'vae': 'KL-16 VAE kl16.ckpt / kl16.safetensors',
   'inception': 'FID Inception-v3 pt_inception-2015-12-05-6726825d.pth',
   'xar': 'xAR-B/L/H.pth (flat state dict, official) or .safetensors',

@@ -73,8 +73,11 @@ def resolve_data(config, model_cfg: MARConfig) -> tuple[Path, float]:
   else:
     raise TrainingError(f'config.data.kind must be digits or cache, got {d.kind!r}')
   meta = records.read_meta(cache)
-  grid = model_cfg.img_size // model_cfg.vae_stride
-  want = [grid, grid, model_cfg.vae_embed_dim]
+  if isinstance(model_cfg, MARConfig):
+    grid = model_cfg.img_size // model_cfg.vae_stride
+    want = [grid, grid, model_cfg.vae_embed_dim]
+  else:                               # another system's trainer gives the moments shape
+    want = list(model_cfg)
   if list(meta['shape']) != want:
     raise TrainingError(
       f'cache {cache} holds moments of shape {meta["shape"]} but the model expects {want} '
@@ -100,6 +103,40 @@ def graphdef_of(model_cfg: MARConfig):
   if extra:  # everything trainable must be an nnx.Param for the optimizer and EMA
     raise TrainingError(f'MAR has non-parameter state {extra[:3]}; cannot train it')
   return graphdef
+
+
+class MARTrainer:
+  """What the loop needs from a system (MAR here; another system's `train_step` module
+  defines `Trainer(config)` with the same members)."""
+
+  kind = 'mar'
+
+  def __init__(self, config):
+    self.model_cfg = MARConfig.from_dict(dict(config.model))
+    self.data_shape = self.model_cfg
+    self.graphdef = graphdef_of(self.model_cfg)
+
+  def init_state(self, tx, seed: int):
+    return _init_state(self.model_cfg, tx, seed)
+
+  def step_fn(self, *, tx, ema_rate: float, latent_scale: float):
+    return partial(train_step, graphdef=self.graphdef, tx=tx, ema_rate=ema_rate,
+                   latent_scale=latent_scale, patch_size=self.model_cfg.patch_size)
+
+
+def trainer_of(config):
+  """The system's trainer (`System.train_step` module's `Trainer`; MAR: `MARTrainer`)."""
+  import importlib
+
+  from disa_jax.systems.base import system_of
+
+  system = system_of(config)
+  if system.name == 'mar':
+    return MARTrainer(config)
+  module = importlib.import_module(system.train_step) if system.train_step else None
+  if module is None or not hasattr(module, 'Trainer'):
+    raise TrainingError(f'disa-train does not support the {system.name} system yet')
+  return module.Trainer(config)
 
 
 def _check_config(workdir: Path, config) -> None:
@@ -174,11 +211,11 @@ def restore_state(workdir, config, *, mesh=None, step: int | None = None):
   import orbax.checkpoint as ocp
 
   workdir = Path(workdir).expanduser()
-  model_cfg = MARConfig.from_dict(dict(config.model))
+  trainer = trainer_of(config)
   tc = config.train
   tx = optim.make_optimizer(tc, tc.batch_size)
   mesh = mesh or shd.make_mesh(1)
-  abstract = jax.eval_shape(partial(_init_state, model_cfg, tx, tc.seed))
+  abstract = jax.eval_shape(partial(trainer.init_state, tx, tc.seed))
   shardings = state_shardings(abstract, mesh)
   mngr = _checkpoint_manager(workdir, tc)
   step = mngr.latest_step() if step is None else step
@@ -199,13 +236,13 @@ def export_model(out, state: TrainState, config, *, weights: str = 'ema', step: 
 
   if weights not in ('ema', 'raw'):
     raise TrainingError(f'export weights must be ema or raw, got {weights!r}')
-  model_cfg = MARConfig.from_dict(dict(config.model))
+  trainer = trainer_of(config)
   params = jax.device_get(state.ema if weights == 'ema' else state.params)
-  model = nnx.merge(graphdef_of(model_cfg), params)
+  model = nnx.merge(trainer.graphdef, params)
   meta = {'source': 'disa-train', 'config': config.get('name', ''), 'step': int(step),
           'weights': weights, 'tokenizer': dict(config.tokenizer)}
-  return save_model(out, model, kind='mar', model_config=model_cfg.to_dict(), meta=meta,
-                    overwrite=overwrite)
+  return save_model(out, model, kind=trainer.kind, model_config=trainer.model_cfg.to_dict(),
+                    meta=meta, overwrite=overwrite)
 
 
 # ------------------------------------------------------------------------------------------
@@ -223,7 +260,7 @@ def train(config, workdir, *, stop_at: int | None = None, export: str | None = N
   workdir = Path(workdir).expanduser().absolute()
   tc = config.train
   validation.validate_config(config)
-  model_cfg = MARConfig.from_dict(dict(config.model))
+  trainer = trainer_of(config)
   if tc.num_steps < 1 or tc.batch_size < 1:
     raise TrainingError('config.train.num_steps and batch_size must be >= 1')
   mesh = shd.make_mesh(tc.num_devices or None, fsdp=tc.fsdp)
@@ -231,19 +268,18 @@ def train(config, workdir, *, stop_at: int | None = None, export: str | None = N
     raise TrainingError(f'global batch {tc.batch_size} is not divisible by the {shd.data_size(mesh)} '
                         'devices of the mesh; change --config.train.batch_size')
   _check_config(workdir, config)
-  cache, scale = resolve_data(config, model_cfg)
+  cache, scale = resolve_data(config, trainer.data_shape)
   dataset = pipeline.make_dataset(cache, config.data.split, global_batch=tc.batch_size,
                                   seed=tc.seed, flip_prob=config.data.flip_prob)
   iterator = pipeline.make_iterator(dataset)
 
   tx = optim.make_optimizer(tc, tc.batch_size)
   lr_fn = optim.lr_schedule(tc, tc.batch_size)
-  init = partial(_init_state, model_cfg, tx, tc.seed)
+  init = partial(trainer.init_state, tx, tc.seed)
   abstract = jax.eval_shape(init)
   st_sh = state_shardings(abstract, mesh)
   batch_sh = shd.batch_sharded(mesh)
   repl = shd.replicated(mesh)
-  graphdef = graphdef_of(model_cfg)
 
   import orbax.checkpoint as ocp
 
@@ -276,8 +312,7 @@ def train(config, workdir, *, stop_at: int | None = None, export: str | None = N
   writer.truncate_after(start)
 
   step_fn = jax.jit(
-    partial(train_step, graphdef=graphdef, tx=tx, ema_rate=tc.ema_rate, latent_scale=scale,
-            patch_size=model_cfg.patch_size),
+    trainer.step_fn(tx=tx, ema_rate=tc.ema_rate, latent_scale=scale),
     in_shardings=(st_sh, batch_sh), out_shardings=(st_sh, repl), donate_argnums=(0,))
 
   end = tc.num_steps if stop_at is None else min(stop_at, tc.num_steps)

@@ -12,4 +12,10 @@ Public API (see each module's docstring for the math and the official file it ma
                FlowARConversionError
   io           save_flowar, load_flowar
   flops        scale_flops, run_flops
+  engine       FlowAREngineSampler (the engine's sampler contract), FlowARPlan
+  system       the `System` hooks; `SYSTEM` below
 """
+
+from disa_jax.systems.flowar.system import SYSTEM
+
+__all__ = ['SYSTEM']

@@ -11,6 +11,14 @@ measured separately (first call); timed runs exclude it. Prints one JSON object:
 image for each run, speedup DiSA/baseline next to the FLOP-model prediction and the DiSA README
 ratio, JAX/PyTorch time ratio and the max relative difference of their outputs, compile counts.
 The PyTorch reference lives in `reference/flowar.py` (repo root, not installed).
+
+`disa-bench --config=configs/flowar/s.py[:cpu]` runs `benchmark_config` instead: the config's
+model (checkpoint or random weights) through the engine sampler (`engine.py`, per-image keys),
+runs `label=preset[:upper[:lower]]` or `label=25/22/20/17/15` (default: the official baseline
+at `baseline_cfg` and the config's DiSA schedule at `cfg`), compiled first, timed repeats
+interleaved across runs (side by side), min reported; FLOP-model TFLOP per image and the
+predicted speedup, compile counts, and with `--phases` a synchronised pass splitting each
+scale into trunk and the rest (flow-head Euler solve + next-scale input).
 """
 
 from __future__ import annotations
@@ -118,6 +126,137 @@ def run(variant: str, batch: int, *, repeats: int = 1, use_torch: bool = True,
   return result
 
 
+def parse_runs(text: str | None, config) -> list[tuple[str, tuple[int, ...], float]]:
+  """(label, requested steps per scale, cfg) per run of `--runs` (None: baseline vs DiSA)."""
+  from disa_jax.systems.flowar.system import stage_plan
+
+  s = config.sampling
+  if not text:
+    base = config.sampling.copy_and_resolve_references()
+    with base.unlocked():
+      base.update(preset='baseline', strategy='', steps='')
+    disa = config.sampling.copy_and_resolve_references()
+    with disa.unlocked():
+      disa.update(preset='disa', strategy='', steps='')
+    return [('baseline', stage_plan(base).steps, float(s.baseline_cfg)),
+            ('disa', stage_plan(disa).steps, float(s.cfg))]
+  out = []
+  for item in text.split(','):
+    label, eq, body = item.partition('=')
+    if not eq or not label or not body:
+      raise UserError(f'bad FlowAR run {item!r}; expected label=preset[:upper[:lower]] '
+                      '(preset baseline or disa) or label=25/22/20/17/15')
+    sub = config.sampling.copy_and_resolve_references()
+    with sub.unlocked():
+      if '/' in body or body.isdigit():
+        sub.update(steps=body.replace('/', ','), strategy='')
+      else:
+        preset, *counts = body.split(':')
+        if preset not in ('baseline', 'mar', 'disa') or len(counts) > 2:
+          raise UserError(f'bad FlowAR run {item!r}; expected label=preset[:upper[:lower]] '
+                          '(preset baseline or disa) or label=25/22/20/17/15')
+        try:
+          ints = [int(c) for c in counts]
+        except ValueError:
+          raise UserError(f'bad FlowAR run {item!r}: upper / lower must be integers') from None
+        sub.update(preset=preset, strategy='', steps='')
+        if ints:
+          sub.update(upper_steps=ints[0], lower_steps=ints[-1])
+    out.append((label, stage_plan(sub).steps, float(s.cfg)))
+  return out
+
+
+def benchmark_config(config, *, runs: str | None = None, batch_size: int = 4, repeats: int = 1,
+                     phases: bool = False, seed: int = 0, cfg: float | None = None,
+                     log=print) -> dict:
+  """Baseline vs DiSA (or `runs`) through the engine sampler on the config's model."""
+  from disa_jax.engine.runner import build_model
+  from disa_jax.systems.flowar.engine import FlowAREngineSampler
+  from disa_jax.systems.flowar.system import model_config, validate
+
+  validate(config)
+  specs = parse_runs(runs, config)                # schedule errors before loading
+  if cfg is not None:
+    specs = [(label, steps, float(cfg)) for label, steps, _ in specs]
+  arch = model_config(config)
+  model, source = build_model(config, seed=seed)
+  sampler = FlowAREngineSampler(model, guidance=config.sampling.guidance,
+                                matmul_precision=config.runtime.get('matmul_precision') or None)
+  labels = np.arange(batch_size) % arch.class_num
+  key = jax.random.key(seed)
+  result = {'config': config.get('name', ''), 'model': source, 'batch_size': batch_size,
+            'guidance': config.sampling.guidance, 'backend': jax.default_backend(),
+            'device_kind': jax.devices()[0].device_kind, 'repeats': repeats, 'runs': []}
+  rows = []
+  for label, steps, c in specs:
+    plan = sampler.plan(batch_size, steps=steps, cfg=c)
+    before = set(sampler.compile_log)
+    compile_s = sampler.compile(plan)
+    sampler.generate(labels, key, steps=steps, cfg=c)          # first run (allocations)
+    fl = run_flops(arch, steps, cfg_scale=c)
+    rows.append({'label': label, 'cfg': c, 'steps_requested': list(steps),
+                 'steps_actual': list(plan.evals), 'compile_s': round(compile_s, 3),
+                 'compilations': sum(1 for k in sampler.compile_log if k not in before
+                                     and k[0] == 'scale'),
+                 'head_token_steps_per_image': plan.head_token_steps(),
+                 'tflop_per_image': {k: float(f'{v / 1e12:.4g}') for k, v in fl.items()},
+                 'walls': []})
+    log(f'[{label}] steps {list(steps)} (evaluations {list(plan.evals)}), cfg {c}: compiled '
+        f'in {compile_s:.1f} s')
+  for r in range(repeats):                       # interleaved: side by side on a noisy host
+    for row, (label, steps, c) in zip(rows, specs, strict=True):
+      sampler.generate(labels, key, steps=steps, cfg=c)
+      row['walls'].append(sampler.last_stats.wall_s)
+      log(f'[{label}] run {r + 1}/{repeats}: {row["walls"][-1]:.3f} s')
+  for row, (label, steps, c) in zip(rows, specs, strict=True):
+    wall = min(row.pop('walls'))
+    row.update(wall_s=round(wall, 4), s_per_image=round(wall / batch_size, 5),
+               images_per_s=round(batch_size / wall, 4))
+    if phases:
+      sampler.generate(labels, key, steps=steps, cfg=c, timed=True)
+      st = sampler.last_stats
+      row['phases'] = {'trunk_s': round(st.trunk_s, 4), 'head_s': round(st.head_s, 4)}
+      log(f'[{label}] phases: trunk {st.trunk_s:.3f} s, head + next-scale {st.head_s:.3f} s')
+  base = rows[0]
+  for row in rows:
+    row['speedup'] = round(base['wall_s'] / row['wall_s'], 4)
+    row['flop_speedup'] = round(base['tflop_per_image']['total'] / row['tflop_per_image']['total'],
+                                4)
+  result['runs'] = rows
+  result['compile_count'] = sampler.inner.compile_count
+  key_v = config.get('variant', '')
+  if key_v in PAPER_SPEEDUP:
+    result['speedup_paper_readme'] = PAPER_SPEEDUP[key_v]
+  return result
+
+
+def format_table(result: dict) -> str:
+  """A fixed-width table of a `benchmark_config` result."""
+  header = ['run', 'steps', 'evals', 'cfg', 's/img', 'img/s', 'compiles', 'TFLOP/img',
+            'speedup', 'FLOP pred.']
+  has_ph = any('phases' in r for r in result['runs'])
+  if has_ph:
+    header += ['trunk s', 'head s']
+  rows = []
+  for r in result['runs']:
+    cells = [r['label'], '/'.join(map(str, r['steps_requested'])),
+             '/'.join(map(str, r['steps_actual'])), r['cfg'], f'{r["s_per_image"]:.4f}',
+             f'{r["images_per_s"]:.3f}', r['compilations'],
+             f'{r["tflop_per_image"]["total"]:.4g}', f'{r["speedup"]:.2f}x',
+             f'{r["flop_speedup"]:.2f}x']
+    if has_ph:
+      ph = r.get('phases', {})
+      cells += [ph.get('trunk_s', '-'), ph.get('head_s', '-')]
+    rows.append([str(c) for c in cells])
+  widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
+  line = lambda cells: '  '.join(c.rjust(w) for c, w in zip(cells, widths, strict=True))  # noqa
+  title = (f'{result["config"]} | {result["model"]} | batch {result["batch_size"]} | guidance '
+           f'{result["guidance"]} | {result["backend"]} ({result["device_kind"]})')
+  if 'speedup_paper_readme' in result:
+    title += f' | DiSA README speedup {result["speedup_paper_readme"]}x'
+  return '\n'.join([title, line(header), *map(line, rows)])
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--variant', default='S', help='S, L or H (official shapes, random weights)')
@@ -141,3 +280,5 @@ def main(argv=None) -> int:
 
 if __name__ == '__main__':
   sys.exit(main())
+
+disa_bench = benchmark_config   # disa-bench's entry for FlowAR (cli/bench._system_bench)

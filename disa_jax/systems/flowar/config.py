@@ -146,13 +146,14 @@ CPU = FlowARConfig(width=64, encoder_depth=2, decoder_depth=2, heads=4, head_wid
 
 
 def parse_config_arg(arg: str | None) -> dict:
-  """'cpu' / 'tiny' / 'cpu,tiny' (the text after ':' in --config=configs/flowar/s.py:cpu)."""
-  out = {'cpu': False, 'tiny': False}
+  """'cpu' / 'tiny' / 'tiny,digits' (the text after ':' in --config=configs/flowar/s.py:cpu);
+  'digits' trains on the bundled digits cache (1-channel 16x16 pixel tokens, 10 classes)."""
+  out = {'cpu': False, 'tiny': False, 'digits': False}
   for item in (arg or '').split(','):
     if not item:
       continue
     if item not in out:
-      raise UserError(f'unknown FlowAR config argument {item!r}; use cpu or tiny')
+      raise UserError(f'unknown FlowAR config argument {item!r}; use cpu, tiny or digits')
     out[item] = True
   return out
 
@@ -170,9 +171,12 @@ def flowar_config(name: str, arg: str | None = None):
     arch = dataclasses.replace(CPU, head_cross=VARIANTS[key].head_cross)
   else:
     arch = VARIANTS[key]
+  if opts['digits']:
+    arch = dataclasses.replace(arch, token_dim=1, class_num=10)
   c = ml_collections.ConfigDict()
   c.system = 'flowar'
-  c.name = f'flowar_{key.lower()}' + ('-tiny' if opts['tiny'] else '-cpu' if opts['cpu'] else '')
+  c.name = f'flowar_{key.lower()}' + ('-tiny' if opts['tiny'] else '-cpu' if opts['cpu'] else '') \
+    + ('-digits' if opts['digits'] else '')
   c.variant = key
   c.model = ml_collections.ConfigDict(arch.to_dict())
   c.checkpoint = ''                 # directory written by `disa-convert flowar`
@@ -185,6 +189,8 @@ def flowar_config(name: str, arg: str | None = None):
   s.cfg = official.disa_cfg or official.cfg      # DiSA README cfg (S: 4.2; official S: 4.3)
   s.baseline_cfg = official.cfg
   s.guidance = official.guidance    # guided only while t <= guidance
+  s.cfg_schedule = 'linear'         # the official ramp over scales (the only one)
+  s.temperature = 1.0               # the Euler ODE has no noise temperature (must stay 1.0)
   s.num_images = 4 if (opts['cpu'] or opts['tiny']) else 8
   s.batch_size = 4 if (opts['cpu'] or opts['tiny']) else 8
   s.classes = ''
@@ -202,4 +208,19 @@ def flowar_config(name: str, arg: str | None = None):
   t.vae = ''                        # directory written by `disa-convert vae`
   t.scale = 0.2325                  # latent = tokens / 0.2325 before decoding
   c.tokenizer = t
+  from disa_jax.config import data_config, train_config
+
+  # Training (`disa-train`): the official recipe of main_flowar.py (AdamW 0.9 / 0.95, wd 0.02,
+  # blr 1e-4, cosine to 1e-5 after warmup, clip 3.0, EMA 0.9999) and label drop 0.1.
+  c.train = train_config(lr_schedule='cosine', min_lr=1e-5)
+  c.train.label_drop_prob = 0.1
+  c.data = data_config(latent_scale=0.2325)
+  if opts['digits']:
+    from disa_jax.data.digits import TOKEN_SCALE
+
+    t.update(kind='none', scale=TOKEN_SCALE)
+    c.data.update(kind='digits', cache_dir='~/.cache/disa_jax/digits_cache', flip_prob=0.0,
+                  latent_scale=TOKEN_SCALE)
+    c.train.update(batch_size=16, num_steps=20, blr=0.016, warmup_steps=2,
+                   lr_schedule='constant', log_every=5, checkpoint_every=10, ema_rate=0.995)
   return c

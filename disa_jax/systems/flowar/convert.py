@@ -42,8 +42,10 @@ def _fail(msg: str):
   raise FlowARConversionError(' '.join(msg.split()))
 
 
-def read_state_dict(path) -> dict[str, np.ndarray]:
-  """The raw state dict of a weights file, dtypes preserved (safe loaders only)."""
+def read_state_dict(path, *, weights: str = 'ema') -> dict[str, np.ndarray]:
+  """The raw state dict of a weights file, dtypes preserved (safe loaders only). A training
+  checkpoint's 'model_ema' is read for weights='ema' ('model' when it has no EMA), its
+  'model' for weights='raw'."""
   path = os.path.expanduser(os.fspath(path))
   if not os.path.isfile(path):
     _fail(f'FlowAR checkpoint {path} does not exist or is not a file; pass the .pth or '
@@ -62,7 +64,10 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
   if not isinstance(obj, Mapping):
     _fail(f'{path} holds a {type(obj).__name__}, not a FlowAR state dict')
   if not any(isinstance(v, torch.Tensor) for v in obj.values()):
-    entry = next((e for e in ENTRIES if isinstance(obj.get(e), Mapping)), None)
+    if weights not in ('ema', 'raw'):
+      _fail(f'weights must be ema or raw, got {weights!r}')
+    order = ENTRIES if weights == 'ema' else ('model',)
+    entry = next((e for e in order if isinstance(obj.get(e), Mapping)), None)
     if entry is None:
       _fail(f'{path} holds no state dict (entries: {", ".join(map(str, obj))}); pass the '
             'official FlowAR-*.pth file')
@@ -214,7 +219,8 @@ def load_converted(path) -> FlowAR:
   return nnx.merge(graphdef, state)
 
 
-def convert(torch_checkpoint, out, *, overwrite: bool = False, variant: str | None = None) -> Path:
+def convert(torch_checkpoint, out, *, overwrite: bool = False, variant: str | None = None,
+            weights: str = 'ema') -> Path:
   """`disa-convert flowar`: weights file -> model directory `out` (written atomically)."""
   from disa_jax.convert.source import check_output
   from disa_jax.systems.flowar.io import save_flowar
@@ -223,7 +229,7 @@ def convert(torch_checkpoint, out, *, overwrite: bool = False, variant: str | No
     out = check_output(out, overwrite)
   except CheckpointError as e:
     raise FlowARConversionError(str(e)) from None
-  cfg, graphdef, state = convert_state(read_state_dict(torch_checkpoint))
+  cfg, graphdef, state = convert_state(read_state_dict(torch_checkpoint, weights=weights))
   if variant is not None:
     from disa_jax.systems.flowar.config import variant as official
     want = official(variant)
