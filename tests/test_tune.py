@@ -237,3 +237,18 @@ def test_tune_bad_inputs(tmp_path):
   r = run_cli(TINY, f'--out={tmp_path}', tool='tune')
   assert r.returncode == 2 and 'is a directory' in r.stderr
   assert os.listdir(tmp_path) == []
+
+
+def test_reselect_from_measured_file(tmp_path):
+  from disa_jax.cli.tune import reselect
+
+  src = tmp_path / 'm.json'
+  info = {'floor': [1.0, 1.0], 'distances': {'1': [5.0, 1.4], '4': [1.0, 1.0]}, 'budget': 0.1}
+  tn.save_schedule(str(src), tn.Schedule((4, 4), 950, 'mar', info))
+  data = reselect(str(src), str(tmp_path / 'b.json'), budget=0.5)
+  assert data['steps'] == [4, 1] and data['budget'] == 0.5 and data['max_timestep'] == 950
+  assert tn.load_schedule(str(tmp_path / 'b.json')).steps == (4, 1)
+  bare = tmp_path / 'bare.json'
+  tn.save_schedule(str(bare), tn.Schedule((4, 4), 950))
+  with pytest.raises(tn.TuneError, match='no complete "floor" / "distances"'):
+    reselect(str(bare), str(tmp_path / 'c.json'), budget=0.5)

@@ -3,6 +3,7 @@
   disa-tune --out=tuned.json                          # the bundled digits model, budget 0.1
   disa-tune --config=configs/mar/base.py --checkpoint=ckpt/mar_base --budget=0.2 \\
       --num_iter=64 --out=tuned_mar_b.json
+  disa-tune --measured=tuned.json --budget=0.5 --out=tuned_b05.json   # re-select, no probe
   disa-sample --steps_file=tuned.json --out=outputs/tuned
   disa-evidence curves --runs=tuned=file:tuned.json,disa-linear=disa:16:50:5:linear ...
 
@@ -38,6 +39,8 @@ flags.DEFINE_integer('reference_steps', 100, 'Steps of the many-step reference (
 flags.DEFINE_string('candidates', ','.join(map(str, DEFAULT_CANDIDATES)),
                     'Comma-separated candidate step counts per stage.')
 flags.DEFINE_integer('probe_images', 16, 'Images in the probe batch.', lower_bound=1)
+flags.DEFINE_string('measured', None, 'A schedule file written by disa-tune: re-select its '
+                    'measured distances under --budget instead of measuring again.')
 flags.DEFINE_integer('draws', 16, 'Head samples per condition (>= 2).', lower_bound=2)
 flags.register_validator('budget', lambda v: v is not None and v == v and 0 <= v < float('inf'),
                          message='--budget must be a finite number >= 0')
@@ -98,11 +101,38 @@ def tune(config, out: str, *, budget: float, reference_steps: int, candidates: l
   return schedule.to_json()
 
 
+def reselect(measured_path: str, out: str, *, budget: float, overwrite: bool = False) -> dict:
+  """A new schedule from the distances stored in `measured_path` under another budget."""
+  from disa_jax import tune as tn
+
+  old = tn.load_schedule(measured_path)
+  try:
+    measured = {'floor': [float(x) for x in old.info['floor']],
+                'distances': {int(k): [float(x) for x in v]
+                              for k, v in old.info['distances'].items()}}
+    if any(len(v) != old.num_iter for v in [measured['floor'], *measured['distances'].values()]):
+      raise ValueError
+  except (KeyError, TypeError, ValueError, AttributeError):
+    raise tn.TuneError(f'steps file {measured_path}: has no complete "floor" / "distances" '
+                       'measurements to re-select from') from None
+  steps, choices = tn.select_schedule(measured, budget)
+  info = dict(old.info, budget=budget, reselected_from=measured_path,
+              over_budget_stages=[i for i, c in enumerate(choices) if not c.within_budget])
+  schedule = tn.Schedule(tuple(steps), old.max_timestep, old.system, info)
+  tn.save_schedule(out, schedule, overwrite=overwrite)
+  return schedule.to_json()
+
+
 def _run(argv):
   if len(argv) > 1:
     raise common.CliError(f'unexpected argument {argv[1]!r}; disa-tune takes only flags')
   if not FLAGS.out:
     raise common.CliError('--out=FILE is required (the schedule file to write, e.g. tuned.json)')
+  if FLAGS.measured:
+    data = reselect(FLAGS.measured, FLAGS.out, budget=FLAGS.budget, overwrite=FLAGS.overwrite)
+    print(f'steps per AR stage: {",".join(map(str, data["steps"]))} (budget {FLAGS.budget}, '
+          f're-selected from {FLAGS.measured}); wrote {FLAGS.out}')
+    return
   config = common.config_value(_CONFIG)
   if config is None:  # the bundled digits model
     from disa_jax.systems.mar.variants import digits_config
