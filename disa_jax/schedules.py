@@ -157,7 +157,9 @@ class RunSpecError(UserError):
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
   """One sampling run of `disa-bench --runs` / `disa-evidence curves --runs`:
-  `label=preset:num_iter:upper[:lower[:strategy]]`."""
+  `label=preset:num_iter:upper[:lower[:strategy]]`, or `label=file:PATH` for a schedule file
+  written by `disa-tune` (preset and strategy 'tuned'; upper / lower = its largest / smallest
+  step count)."""
 
   label: str
   preset: str
@@ -165,17 +167,26 @@ class RunSpec:
   upper: int
   lower: int
   strategy: str
+  steps_file: str | None = None
 
   @classmethod
   def parse(cls, text: str) -> RunSpec:
     label, eq, body = text.partition('=')
     if not eq:
       body, label = label, label.replace(':', '_')
+    if body.startswith('file:'):
+      from disa_jax.tune import load_schedule
+
+      path = body[len('file:'):]
+      sched = load_schedule(path)
+      return cls(label, 'tuned', sched.num_iter, max(sched.steps), min(sched.steps), 'tuned',
+                 path)
     parts = body.split(':')
     if len(parts) < 3 or parts[0] not in ('mar', 'baseline', 'disa'):
       raise RunSpecError(
         f'bad run spec {text!r}; expected label=preset:num_iter:upper[:lower[:strategy]] with '
-        'preset baseline (or mar) or disa, e.g. disa64=disa:64:50:5:linear')
+        'preset baseline (or mar) or disa, e.g. disa64=disa:64:50:5:linear, or label=file:PATH '
+        '(a disa-tune schedule)')
     try:
       num_iter, upper = int(parts[1]), int(parts[2])
       lower = int(parts[3]) if len(parts) > 3 else upper
@@ -188,10 +199,16 @@ class RunSpec:
   def family(self) -> str:
     if canonical_preset(self.preset) == 'baseline':
       return 'MAR (constant steps)'
+    if self.steps_file is not None:
+      return 'tuned (disa-tune)'
     if self.strategy == 'constant':    # fixed steps with DiSA's clamp: isolates the clamp
       return 'constant steps + clamp 950'
     return f'DiSA {self.strategy}'
 
   def step_plan(self) -> StepPlan:
+    if self.steps_file is not None:
+      from disa_jax.tune import load_schedule
+
+      return load_schedule(self.steps_file).step_plan()
     return resolve_steps(num_iter=self.num_iter, preset=self.preset, strategy=self.strategy,
                          upper=self.upper, lower=self.lower)

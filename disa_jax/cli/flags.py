@@ -7,8 +7,8 @@
   define_output()    define_out() + --save_images, --save_tokens, --progress
   define_metric()    --metric, --inception, --ref_stats, --inception_batch_size, ...
   define_sampling()  --num_images, --batch_size, --classes, --seed, --preset, --strategy,
-                     --upper_steps, --lower_steps, --steps, --num_iter, --cfg, --cfg_schedule,
-                     --temperature, --max_timestep; and every system's own flags
+                     --upper_steps, --lower_steps, --steps, --steps_file, --num_iter, --cfg,
+                     --cfg_schedule, --temperature, --max_timestep; and every system's own flags
                      (`define_system_flags`: `disa_jax/systems/<name>/flags.py`, e.g. Harmon's
                      --prompt, --prompts_file, --tokenizer), applied by the config's system
 Numeric flags are checked where they enter (range and finiteness, absl validators); the same
@@ -107,6 +107,8 @@ def define_sampling():
   flags.DEFINE_integer('lower_steps', None, 'Solver steps at the last AR stage (T_lo).',
                        lower_bound=1)
   flags.DEFINE_string('steps', None, 'Explicit steps per AR stage, "50,49,...".')
+  flags.DEFINE_string('steps_file', None, 'Schedule file written by disa-tune: its steps per '
+                      'AR stage and clamp replace the schedule flags.')
   flags.DEFINE_integer('num_iter', None, 'AR stages K.', lower_bound=1)
   flags.DEFINE_float('cfg', None, 'Classifier-free guidance scale (>= 0, finite; 1.0 = off).')
   flags.DEFINE_enum('cfg_schedule', None, ['linear', 'constant'], 'CFG schedule.')
@@ -147,6 +149,8 @@ def apply_model_and_sampling(config):
         value = getattr(FLAGS, name)
         if value is not None:
           config.sampling[name] = value
+      if FLAGS.steps_file:
+        _apply_steps_file(config, FLAGS.steps_file)
     if _defined('checkpoint'):
       if FLAGS.checkpoint is not None:
         config.checkpoint = FLAGS.checkpoint
@@ -173,13 +177,31 @@ def _apply_system_flags(config):
 
 def _system_flag_names() -> set:
   import disa_jax.systems as systems_pkg
+  from disa_jax.systems.base import get_system
 
   names = set()
   for root in systems_pkg.__path__:
     for name in os.listdir(root):
       if os.path.isfile(os.path.join(root, name, 'flags.py')):
-        names.update(importlib.import_module(f'disa_jax.systems.{name}.flags').FLAG_NAMES)
+        names.update(get_system(name).flag_names)
   return names
+
+
+def _apply_steps_file(config, path: str) -> None:
+  """A disa-tune schedule file sets steps, num_iter and the clamp (`disa_jax.tune`)."""
+  from disa_jax.tune import load_schedule
+
+  if FLAGS.steps is not None:
+    raise UserError('--steps and --steps_file both give the steps per AR stage; pass one')
+  sched = load_schedule(os.path.expanduser(path), num_iter=FLAGS.num_iter,
+                        system=config.get('system', None))
+  file_clamp = NO_CLAMP if sched.max_timestep is None else sched.max_timestep
+  if FLAGS.max_timestep is not None and FLAGS.max_timestep != file_clamp:
+    raise UserError(f'--max_timestep={FLAGS.max_timestep} contradicts the clamp {file_clamp} the '
+                    f'steps file {path} was tuned with; drop --max_timestep')
+  config.sampling.steps = ','.join(map(str, sched.steps))
+  config.sampling.num_iter = sched.num_iter
+  config.sampling.max_timestep = file_clamp
 
 
 def validate_sampling(config) -> None:
