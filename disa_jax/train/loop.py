@@ -373,6 +373,7 @@ def _check(step: int, metrics, window: dict) -> dict:
       'was skipped and training stopped. The newest checkpoint holds finite weights; lower '
       '--config.train.blr, lengthen the warmup, or train in float32 '
       '(--config.model.dtype=float32)')
-  for k in ('loss', 'mse', 'vb', 'grad_norm', 'mask_ratio'):
-    window.setdefault(k, []).append(m[k])
+  for k in m:        # MAR's metrics, and another system's loss terms (FlowAR: loss_scale<s>)
+    if k in ('loss', 'mse', 'vb', 'grad_norm', 'mask_ratio') or k.startswith('loss_'):
+      window.setdefault(k, []).append(m[k])
   return m

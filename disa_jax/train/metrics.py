@@ -83,8 +83,8 @@ class Report:
     self.t0, self.s0 = now, step
     eta = (self.total - step) / rate if rate > 0 else float('inf')
     parts = [f'step {step}/{self.total}', f'loss {scalars["loss"]:.4f}',
-             f'mse {scalars["mse"]:.4f}', f'vb {scalars["vb"]:.4f}', f'lr {scalars["lr"]:.2e}',
-             f'{rate:.2f} steps/s', f'eta {_fmt(eta)}']
+             *(f'{k} {scalars[k]:.4f}' for k in ('mse', 'vb') if k in scalars),
+             f'lr {scalars["lr"]:.2e}', f'{rate:.2f} steps/s', f'eta {_fmt(eta)}']
     return '  '.join(parts)
 
 
