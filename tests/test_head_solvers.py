@@ -60,7 +60,7 @@ def _numpy_dpmpp_2m(net, z, key, steps, max_t, cfg):
   ks = list(reversed(range(sched.num_steps)))
   lam = lambda k: 0.5 * np.log(ac[k] / (1 - ac[k]))  # noqa: E731
   x0_prev = None
-  for i, k in enumerate(ks):
+  for k in ks:
     eps = _eps(net, x, sched.timesteps[k], z, cfg)
     x0 = (x - np.sqrt(1 - ac[k]) * eps) / np.sqrt(ac[k])
     if k == 0:
