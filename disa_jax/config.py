@@ -73,6 +73,8 @@ def sampling_config(**overrides) -> ml_collections.ConfigDict:
   c.cfg = 2.9
   c.cfg_schedule = 'linear'  # linear | constant
   c.temperature = 1.0
+  c.solver = 'ddpm'          # head solver: ddpm (official) | ddim | dpmpp_2m (docs/solvers.md)
+  c.eta = 0.0                # DDIM noise scale (0 = deterministic)
   c.num_images = 8
   c.batch_size = 8           # global batch (split over devices and hosts)
   c.classes = ''             # comma-separated class ids cycled over the images ('' = all)
@@ -85,6 +87,7 @@ def runtime_config(**overrides) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.enc_bucket = 0               # encoder length bucket; 0 = auto (seq_len / 16)
   c.max_head_waste = 0.05        # padding budget per head bucket
+  c.head_steps = 'exact'         # exact: a head per (steps, rows); traced: per rows (issue 20)
   c.matmul_precision = ''        # '' backend default, or 'highest' (parity runs)
   c.compilation_cache = '~/.cache/disa_jax/xla'   # persistent XLA cache ('' disables)
   c.num_devices = 0              # 0 = all devices

@@ -14,6 +14,24 @@ The official code also evolves the unconditional half of x, but never feeds it b
 net and discards it; this loop skips it. The time embedding depends only on k and the
 condition embedding only on the row, so both are computed once per call rather than per row
 and per step (same numbers, fewer FLOPs).
+
+Other solvers over the same respaced chain (`solver`, static; CFG is applied to the eps
+channels exactly as above, the learned-variance channels are unused):
+  ddim (eta):  a = abar'_k, a' = abar'_{k-1} (1 at k = 0),
+               sigma = eta sqrt((1 - a') / (1 - a)) sqrt(1 - a / a')
+               x = sqrt(a') x0 + sqrt(1 - a' - sigma^2) eps + 1[k>0] sigma * temperature * n
+               (guided-diffusion `ddim_sample` without clipping, where its re-derived eps is eps)
+  dpmpp_2m:    DPM-Solver++(2M) in data prediction, lambda = log(sqrt(a) / sqrt(1 - a)),
+               step k -> k-1 with h = lambda' - lambda, r = h_prev / h:
+               D = (1 + 1/(2r)) x0_k - 1/(2r) x0_{k+1}   (D = x0_k at the first step)
+               x = (sigma'/sigma) x - alpha' (exp(-h) - 1) D;  the last step (k = 0) returns
+               x0_0 (lower order final: its target is the clean sample). Deterministic.
+Every solver spends A = num_steps network evaluations per token.
+
+Traced trip count: when the tables carry a 'trip' entry (int32 scalar, see
+`device_tables(pad_to=...)`), they are front-padded to the static length num_steps and the
+loop runs iterations num_steps - trip .. num_steps - 1, so one executable serves every step
+count up to num_steps (noise index and solver state as for an unpadded chain of trip steps).
 """
 
 from __future__ import annotations
@@ -22,41 +40,116 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from disa_jax.diffusion.gaussian import spaced_schedule
 
 TABLE_KEYS = ('t', 'sqrt_recip_ac', 'sqrt_recipm1_ac', 'coef1', 'coef2', 'log_beta',
               'post_logvar', 'noise_mask')
+SOLVERS = ('ddpm', 'ddim', 'dpmpp_2m')
+SOLVER_KEYS = {
+  'ddpm': TABLE_KEYS,
+  'ddim': ('t', 'sqrt_recip_ac', 'sqrt_recipm1_ac', 'ddim_x0', 'ddim_eps', 'ddim_sigma'),
+  'dpmpp_2m': ('t', 'sqrt_recip_ac', 'sqrt_recipm1_ac', 'dpm_x', 'dpm_x0', 'dpm_x0_prev'),
+}
 
 
-def device_tables(num_steps: int, max_timestep: int | None) -> dict[str, jax.Array]:
-  """float32 coefficient tables [A] of the respaced chain, in sampling order."""
-  return {k: jnp.asarray(v) for k, v in spaced_schedule(num_steps, max_timestep)
-          .sampling_tables().items()}
+def check_solver(solver: str, eta: float = 0.0) -> None:
+  if solver not in SOLVERS:
+    raise ValueError(f'unknown head solver {solver!r}; choose one of {", ".join(SOLVERS)}')
+  if not (np.isfinite(eta) and eta >= 0):
+    raise ValueError(f'DDIM eta must be finite and >= 0, got {eta}')
+
+
+def solver_tables(num_steps: int, max_timestep: int | None, solver: str = 'ddpm',
+                  eta: float = 0.0) -> dict[str, np.ndarray]:
+  """float32 per-iteration coefficients [A] of `solver` on the respaced chain, sampling order
+  (iteration i = respaced index k = A-1-i)."""
+  check_solver(solver, eta)
+  sched = spaced_schedule(num_steps, max_timestep)
+  base = sched.sampling_tables()
+  if solver == 'ddpm':
+    return base
+  out = {k: base[k] for k in ('t', 'sqrt_recip_ac', 'sqrt_recipm1_ac')}
+  a = sched.tables.alphas_cumprod[::-1]                      # abar'_k, float64
+  a_next = sched.tables.alphas_cumprod_prev[::-1]            # abar'_{k-1} (1 after k = 0)
+  if solver == 'ddim':
+    sigma = eta * np.sqrt((1 - a_next) / (1 - a)) * np.sqrt(1 - a / a_next)
+    out['ddim_x0'] = np.sqrt(a_next)
+    out['ddim_eps'] = np.sqrt(np.maximum(1 - a_next - sigma**2, 0.0))
+    out['ddim_sigma'] = sigma * (np.arange(len(a))[::-1] != 0)
+  else:
+    alpha, sig = np.sqrt(a), np.sqrt(1 - a)
+    lam = np.log(alpha / sig)
+    n = len(a)
+    dx, dx0, dprev = np.zeros(n), np.zeros(n), np.zeros(n)
+    for i in range(n):
+      if i == n - 1:                 # last step: the target is the clean sample
+        dx0[i] = 1.0
+        continue
+      h = lam[i + 1] - lam[i]
+      phi = -np.sqrt(a_next[i]) * np.expm1(-h)               # -alpha' (exp(-h) - 1)
+      dx[i] = np.sqrt(1 - a_next[i]) / sig[i]
+      if i == 0:
+        dx0[i] = phi
+      else:
+        r = (lam[i] - lam[i - 1]) / h
+        dx0[i] = phi * (1 + 1 / (2 * r))
+        dprev[i] = -phi / (2 * r)
+    out.update(dpm_x=dx, dpm_x0=dx0, dpm_x0_prev=dprev)
+  return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
+
+
+def device_tables(num_steps: int, max_timestep: int | None, solver: str = 'ddpm',
+                  eta: float = 0.0, pad_to: int | None = None) -> dict[str, jax.Array]:
+  """float32 coefficient tables [A] of the respaced chain, in sampling order.
+
+  With `pad_to` (>= A) every table is front-padded (edge values) to that length and the
+  dict gains 'trip' = A (int32): the loop then runs a traced number of steps (module doc)."""
+  tables = solver_tables(num_steps, max_timestep, solver, eta)
+  if pad_to is None:
+    return {k: jnp.asarray(v) for k, v in tables.items()}
+  n = len(tables['t'])
+  if pad_to < n:
+    raise ValueError(f'pad_to={pad_to} is shorter than the chain ({n} steps)')
+  out = {k: jnp.asarray(np.pad(v, (pad_to - n, 0), mode='edge')) for k, v in tables.items()}
+  out['trip'] = jnp.int32(n)
+  return out
 
 
 # Largest buffer of precomputed adaLN modulations (all steps x rows) per head call.
 MODULATION_BUDGET_BYTES = 256 * 2**20
 
 
+def _solver_of(tables) -> str:
+  for name in ('dpmpp_2m', 'ddim'):
+    if SOLVER_KEYS[name][-1] in tables:
+      return name
+  return 'ddpm'
+
+
 def _step_fn(net, z, z_uncond, tables, *, num_steps: int, cfg, temperature, noise_at,
              channels: int, modulation_budget: int):
-  """body(i, x) -> x after loop iteration i (i = 0 is the noisiest step).
+  """body(i, (x, x0_prev), j) -> state after loop iteration i (tables index i; noise index j,
+  j = 0 is the noisiest step of the chain). The solver is read from the table keys.
 
   When the adaLN modulations of all A steps fit in `modulation_budget` bytes they are
   computed here in one batched pass (same arithmetic; at small batch the loop is bound by
-  reading weights, and this reads ~60% of them once instead of A times).
+  reading weights, and this reads ~60% of them once instead of A times). Not with a traced
+  trip count (that would compute them for the padded length).
   """
   c = channels
   r = z.shape[0]
+  solver = _solver_of(tables)
   t_emb = net.embed_time(tables['t'])                         # [A, W]
   if z_uncond is None:
     cond = net.embed_cond(z)                                  # [R, W]
   else:
     cond = jnp.stack([net.embed_cond(z), net.embed_cond(z_uncond)], axis=1).reshape(2 * r, -1)
   rows = cond.shape[0]
-  precompute = num_steps * rows * net.modulation_width() * 4 <= modulation_budget
+  precompute = ('trip' not in tables
+                and num_steps * rows * net.modulation_width() * 4 <= modulation_budget)
   if precompute:
     mods_all = net.modulations(cond[None] + t_emb[:, None])   # each [A, rows, k*W]
 
@@ -65,7 +158,8 @@ def _step_fn(net, z, z_uncond, tables, *, num_steps: int, cfg, temperature, nois
       return net.trunk_modulated(x_in, tuple(m[i] for m in mods_all))
     return net.trunk(x_in, cond + t_emb[i])
 
-  def body(i, x):
+  def body(i, state, j):
+    x, x0_prev = state
     if z_uncond is None:
       out = trunk(i, x)
       eps, v = out[:, :c], out[:, c:]
@@ -74,43 +168,63 @@ def _step_fn(net, z, z_uncond, tables, *, num_steps: int, cfg, temperature, nois
       eps_c, eps_u = out[:, 0, :c], out[:, 1, :c]
       eps = eps_u + cfg * (eps_c - eps_u)
       v = out[:, 0, c:]
+    x0 = tables['sqrt_recip_ac'][i] * x - tables['sqrt_recipm1_ac'][i] * eps
+    if solver == 'ddim':
+      mean = tables['ddim_x0'][i] * x0 + tables['ddim_eps'][i] * eps
+      return mean + tables['ddim_sigma'][i] * temperature * noise_at(j), x0_prev
+    if solver == 'dpmpp_2m':
+      new = (tables['dpm_x'][i] * x + tables['dpm_x0'][i] * x0
+             + tables['dpm_x0_prev'][i] * x0_prev)
+      return new, x0
     frac = (v + 1) / 2
     log_var = frac * tables['log_beta'][i] + (1 - frac) * tables['post_logvar'][i]
-    x0 = tables['sqrt_recip_ac'][i] * x - tables['sqrt_recipm1_ac'][i] * eps
     mean = tables['coef1'][i] * x0 + tables['coef2'][i] * x
     scale = tables['noise_mask'][i] * temperature
-    return mean + scale * jnp.exp(0.5 * log_var) * noise_at(i)
+    return mean + scale * jnp.exp(0.5 * log_var) * noise_at(j), x0_prev
 
   return body
+
+
+def _loop_bounds(tables, num_steps: int):
+  if 'trip' in tables:
+    return num_steps - tables['trip'], num_steps
+  return 0, num_steps
 
 
 def p_sample_loop(net, z, z_uncond, x, tables, *, num_steps: int, cfg, temperature, noise_at,
                   modulation_budget: int = MODULATION_BUDGET_BYTES):
   """Runs the loop for rows x [R, C] with conditions z [R, Dz] (z_uncond [R, Dz] or None).
 
-  `tables` hold [A] arrays (A = num_steps, static); `noise_at(i)` returns the [R, C] noise of
-  loop iteration i (i = 0 is the noisiest step). Returns x_0 [R, C] (float32).
+  `tables` hold [A] arrays (A = num_steps, static; `device_tables`, any solver); `noise_at(j)`
+  returns the [R, C] noise of loop iteration j (j = 0 is the noisiest step). Returns x_0
+  [R, C] (float32).
   """
   body = _step_fn(net, z, z_uncond, tables, num_steps=num_steps, cfg=cfg,
                   temperature=temperature, noise_at=noise_at, channels=x.shape[-1],
                   modulation_budget=modulation_budget)
-  return jax.lax.fori_loop(0, num_steps, body, x.astype(jnp.float32))
+  x = x.astype(jnp.float32)
+  start, stop = _loop_bounds(tables, num_steps)
+  if 'trip' not in tables:
+    return jax.lax.fori_loop(0, num_steps, lambda i, s: body(i, s, i), (x, x))[0]
+  return jax.lax.fori_loop(start, stop, lambda i, s: body(i, s, i - start), (x, x))[0]
 
 
 def p_sample_trajectory(net, z, z_uncond, x, tables, *, num_steps: int, cfg, temperature,
                         noise_at, modulation_budget: int = MODULATION_BUDGET_BYTES):
   """`p_sample_loop` that also returns every intermediate state: [A + 1, R, C] with x_T first
   and x_0 last (same numbers; for analysis only, the sampler uses `p_sample_loop`)."""
+  if 'trip' in tables:
+    raise ValueError('p_sample_trajectory needs unpadded tables (device_tables without pad_to)')
   body = _step_fn(net, z, z_uncond, tables, num_steps=num_steps, cfg=cfg,
                   temperature=temperature, noise_at=noise_at, channels=x.shape[-1],
                   modulation_budget=modulation_budget)
   x = x.astype(jnp.float32)
 
-  def scan_body(x, i):
-    x = body(i, x)
-    return x, x
+  def scan_body(state, i):
+    state = body(i, state, i)
+    return state, state[0]
 
-  _, states = jax.lax.scan(scan_body, x, jnp.arange(num_steps))
+  _, states = jax.lax.scan(scan_body, (x, x), jnp.arange(num_steps))
   return jnp.concatenate([x[None], states], axis=0)
 
 
@@ -136,12 +250,13 @@ def _sample_head_jit(state, z, key, tables, cfg, temperature, *, graphdef, num_s
 
 
 def sample_head(model, z, key, *, num_steps: int, temperature: float = 1.0, cfg: float = 1.0,
-                max_timestep: int | None = None):
+                max_timestep: int | None = None, solver: str = 'ddpm', eta: float = 0.0):
   """Samples N tokens [N, C] from the diffusion head given conditions z.
 
   `model` is a MAR (or a bare `SimpleMLPAdaLN`); z is [N, Dd], or [2N, Dd] under CFG
   (cfg != 1.0: conditional rows first, unconditional second, as the official code).
   `num_steps` is the requested respacing; `max_timestep` the DiSA clamp (950) or None.
+  `solver`: 'ddpm' (official ancestral sampler), 'ddim' (with `eta`) or 'dpmpp_2m'.
   Row i uses noise derived from `jax.random.split(key, N)[i]`.
   """
   z = jnp.asarray(z)
@@ -152,6 +267,6 @@ def sample_head(model, z, key, *, num_steps: int, temperature: float = 1.0, cfg:
     raise ValueError(f'under CFG z needs 2N rows (cond then uncond), got {z.shape[0]}')
   sched = spaced_schedule(int(num_steps), max_timestep)
   graphdef, state = nnx.split(model)
-  return _sample_head_jit(state, z, key, device_tables(int(num_steps), max_timestep),
-                          jnp.float32(cfg), jnp.float32(temperature), graphdef=graphdef,
-                          num_steps=sched.num_steps, use_cfg=use_cfg)
+  tables = device_tables(int(num_steps), max_timestep, solver, float(eta))
+  return _sample_head_jit(state, z, key, tables, jnp.float32(cfg), jnp.float32(temperature),
+                          graphdef=graphdef, num_steps=sched.num_steps, use_cfg=use_cfg)

@@ -12,6 +12,8 @@ so the sampler can choose static shapes up front:
 - head bucket (A, n_pad): A = network evaluations per token (after the DiSA clamp); rows are
   padded within a bucket and buckets are split so that each wastes at most `max_head_waste`
   of its row-steps.
+  With `traced_steps` the step count is a traced loop bound instead: one head bucket per n_pad
+  (rows grouped over all AR steps), every table padded to the run's largest A (`steps_pad`).
 
 Compilations are bounded by the number of distinct keys; `SamplingPlan.report()` makes the
 padding waste visible (FLOPs: `disa_jax.systems.mar.flops`).
@@ -66,6 +68,12 @@ class ARStep:
   requested_steps: int
   actual_steps: int    # network evaluations per token
   cfg: float           # guidance scale at this step
+  steps_pad: int = 0   # static table length of the head bucket (0: = actual_steps)
+
+  @property
+  def head_key(self) -> tuple[int, int]:
+    """(static step length, n_pad) of the compiled head this step runs."""
+    return (self.steps_pad or self.actual_steps, self.n_pad)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +101,7 @@ class SamplingPlan:
 
   @property
   def head_buckets(self) -> list[tuple[int, int]]:
-    return sorted({(s.actual_steps, s.n_pad) for s in self.steps})
+    return sorted({s.head_key for s in self.steps})
 
   def head_token_steps(self, padded: bool = False) -> int:
     """Sum over AR steps of rows x network evaluations, per image, before the x2 of CFG."""
@@ -159,6 +167,7 @@ def make_plan(
   cfg_schedule: str = 'linear',
   enc_bucket: int = 16,
   max_head_waste: float = 0.05,
+  traced_steps: bool = False,
 ) -> SamplingPlan:
   """Plans a run. `steps` is the requested diffusion-step count per AR step (len = num_iter)."""
   seq = config.seq_len
@@ -172,18 +181,20 @@ def make_plan(
     raise ValueError(f'unknown cfg schedule {cfg_schedule!r}; choose linear or constant')
   actual = [spaced_schedule(int(t), max_timestep).num_steps for t in steps]
 
+  steps_pad = max(actual) if traced_steps else 0
+  group_of = (lambda a: steps_pad) if traced_steps else (lambda a: a)  # noqa: E731
   by_steps: dict[int, dict[int, int]] = defaultdict(lambda: defaultdict(int))
   for (_, _, n), a in zip(sched, actual, strict=True):
-    by_steps[a][n] += a
-  pad_of = {a: _group_rows(rows, max_head_waste) for a, rows in by_steps.items()}
+    by_steps[group_of(a)][n] += a
+  pad_of = {g: _group_rows(rows, max_head_waste) for g, rows in by_steps.items()}
 
   out = []
   for s, ((m_cur, m_next, n), t, a) in enumerate(zip(sched, steps, actual, strict=True)):
     visible = seq - m_cur
     out.append(ARStep(
-      index=s, m_cur=m_cur, m_next=m_next, n_pred=n, n_pad=pad_of[a][n],
+      index=s, m_cur=m_cur, m_next=m_next, n_pred=n, n_pad=pad_of[group_of(a)][n],
       visible=visible, visible_pad=min(_pad_to(visible, enc_bucket), seq),
       requested_steps=int(t), actual_steps=a,
-      cfg=cfg_scale(cfg, cfg_schedule, m_next, seq)))
+      cfg=cfg_scale(cfg, cfg_schedule, m_next, seq), steps_pad=steps_pad))
   return SamplingPlan(seq_len=seq, buffer_size=config.buffer_size, batch_size=batch_size,
                       use_cfg=cfg != 1.0, max_timestep=max_timestep, steps=tuple(out))

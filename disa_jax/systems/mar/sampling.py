@@ -34,7 +34,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from disa_jax import sharding as shd
-from disa_jax.diffusion.ddpm import device_tables, p_sample_loop
+from disa_jax.diffusion.ddpm import check_solver, device_tables, p_sample_loop
 from disa_jax.systems.mar.plan import SamplingPlan, make_plan
 
 ORDER_STREAM, NOISE_STREAM = 0, 1
@@ -187,10 +187,23 @@ class Sampler:
     enc_bucket: encoder lengths are padded to a multiple of this (0: seq_len / 16).
     max_head_waste: largest fraction of padded head row-steps allowed in a bucket.
     matmul_precision: None (backend default) or 'highest' for fp32-exact parity runs.
+    solver: head solver, 'ddpm' (official ancestral sampler), 'ddim' or 'dpmpp_2m'
+      (`disa_jax.diffusion.ddpm`); `generate(solver=...)` overrides it per call.
+    eta: DDIM's noise scale (0: deterministic DDIM).
+    head_steps: 'exact' (one head executable per (steps, rows) bucket) or 'traced' (one per
+      rows bucket, step count a traced loop bound over tables padded to the run's largest).
+    compile_threads: compile a plan's buckets in this many threads (1: one after another).
   """
 
   def __init__(self, model, *, mesh: Mesh | None = None, enc_bucket: int = 0,
-               max_head_waste: float = 0.05, matmul_precision: str | None = None):
+               max_head_waste: float = 0.05, matmul_precision: str | None = None,
+               solver: str = 'ddpm', eta: float = 0.0, head_steps: str = 'exact',
+               compile_threads: int = 1):
+    check_solver(solver, eta)
+    if head_steps not in ('exact', 'traced'):
+      raise ValueError(f'head_steps must be exact or traced, got {head_steps!r}')
+    self.solver, self.eta, self.head_steps = solver, float(eta), head_steps
+    self.compile_threads = max(1, int(compile_threads))
     self.config = model.config
     self.graphdef, state = nnx.split(model)
     self.mesh = mesh
@@ -209,7 +222,8 @@ class Sampler:
            cfg: float, cfg_schedule: str = 'linear') -> SamplingPlan:
     return make_plan(self.config, batch_size=batch_size, steps=steps, max_timestep=max_timestep,
                      cfg=cfg, cfg_schedule=cfg_schedule, enc_bucket=self.enc_bucket,
-                     max_head_waste=self.max_head_waste)
+                     max_head_waste=self.max_head_waste,
+                     traced_steps=self.head_steps == 'traced')
 
   # ----------------------------------------------------------------------------------------
   def _precision(self):
@@ -217,10 +231,13 @@ class Sampler:
       return jax.default_matmul_precision(self.matmul_precision)
     return contextlib.nullcontext()
 
-  def _device_tables(self, requested: int, max_timestep):
-    key = (requested, max_timestep)
+  def _device_tables(self, requested: int, max_timestep, steps_pad: int = 0,
+                     solver: str | None = None, eta: float | None = None):
+    solver = self.solver if solver is None else solver
+    eta = self.eta if eta is None else float(eta)
+    key = (requested, max_timestep, steps_pad, solver, eta)
     if key not in self._tables:
-      tables = device_tables(requested, max_timestep)
+      tables = device_tables(requested, max_timestep, solver, eta, pad_to=steps_pad or None)
       if self.mesh is not None:
         tables = shd.put(tables, shd.replicated(self.mesh))
       self._tables[key] = tables
@@ -234,12 +251,42 @@ class Sampler:
     spec = (None,) * axis + (shd.batch_sharded(self.mesh).spec[0],)
     return shd.put(x, jax.sharding.NamedSharding(self.mesh, jax.P(*spec)))
 
+  def _key(self, name: str, args, static: dict):
+    return (name, self.mesh, tuple(sorted(static.items(), key=lambda kv: kv[0])),
+            jax.tree.structure(args),
+            tuple((tuple(np.shape(a)), str(getattr(a, 'dtype', type(a))))
+                  for a in jax.tree.leaves(args)))
+
+  def _compile_parallel(self, jobs) -> None:
+    """Lowers the (name, args, static) jobs not compiled yet (tracing holds the GIL) and
+    compiles them in `compile_threads` threads (XLA compiles outside the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    todo = {}
+    for name, args, static in jobs:
+      key = self._key(name, args, static)
+      if key in self._executables or key in todo:
+        continue
+      fn, jit_kwargs = _jitted(self.mesh)[name]
+      with self._precision():
+        todo[key] = (name, jax.jit(functools.partial(fn, **static), **jit_kwargs).lower(*args))
+
+    def work(item):
+      key, (name, lowered) = item
+      t0 = time.perf_counter()
+      exe = lowered.compile()
+      return key, name, exe, time.perf_counter() - t0
+
+    with ThreadPoolExecutor(self.compile_threads) as pool:
+      for key, name, exe, secs in pool.map(work, todo.items()):
+        self.compile_log[key] = secs
+        self.trace_counts[name.removesuffix('_explicit')] += 1
+        self._executables[key] = exe
+
   def _run(self, name: str, args, static: dict):
     """Calls the AOT-compiled executable of function `name` for these shapes and static
     arguments, compiling it (jit -> lower -> compile) the first time."""
-    key = (name, self.mesh, tuple(sorted(static.items(), key=lambda kv: kv[0])),
-           tuple((tuple(np.shape(a)), str(getattr(a, 'dtype', type(a))))
-                 for a in jax.tree.leaves(args)))
+    key = self._key(name, args, static)
     exe = self._executables.get(key)
     if exe is None:
       fn, jit_kwargs = _jitted(self.mesh)[name]
@@ -251,46 +298,63 @@ class Sampler:
       self._executables[key] = exe
     return exe(*args)
 
-  def compile(self, plan: SamplingPlan, *, explicit_noise: bool = False) -> float:
+  def compile(self, plan: SamplingPlan, *, explicit_noise: bool = False,
+              solver: str | None = None, eta: float | None = None) -> float:
     """Compiles every bucket of `plan` now and runs each once on placeholder inputs (so that
     first-run costs stay out of timed sampling); returns the seconds spent compiling."""
     before = sum(self.compile_log.values())
     b, seq, ch = plan.batch_size, self.config.seq_len, self.config.token_embed_dim
-    dd = self.config.decoder_embed_dim
     gd, st = self.graphdef, self.state
     labels = self._batch(np.zeros((b,), np.int32))
     keys = self._batch(jax.random.split(jax.random.key(0), b))
     orders, class_vec = self._run('init', (st, labels, keys), dict(graphdef=gd,
                                                                           seq_len=seq))
     tokens = self._batch(np.zeros((b, seq, ch), np.float32))
+    jobs = self._compile_jobs(plan, explicit_noise, solver, eta, tokens, orders, class_vec, keys)
+    if self.compile_threads > 1:   # wall time: the per-bucket log sums overlapping threads
+      init_s = sum(self.compile_log.values()) - before
+      t0 = time.perf_counter()
+      self._compile_parallel(jobs)
+      wall = time.perf_counter() - t0
+    jax.block_until_ready([self._run(*job) for job in jobs])
+    if self.compile_threads > 1:
+      return init_s + wall
+    return sum(self.compile_log.values()) - before
+
+  def _compile_jobs(self, plan, explicit_noise, solver, eta, tokens, orders, class_vec, keys):
+    """(name, placeholder args, static) of every backbone and head bucket of `plan`."""
+    b, seq, ch = plan.batch_size, self.config.seq_len, self.config.token_embed_dim
+    dd = self.config.decoder_embed_dim
+    gd, st = self.graphdef, self.state
     branch = (2,) if plan.use_cfg else ()
-    seen_b, seen_h, outs = set(), set(), []
+    seen_b, seen_h, jobs = set(), set(), []
     for s in plan.steps:
       if s.visible_pad not in seen_b:
         seen_b.add(s.visible_pad)
-        outs.append(self._run(
+        jobs.append((
           'backbone', (st, tokens, orders, class_vec, jnp.int32(s.m_cur), jnp.int32(s.n_pred)),
           dict(graphdef=gd, visible_pad=s.visible_pad, n_query=plan.n_query,
                use_cfg=plan.use_cfg)))
-      if (s.actual_steps, s.n_pad) in seen_h:
+      if s.head_key in seen_h:
         continue
-      seen_h.add((s.actual_steps, s.n_pad))
+      seen_h.add(s.head_key)
+      a_static = s.head_key[0]
       z = self._batch(np.zeros((b, *branch, plan.n_query, dd), np.float32))
       pos = self._batch(np.zeros((b, plan.n_query), np.int32))
       valid = self._batch(np.zeros((b, plan.n_query), bool))
-      tables = self._device_tables(s.requested_steps, plan.max_timestep)
+      tables = self._device_tables(s.requested_steps, plan.max_timestep, s.steps_pad,
+                                   solver, eta)
       scal = (jnp.float32(1.0), jnp.float32(1.0))
-      static = dict(graphdef=gd, num_steps=s.actual_steps, n_pad=s.n_pad, use_cfg=plan.use_cfg)
+      static = dict(graphdef=gd, num_steps=a_static, n_pad=s.n_pad, use_cfg=plan.use_cfg)
       tok = self._batch(np.zeros((b, seq, ch), np.float32))
       if explicit_noise:
         x0 = self._batch(np.zeros((b, s.n_pad, ch), np.float32))
-        eps = self._batch(np.zeros((s.actual_steps, b, s.n_pad, ch), np.float32), axis=1)
-        outs.append(self._run('head_explicit',
+        eps = self._batch(np.zeros((a_static, b, s.n_pad, ch), np.float32), axis=1)
+        jobs.append(('head_explicit',
                               (st, z, pos, valid, tok, x0, eps, tables, *scal), static))
       else:
-        outs.append(self._run('head', (st, z, pos, valid, tok, keys, tables, *scal), static))
-    jax.block_until_ready(outs)
-    return sum(self.compile_log.values()) - before
+        jobs.append(('head', (st, z, pos, valid, tok, keys, tables, *scal), static))
+    return jobs
 
   # ----------------------------------------------------------------------------------------
   def generate(
@@ -309,6 +373,8 @@ class Sampler:
     timed: bool = False,
     progress: Callable | None = None,
     on_backbone: Callable | None = None,
+    solver: str | None = None,
+    eta: float | None = None,
   ):
     """Generates tokens [B, L, C] for `labels` [B] (ints; -1 = unconditional).
 
@@ -320,7 +386,10 @@ class Sampler:
     `on_backbone(ar_step, z, pred_pos, pred_valid)` sees each step's decoder conditions
     z [B, (2,) n_query, Dd] (cond, uncond under CFG) before the head runs (for analysis).
     Compilation happens before sampling starts and is reported as `last_stats.compile_s`.
+    `solver` / `eta` override the sampler's head solver for this call.
     """
+    if solver is not None or eta is not None:
+      check_solver(self.solver if solver is None else solver, self.eta if eta is None else eta)
     steps = [int(s) for s in steps]
     b = int(np.shape(labels)[0])
     if b % shd.data_size(self.mesh):
@@ -332,7 +401,8 @@ class Sampler:
     seq, ch = self.config.seq_len, self.config.token_embed_dim
     before = collections.Counter(self.trace_counts)
     stats = RunStats(plan=plan)
-    stats.compile_s = self.compile(plan, explicit_noise=noise is not None)
+    stats.compile_s = self.compile(plan, explicit_noise=noise is not None, solver=solver,
+                                   eta=eta)
     t_start = time.perf_counter()
     labels_arr = self._batch(np.asarray(labels, np.int32))
     ids = np.arange(b) if image_ids is None else np.asarray(image_ids)
@@ -356,9 +426,9 @@ class Sampler:
         jax.block_until_ready(z)
         t1 = time.perf_counter()
         stats.backbone_s += t1 - t0
-      tables = self._device_tables(s.requested_steps, max_timestep)
+      tables = self._device_tables(s.requested_steps, max_timestep, s.steps_pad, solver, eta)
       scalars = (jnp.float32(s.cfg), jnp.float32(temperature))
-      static = dict(graphdef=gd, num_steps=s.actual_steps, n_pad=s.n_pad, use_cfg=plan.use_cfg)
+      static = dict(graphdef=gd, num_steps=s.head_key[0], n_pad=s.n_pad, use_cfg=plan.use_cfg)
       if noise is None:
         tokens = self._run('head', (st, z, pred_pos, pred_valid, tokens, image_keys,
                                           tables, *scalars), static)
@@ -384,7 +454,7 @@ class Sampler:
     eps = np.asarray(eps, np.float32).reshape(s.actual_steps, b, s.n_pred, ch)
     pad = s.n_pad - s.n_pred
     x_t = np.pad(x_t, ((0, 0), (0, pad), (0, 0)))
-    eps = np.pad(eps, ((0, 0), (0, 0), (0, pad), (0, 0)))
+    eps = np.pad(eps, ((0, s.head_key[0] - s.actual_steps), (0, 0), (0, pad), (0, 0)))
     return self._batch(x_t), self._batch(eps, axis=1)
 
 

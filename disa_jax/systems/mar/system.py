@@ -3,6 +3,8 @@ convert and count FLOPs of a MAR model (LTH14/mar). Heavy imports happen inside 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from disa_jax.errors import UserError
@@ -57,7 +59,10 @@ def make_sampler(model, config, mesh):
 
   rt = config.runtime
   return Sampler(model, mesh=mesh, enc_bucket=rt.enc_bucket, max_head_waste=rt.max_head_waste,
-                 matmul_precision=rt.matmul_precision or None)
+                 matmul_precision=rt.matmul_precision or None,
+                 solver=config.sampling.get('solver', 'ddpm'),
+                 eta=config.sampling.get('eta', 0.0),
+                 head_steps=rt.get('head_steps', 'exact'))
 
 
 def parse_classes(text: str) -> list[int]:
@@ -116,6 +121,17 @@ def validate(config) -> None:
   n = config.sampling.num_iter
   if not 1 <= n <= seq:
     raise UserError(f'--num_iter must be in [1, {seq}] for this model ({seq} tokens), got {n}')
+  from disa_jax.diffusion.ddpm import SOLVERS
+
+  solver, eta = config.sampling.get('solver', 'ddpm'), config.sampling.get('eta', 0.0)
+  if solver not in SOLVERS:
+    raise UserError(f'--config.sampling.solver={solver!r} is not a head solver; choose one of '
+                    f'{", ".join(SOLVERS)}')
+  if not (math.isfinite(eta) and eta >= 0):
+    raise UserError(f'--config.sampling.eta must be finite and >= 0, got {eta}')
+  head_steps = config.runtime.get('head_steps', 'exact')
+  if head_steps not in ('exact', 'traced'):
+    raise UserError(f'--config.runtime.head_steps must be exact or traced, got {head_steps!r}')
 
 
 def flops(model_cfg, plan, *, official: bool = True) -> dict:
