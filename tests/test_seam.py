@@ -200,3 +200,29 @@ def test_every_command_module_imports_into_one_process():
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=_env(),
                        timeout=300)
     assert r.returncode == 0 and r.stdout.startswith('ok'), r.stderr[-2000:]
+
+
+def test_compute_fields_are_listed_once_and_used_everywhere():
+  """`systems.mar.model` lists the non-architecture fields once; loading, the architecture
+  check and the train-resume fingerprint all follow that list."""
+  from disa_jax import integrity
+  from disa_jax.checkpoint import architecture_diff
+  from disa_jax.systems.mar.model import (
+    COMPUTE_FIELDS,
+    NON_ARCHITECTURE_FIELDS,
+    RESULT_NEUTRAL_FIELDS,
+    MARConfig,
+  )
+
+  fields = {f.name for f in __import__('dataclasses').fields(MARConfig)}
+  assert set(NON_ARCHITECTURE_FIELDS) <= fields
+  assert set(RESULT_NEUTRAL_FIELDS) <= set(COMPUTE_FIELDS)
+  base = MARConfig().to_dict()
+  changed = {**base, 'dtype': 'bfloat16', 'attn_splits': 3, 'proj_dropout': 0.0}
+  assert architecture_diff(base, changed) == []
+  assert architecture_diff(base, {**changed, 'encoder_depth': 3}) == [
+    f'encoder_depth: config {base["encoder_depth"]} vs checkpoint 3']
+  stored = {'model': {'dtype': 'float32', 'attn_splits': 0}}
+  diff = integrity.config_diff(stored, {'model': {'dtype': 'bfloat16', 'attn_splits': 4}},
+                               may_change=integrity.train_may_change())
+  assert diff == ['model.dtype: was "float32", now "bfloat16"'], diff
