@@ -149,6 +149,11 @@ def _sample_config(ctx, checkpoint, **sampling):
   return c
 
 
+def _all_devices(config):
+  config.runtime.num_devices = 0
+  return config
+
+
 def _sample(ctx, config):
   from disa_jax.cli.sample import sample
 
@@ -409,6 +414,9 @@ ROWS = [
   Row('demo-batch-devices', 'disa-demo --batch-size=2 (8 devices)',
       lambda c: _demo(c, tiny_model(seed=3, **PIXELS), 2),
       'batch size 2 must be a multiple of the 8 data-parallel devices', ('out', 'out.partial')),
+  Row('sample-batch-devices', 'disa-sample --batch-size=3 (8 devices; eval, evidence alike)',
+      lambda c: _sample(c, _all_devices(_sample_config(c, '', batch_size=3))),
+      'batch size 3 must be a multiple of the 8 data-parallel devices', ('out', 'out.partial')),
   Row('bench-batch-devices', 'disa-bench --batch-size=2 (8 devices)', _bench_batch,
       'batch size 2 must be a multiple of the 8 data-parallel devices', ()),
   # Rule 7 pieces: reference statistics.

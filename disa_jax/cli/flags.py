@@ -199,7 +199,8 @@ def apply_model_and_sampling(config):
 
 def validate_sampling(config) -> None:
   """Range and finiteness of `config.sampling` (flags and `--config.sampling.*` alike), the
-  input paths, then the system's own checks. Raises UserError; touches nothing on disk."""
+  input paths, the batch size against the data-parallel devices, then the system's own
+  checks. Raises UserError; touches nothing on disk."""
   from disa_jax.systems.base import system_of
 
   s = config.sampling
@@ -213,6 +214,10 @@ def validate_sampling(config) -> None:
   vae = config.tokenizer.get('vae', '') if 'tokenizer' in config else ''
   if vae and not os.path.exists(os.path.expanduser(vae)):
     raise UserError(f'VAE directory {vae} does not exist')
+  if 'runtime' in config:      # before any compile: a batch the devices do not divide
+    from disa_jax.engine import runner
+
+    runner.check_batch_size(s.batch_size, runner.make_mesh(config))
   system = system_of(config)
   if system.validate is not None:
     system.validate(config)
