@@ -149,6 +149,15 @@ def _sample_config(ctx, checkpoint, **sampling):
   return c
 
 
+def _evidence_out_file(ctx):
+  from disa_jax.cli.evidence import Writer
+
+  (ctx.tmp / 'afile').write_text('mine')
+  text = user_error(lambda: Writer(str(ctx.tmp / 'afile'), True).check(['variance']))
+  assert (ctx.tmp / 'afile').read_text() == 'mine'
+  return text
+
+
 def _all_devices(config):
   config.runtime.num_devices = 0
   return config
@@ -417,6 +426,9 @@ ROWS = [
   Row('sample-batch-devices', 'disa-sample --batch-size=3 (8 devices; eval, evidence alike)',
       lambda c: _sample(c, _all_devices(_sample_config(c, '', batch_size=3))),
       'batch size 3 must be a multiple of the 8 data-parallel devices', ('out', 'out.partial')),
+  # Rule 6: an output path that is a file, refused before any work.
+  Row('evidence-out-file', 'disa-evidence variance --out=FILE', _evidence_out_file,
+      'is a file; choose a directory', ()),
   Row('bench-batch-devices', 'disa-bench --batch-size=2 (8 devices)', _bench_batch,
       'batch size 2 must be a multiple of the 8 data-parallel devices', ()),
   # Rule 7 pieces: reference statistics.

@@ -150,6 +150,12 @@ BAD_INPUT = [
   ('demo', ['--num-iter=0'], 'error: flag --num_iter=0'),
   ('demo', ['--cfg=nan'], 'error: flag --cfg=nan'),
   ('demo', ['--preset=disa'], 'error: --preset does not apply to disa-demo'),
+  ('demo', ['--mar-steps=abc'], "error: --mar-steps must be one integer for disa-demo, got 'abc'"),
+  ('demo', ['--disa-upper=0'], 'error: flag --disa_upper=0: --disa_upper must be an integer in'),
+  ('bench', [f'--config={TINY}', '--runs=bad'], "error: bad run spec 'bad'"),
+  ('bench', [f'--config={TINY}', '--seed=-1'], 'error: flag --seed=-1: --seed must be an integer'),
+  ('evidence', ['curves', f'--config={TINY}', '--runs=bad'], "error: bad run spec 'bad'"),
+  ('evidence', ['curves', f'--config={TINY}', '--mar-steps=x'], 'error: --mar_steps must be'),
 ]
 
 

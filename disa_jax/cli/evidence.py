@@ -65,6 +65,8 @@ class Writer:
     self.out, self.overwrite = os.path.abspath(os.path.expanduser(out)), overwrite
 
   def check(self, names) -> None:
+    if os.path.exists(self.out) and not os.path.isdir(self.out):
+      raise common.CliError(f'--out {self.out} is a file; choose a directory')
     for n in names:
       for ext in ('json', 'png'):
         p = os.path.join(self.out, f'{n}.{ext}')
