@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from disa_jax.engine.runner import generate_checked
 from disa_jax.schedules import RunSpec  # noqa: F401  (re-exported: the --runs syntax)
 from disa_jax.systems.mar.flops import plan_flops
 from disa_jax.systems.mar.plan import mask_schedule
@@ -130,7 +131,7 @@ def run_benchmark(model, source: str, specs: list[RunSpec], *, sampler_factory: 
     log(f'[{spec.label}] compiled in {compile_s:.1f} s')
     walls, tokens = [], None
     for r in range(repeats):
-      tokens = sampler.generate(labels, key, **kw)
+      tokens = generate_checked(sampler, labels, key, **kw)   # timing: last_stats.wall_s
       walls.append(sampler.last_stats.wall_s)
       log(f'[{spec.label}] run {r + 1}/{repeats}: {walls[-1]:.2f} s')
     wall = min(walls)

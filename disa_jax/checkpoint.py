@@ -172,7 +172,7 @@ def load_mar(directory, *, expect_config: dict | None = None, overrides: dict | 
 
   `expect_config` (e.g. the CLI's `config.model`) is compared with the stored architecture;
   a difference in any architecture field raises a `CheckpointError` naming it. `overrides`
-  changes runtime-only fields (dtype, attn_splits).
+  changes compute fields (`systems.mar.model.COMPUTE_FIELDS`: dtype, attn_splits).
   """
   from disa_jax.systems.mar.model import MAR, MARConfig
 
@@ -195,14 +195,14 @@ def load_mar(directory, *, expect_config: dict | None = None, overrides: dict | 
   return nnx.merge(graphdef, state)
 
 
-RUNTIME_FIELDS = {'dtype', 'attn_splits', 'attn_dropout', 'proj_dropout', 'label_drop_prob',
-                  'mask_ratio_min', 'diffusion_batch_mul'}
-
-
-def architecture_diff(expected: dict, stored: dict) -> list[str]:
+def architecture_diff(expected: dict, stored: dict, ignore=None) -> list[str]:
+  """'field: config X vs checkpoint Y' for every architecture field that differs; `ignore`
+  defaults to MAR's non-architecture fields (`systems.mar.model.NON_ARCHITECTURE_FIELDS`)."""
+  if ignore is None:
+    from disa_jax.systems.mar.model import NON_ARCHITECTURE_FIELDS as ignore
   out = []
   for k in sorted(set(expected) | set(stored)):
-    if k in RUNTIME_FIELDS:
+    if k in ignore:
       continue
     if expected.get(k) != stored.get(k):
       out.append(f'{k}: config {expected.get(k)!r} vs checkpoint {stored.get(k)!r}')

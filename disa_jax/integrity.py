@@ -198,11 +198,19 @@ def fingerprint_diff(old: dict, new: dict, *, limit: int = 6) -> list[str]:
 # Config fields of a `disa-train` run that may differ when it is resumed (they do not change
 # the updates already made nor, except `num_steps` with a cosine schedule, the next ones);
 # a '*' entry covers a whole section. Every other field must be equal (docs: README training).
-TRAIN_MAY_CHANGE = frozenset({
+TRAIN_MAY_CHANGE_BASE = frozenset({
   'name', 'checkpoint', 'sampling.*', 'runtime.*', 'tokenizer.vae', 'tokenizer.dtype',
   'train.num_steps', 'train.log_every', 'train.checkpoint_every', 'train.keep_checkpoints',
-  'train.async_checkpointing', 'train.tensorboard', 'data.cache_dir', 'model.attn_splits',
+  'train.async_checkpointing', 'train.tensorboard', 'data.cache_dir',
 })
+
+
+def train_may_change() -> frozenset:
+  """TRAIN_MAY_CHANGE_BASE + the model's result-neutral compute fields (`model.attn_splits`,
+  from `systems.mar.model.RESULT_NEUTRAL_FIELDS`, the one list of them)."""
+  from disa_jax.systems.mar.model import RESULT_NEUTRAL_FIELDS
+
+  return TRAIN_MAY_CHANGE_BASE | {f'model.{f}' for f in RESULT_NEUTRAL_FIELDS}
 
 
 def _flatten(tree, prefix: str = '') -> dict:

@@ -59,6 +59,7 @@ class Row:
   expect: str                               # fragment of that line
   outputs: tuple = ()                       # names under ctx.tmp that must not exist
   forbid: tuple = ('Traceback', 'weights_only', 'allow_pickle')
+  slow: bool = False                        # compiles a sampler (> ~20 s on 2 CPU cores)
 
 
 def user_error(fn) -> str:
@@ -148,6 +149,20 @@ def _sample_config(ctx, checkpoint, **sampling):
   return c
 
 
+def _evidence_out_file(ctx):
+  from disa_jax.cli.evidence import Writer
+
+  (ctx.tmp / 'afile').write_text('mine')
+  text = user_error(lambda: Writer(str(ctx.tmp / 'afile'), True).check(['variance']))
+  assert (ctx.tmp / 'afile').read_text() == 'mine'
+  return text
+
+
+def _all_devices(config):
+  config.runtime.num_devices = 0
+  return config
+
+
 def _sample(ctx, config):
   from disa_jax.cli.sample import sample
 
@@ -234,6 +249,86 @@ def _nan_model_dir(ctx):
   return user_error(lambda: load_mar(ctx.tmp / 'nan'))
 
 
+def _nan_model():
+  """The tiny model with NaN in z_proj.bias: every sampled token comes out NaN."""
+  model = tiny_model(seed=3, **PIXELS)
+  model.z_proj.bias[...] = np.full(model.z_proj.bias.shape, np.nan, np.float32)
+  return model
+
+
+def _nan_sampler(ctx):
+  from disa_jax.engine import runner
+
+  config = _sample_config(ctx, '', cfg=2.0)
+  return runner.make_sampler(_nan_model(), config, runner.make_mesh(config)), config
+
+
+def _nan_bench(ctx):
+  """disa-bench's library (`benchmark.run_benchmark`) on a model that samples NaN."""
+  from disa_jax import benchmark
+  from disa_jax.engine import runner
+
+  config = _sample_config(ctx, '')
+  mesh = runner.make_mesh(config)
+  return user_error(lambda: benchmark.run_benchmark(
+    _nan_model(), 'nan', [benchmark.RunSpec.parse('m=mar:4:3')],
+    sampler_factory=lambda m: runner.make_sampler(m, config, mesh), batch_size=2, cfg=2.0,
+    cfg_schedule='linear', temperature=1.0, log=lambda m: None))
+
+
+def _nan_evidence(ctx):
+  """disa-evidence variance (`evidence.probe_steps`): the sampling run it probes is NaN."""
+  from disa_jax.engine import runner
+  from disa_jax.eval import evidence
+
+  sampler, config = _nan_sampler(ctx)
+  return user_error(lambda: evidence.probe_steps(
+    sampler, np.arange(2, dtype=np.int32), jax.random.key(0), plan=runner.step_plan(config),
+    sampling=config.sampling, batch_size=2, measures=['variance'], samples=2, probe_steps=3))
+
+
+def _nan_curves(ctx):
+  """disa-evidence curves (`curves.speed_quality`): its warm-up batch is already NaN."""
+  from disa_jax.eval import curves
+
+  sampler, config = _nan_sampler(ctx)
+  return user_error(lambda: curves.speed_quality(
+    sampler, None, np.arange(2, dtype=np.int32), runs=[curves.RunSpec.parse('m=mar:4:3')],
+    sampling=config.sampling, key=jax.random.key(0), batch_size=2, metric=None))
+
+
+def _demo(ctx, model, batch_size, num_devices=0):
+  """disa-demo (`demo.demo`, on `num_devices` of the 8 CPU devices; 0 = all) on `model` (in
+  place of its model directory)."""
+  from disa_jax import checkpoint
+  from disa_jax.cli import demo
+  from disa_jax.systems.mar import variants
+
+  def small_digits_config():
+    c = digits_config()
+    c.runtime.num_devices, c.runtime.compilation_cache = num_devices, CACHE
+    return c
+
+  args = demo.DemoArgs(checkpoint=str(ctx.tmp / 'model'), out=str(ctx.tmp / 'out'),
+                       num_images=2, batch_size=batch_size, num_iter=4, mar_steps=3,
+                       disa_upper=3, disa_lower=2)
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(checkpoint, 'load_mar', lambda path, **kw: model)
+    mp.setattr(variants, 'digits_config', small_digits_config)
+    return user_error(lambda: demo.demo(args, print_fn=lambda *a: None))
+
+
+def _bench_batch(ctx):
+  """disa-bench --batch-size=2 on 8 devices (`cli.bench.benchmark`)."""
+  from disa_jax.cli import bench
+  from disa_jax.schedules import RunSpec
+
+  config = _sample_config(ctx, '')
+  config.runtime.num_devices = 0
+  return user_error(lambda: bench.benchmark(config, [RunSpec.parse('m=mar:4:3')], batch_size=2,
+                                            log=lambda m: None))
+
+
 ROWS = [
   # Rule 2: converters accept only what a model can be.
   Row('int-tensor', 'disa-convert mar (int64 z_proj.weight)',
@@ -315,6 +410,27 @@ ROWS = [
       'cfg must be a finite number', ('out', 'out.partial')),
   Row('run-json', 'disa-eval (resuming; run.json damaged)', _bad_run_json,
       'run.json is not valid JSON', ('eval',)),
+  Row('nan-bench', 'disa-bench (a model that samples NaN)', _nan_bench,
+      'the sampled batch holds', (), slow=True),
+  Row('nan-evidence', 'disa-evidence variance (a model that samples NaN)', _nan_evidence,
+      'non-finite values (NaN/Inf)', (), slow=True),
+  Row('nan-curves', 'disa-evidence curves (a model that samples NaN)', _nan_curves,
+      'the sampled batch holds', (), slow=True),
+  Row('nan-demo', 'disa-demo (a model that samples NaN)',
+      lambda c: _demo(c, _nan_model(), 2, num_devices=1), 'the sampled batch holds',
+      ('out', 'out.partial'), slow=True),
+  # Rule 6: a batch the devices do not divide, refused before any compile.
+  Row('demo-batch-devices', 'disa-demo --batch-size=2 (8 devices)',
+      lambda c: _demo(c, tiny_model(seed=3, **PIXELS), 2),
+      'batch size 2 must be a multiple of the 8 data-parallel devices', ('out', 'out.partial')),
+  Row('sample-batch-devices', 'disa-sample --batch-size=3 (8 devices; eval, evidence alike)',
+      lambda c: _sample(c, _all_devices(_sample_config(c, '', batch_size=3))),
+      'batch size 3 must be a multiple of the 8 data-parallel devices', ('out', 'out.partial')),
+  # Rule 6: an output path that is a file, refused before any work.
+  Row('evidence-out-file', 'disa-evidence variance --out=FILE', _evidence_out_file,
+      'is a file; choose a directory', ()),
+  Row('bench-batch-devices', 'disa-bench --batch-size=2 (8 devices)', _bench_batch,
+      'batch size 2 must be a multiple of the 8 data-parallel devices', ()),
   # Rule 7 pieces: reference statistics.
   Row('ref-not-npz', 'disa-eval --ref-stats=PICKLE', _pickled_reference,
       'is not a .npz reference statistics file (not a zip archive)', ()),
@@ -334,7 +450,8 @@ ROWS = [
 ]
 
 
-@pytest.mark.parametrize('row', ROWS, ids=[r.id for r in ROWS])
+@pytest.mark.parametrize('row', [pytest.param(r, marks=pytest.mark.slow) if r.slow else r
+                                 for r in ROWS], ids=[r.id for r in ROWS])
 def test_bad_input_row(row, base, tmp_path):
   ctx = Ctx(base, tmp_path)
   text = row.run(ctx)

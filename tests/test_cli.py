@@ -58,8 +58,8 @@ def test_sample_sharded_over_8_devices(tmp_path):
 
 @pytest.mark.parametrize('args,message', [
   (['--upper-steps=3', '--lower-steps=10'], 'upper steps (3) must be >= lower steps (10)'),
-  (['--lower-steps=0'], 'flag --lower_steps=0: 0 is not a positive integer'),
-  (['--lower-steps=1001'], 'lower steps must be in [1, 1000]'),
+  (['--lower-steps=0'], 'flag --lower_steps=0: --lower_steps must be an integer in [1, 1000]'),
+  (['--lower-steps=1001'], '--lower_steps must be an integer in [1, 1000]'),
   (['--strategy=fast'], 'flag --strategy=fast: value should be one of <constant|linear'),
   (['--config.sampling.strategy=fast'], "unknown step strategy 'fast'"),
   (['--num-iter=17'], '--num_iter must be in [1, 16]'),

@@ -34,10 +34,9 @@ from disa_jax.cli import flags as cli_flags
 _CONFIG = cli_flags.define_config()
 cli_flags.define_model()
 cli_flags.define_system_flags()
-flags.DEFINE_integer('batch_size', 4, 'Batch size (images per run).')
-flags.DEFINE_string('runs', 'mar256=mar:256:100,mar64=mar:64:100,disa64=disa:64:50:5:linear',
-                    'Comma-separated runs label=preset:num_iter:upper[:lower[:strategy]]; '
-                    'the first is the baseline.')
+cli_flags.define_batch()        # --batch_size (default 4 here), --seed (default 0 here)
+cli_flags.define_guidance()     # --cfg, --cfg_schedule, --temperature (default: the config's)
+cli_flags.define_runs()
 flags.DEFINE_integer('repeats', 1, 'Timed repeats per run (the minimum is reported).')
 flags.DEFINE_bool('phases', False, 'Extra synchronised pass timing backbone, head (, decode).')
 flags.DEFINE_bool('calibrate', False, 'Phase pass on the baseline only, for the calibrated FLOP '
@@ -47,13 +46,13 @@ flags.DEFINE_integer('torch_threads', 0, 'torch.set_num_threads (0: leave the de
 flags.DEFINE_string('dtypes', None, 'Compute dtypes to run, e.g. float32,bfloat16 '
                     '(default: the config\'s).')
 flags.DEFINE_string('quality', None, 'Quality metric for each run\'s images (e.g. digits).')
-flags.DEFINE_float('cfg', None, 'Guidance scale (default: config.sampling.cfg).')
-flags.DEFINE_string('cfg_schedule', None, 'linear or constant.')
-flags.DEFINE_integer('seed', 0, 'Seed for weights, labels and sampling.')
 flags.DEFINE_bool('json', False, 'Print the result as JSON only.')
 flags.DEFINE_string('json_out', None, 'Also write the JSON result to this file.')
 
 FLAGS = flags.FLAGS
+
+DEFAULT_RUNS = 'mar256=mar:256:100,mar64=mar:64:100,disa64=disa:64:50:5:linear'
+DEFAULT_BATCH_SIZE = 4
 
 
 def benchmark(config, specs, *, batch_size: int, dtypes=None, repeats=1, phases=False,
@@ -75,6 +74,7 @@ def benchmark(config, specs, *, batch_size: int, dtypes=None, repeats=1, phases=
 
     metric = get_quality_metric(quality)
   mesh = runner.make_mesh(config)
+  runner.check_batch_size(batch_size, mesh)
   dtypes = dtypes or [model.config.dtype]
   out = {'config': config.get('name', ''), 'results': []}
   models = {}
@@ -123,25 +123,30 @@ def _run(argv):
       config.checkpoint = FLAGS.checkpoint
     if FLAGS.vae:
       config.tokenizer.vae = FLAGS.vae
-  if _system_bench(config):
+    if FLAGS.temperature is not None:
+      config.sampling.temperature = FLAGS.temperature
+  batch_size = DEFAULT_BATCH_SIZE if FLAGS.batch_size is None else FLAGS.batch_size
+  seed = 0 if FLAGS.seed is None else FLAGS.seed
+  if _system_bench(config, batch_size=batch_size, seed=seed):
     return
+  runs = DEFAULT_RUNS if FLAGS.runs is None else FLAGS.runs
   try:
-    specs = [RunSpec.parse(t) for t in FLAGS.runs.split(',') if t]
+    specs = [RunSpec.parse(t) for t in runs.split(',') if t]
   except ValueError as e:
     raise common.CliError(str(e)) from None
   if not specs:
     raise common.CliError('--runs is empty')
-  if FLAGS.batch_size < 1 or FLAGS.repeats < 1:
+  if batch_size < 1 or FLAGS.repeats < 1:
     raise common.CliError('--batch_size and --repeats must be >= 1')
   dtypes = [d for d in (FLAGS.dtypes or '').split(',') if d] or None
   for d in dtypes or []:
     if d not in ('float32', 'bfloat16'):
       raise common.CliError(f'--dtypes entries must be float32 or bfloat16, got {d!r}')
   log = _logger()
-  result = benchmark(config, specs, batch_size=FLAGS.batch_size, dtypes=dtypes,
+  result = benchmark(config, specs, batch_size=batch_size, dtypes=dtypes,
                      repeats=FLAGS.repeats, phases=FLAGS.phases,
                      calibrate=FLAGS.calibrate, with_torch=FLAGS.torch,
-                     seed=FLAGS.seed, cfg=FLAGS.cfg, cfg_schedule=FLAGS.cfg_schedule,
+                     seed=seed, cfg=FLAGS.cfg, cfg_schedule=FLAGS.cfg_schedule,
                      torch_threads=FLAGS.torch_threads, quality=FLAGS.quality, log=log)
 
   def table(result):
@@ -177,7 +182,7 @@ def _report(result, table) -> None:
     table(result)
 
 
-def _system_bench(config) -> bool:
+def _system_bench(config, *, batch_size: int, seed: int) -> bool:
   """Systems with their own comparison run it here: `disa_jax.systems.<name>.bench.disa_bench(
   config, *, batch_size, seed, log, ...)` (FlowAR: baseline vs DiSA per scale; Harmon: the
   baseline vs the three DiSA settings with the phase split). The generic flags the user gave
@@ -197,10 +202,10 @@ def _system_bench(config) -> bool:
     return False
   if not hasattr(module, 'disa_bench'):
     return False
-  if FLAGS.batch_size < 1 or FLAGS.repeats < 1:
+  if batch_size < 1 or FLAGS.repeats < 1:
     raise common.CliError('--batch_size and --repeats must be >= 1')
   params = inspect.signature(module.disa_bench).parameters
-  kwargs = {'batch_size': FLAGS.batch_size, 'seed': FLAGS.seed}
+  kwargs = {'batch_size': batch_size, 'seed': seed}
   for flag, kw in _SYSTEM_BENCH_FLAGS.items():
     if FLAGS[flag].present:
       if kw not in params:

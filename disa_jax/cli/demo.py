@@ -18,7 +18,6 @@ Writes <out>/grid.png (one panel per schedule, one row per class) and <out>/metr
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 
 import numpy as np
@@ -28,14 +27,13 @@ from disa_jax.cli import common
 from disa_jax.cli import flags as cli_flags
 
 cli_flags.define_model()
-cli_flags.define_out('outputs/demo')
+cli_flags.define_out()           # default outputs/demo
 cli_flags.define_sampling()
-flags.DEFINE_integer('mar_steps', 100, 'Diffusion steps of the MAR baseline at every AR step.',
-                     lower_bound=1, upper_bound=1000)
-flags.DEFINE_integer('disa_upper', 50, 'DiSA: steps at the first AR step.', lower_bound=1,
-                     upper_bound=1000)
-flags.DEFINE_integer('disa_lower', 5, 'DiSA: steps at the last AR step.', lower_bound=1,
-                     upper_bound=1000)
+cli_flags.define_mar_steps()     # one count here, default 100
+flags.DEFINE_integer('disa_upper', 50, 'DiSA: steps at the first AR step.')
+flags.DEFINE_integer('disa_lower', 5, 'DiSA: steps at the last AR step.')
+cli_flags.rule_validator('disa_upper', 'sampling', 'upper_steps')
+cli_flags.rule_validator('disa_lower', 'sampling', 'lower_steps')
 FLAGS = flags.FLAGS
 
 # Shared sampling flags the demo does not use (it runs its own three schedules).
@@ -65,12 +63,19 @@ def args_from_flags() -> DemoArgs:
       raise common.CliError(f'--{name.replace("_", "-")} does not apply to disa-demo (it '
                             'compares fixed schedules; use disa-sample)')
   d = DemoArgs()
+  mar_steps = d.mar_steps
+  if FLAGS.mar_steps is not None:
+    try:
+      mar_steps = int(FLAGS.mar_steps)
+    except ValueError:
+      raise common.CliError('--mar-steps must be one integer for disa-demo, got '
+                            f'{FLAGS.mar_steps!r}') from None
   return DemoArgs(
-    checkpoint=FLAGS.checkpoint, out=FLAGS.out, overwrite=FLAGS.overwrite,
+    checkpoint=FLAGS.checkpoint, out=FLAGS.out or d.out, overwrite=FLAGS.overwrite,
     num_images=d.num_images if FLAGS.num_images is None else FLAGS.num_images,
     batch_size=d.batch_size if FLAGS.batch_size is None else FLAGS.batch_size,
     seed=d.seed if FLAGS.seed is None else FLAGS.seed, num_iter=FLAGS.num_iter, cfg=FLAGS.cfg,
-    mar_steps=FLAGS.mar_steps, disa_upper=FLAGS.disa_upper, disa_lower=FLAGS.disa_lower)
+    mar_steps=mar_steps, disa_upper=FLAGS.disa_upper, disa_lower=FLAGS.disa_lower)
 
 
 def demo(args, print_fn=print) -> dict:
@@ -89,14 +94,14 @@ def demo(args, print_fn=print) -> dict:
   s = config.sampling
   num_iter = s.num_iter if args.num_iter is None else args.num_iter
   cfg = s.cfg if args.cfg is None else args.cfg
-  if num_iter < 1:
-    raise common.CliError(f'--num-iter must be >= 1, got {num_iter}')
-  if not (math.isfinite(cfg) and cfg >= 0):
-    raise common.CliError(f'--cfg must be a finite number >= 0, got {cfg}')
+  for name, flag, value in (('num_iter', 'num-iter', num_iter), ('cfg', 'cfg', cfg),
+                            ('batch_size', 'batch-size', args.batch_size),
+                            ('upper_steps', 'mar-steps', args.mar_steps),
+                            ('upper_steps', 'disa-upper', args.disa_upper),
+                            ('lower_steps', 'disa-lower', args.disa_lower)):
+    cli_flags.check_sampling_value(name, value, flag)
   if args.num_images < 2:
     raise common.CliError(f'--num-images must be >= 2, got {args.num_images}')
-  if args.batch_size < 1:
-    raise common.CliError(f'--batch-size must be >= 1, got {args.batch_size}')
   ckpt = args.checkpoint or config.checkpoint
   runs = {
     'MAR': resolve_steps(num_iter=num_iter, preset='mar', upper=args.mar_steps,
@@ -114,7 +119,9 @@ def demo(args, print_fn=print) -> dict:
                             f'got {num_iter}')
     tok = PixelTokenizer(model.config, scale=config.tokenizer.scale)
     quality = DigitsQuality()
-    sampler = runner.make_sampler(model, config, runner.make_mesh(config))
+    mesh = runner.make_mesh(config)
+    runner.check_batch_size(args.batch_size, mesh, '--batch-size')
+    sampler = runner.make_sampler(model, config, mesh)
     labels = runner.class_labels(args.num_images, [], model.config.class_num)
     key = jax.random.key(args.seed)
     results, images = {}, {}
@@ -123,7 +130,7 @@ def demo(args, print_fn=print) -> dict:
       out = []
       for lo in range(0, args.num_images, args.batch_size):
         ids = np.arange(lo, min(lo + args.batch_size, args.num_images))
-        tokens = sampler.generate(labels[ids], key, steps=plan.steps,
+        tokens = runner.generate_checked(sampler, labels[ids], key, steps=plan.steps,
                                   max_timestep=plan.max_timestep, cfg=cfg,
                                   cfg_schedule=s.cfg_schedule, temperature=s.temperature,
                                   image_ids=ids)

@@ -45,7 +45,6 @@ cli_flags.define_metric()
 flags.DEFINE_integer('max_batches', 0, 'Stop after this many new batches (0: all); run the '
                      'same command again to continue.')
 FLAGS = flags.FLAGS
-FLAGS.set_default('save_images', False)
 
 FORMAT = 'disa_jax.eval'
 
@@ -300,7 +299,7 @@ def _run(argv):
   evaluate(config, out, metric_name=FLAGS.metric, inception=FLAGS.inception,
            ref_stats=FLAGS.ref_stats, inception_batch_size=FLAGS.inception_batch_size,
            precision_recall=FLAGS.precision_recall, overwrite=FLAGS.overwrite,
-           save_images=FLAGS.save_images, max_batches=FLAGS.max_batches,
+           save_images=FLAGS.save_images and FLAGS['save_images'].present, max_batches=FLAGS.max_batches,
            show_progress=FLAGS.progress)
 
 

@@ -48,13 +48,10 @@ flags.DEFINE_integer('probe_steps', 50, 'Diffusion steps of the variance / strai
 flags.DEFINE_integer('mlp_steps', 3000, 'Training steps of the predictability MLP.')
 flags.DEFINE_integer('mlp_hidden', 256, 'Hidden width of the predictability MLP.')
 flags.DEFINE_float('holdout', 0.2, 'Fraction of images held out for the predictability error.')
-flags.DEFINE_string('runs', '', 'curves: comma-separated label=preset:num_iter:upper[:lower['
-                    ':strategy]] (default: --mar-steps constant runs and the three DiSA '
-                    'strategies upper -> lower at the config num_iter).')
-flags.DEFINE_string('mar_steps', '5,10,25,50,100', 'curves: constant step counts of the MAR '
-                    'baseline runs.')
+cli_flags.define_runs()         # curves: default --mar_steps runs + the three DiSA strategies
+cli_flags.define_mar_steps()    # curves: default 5,10,25,50,100
 FLAGS = flags.FLAGS
-FLAGS.set_default('metric', '')
+DEFAULT_MAR_STEPS = '5,10,25,50,100'
 
 
 def _default_images(command: str, class_num: int) -> int:
@@ -68,6 +65,8 @@ class Writer:
     self.out, self.overwrite = os.path.abspath(os.path.expanduser(out)), overwrite
 
   def check(self, names) -> None:
+    if os.path.exists(self.out) and not os.path.isdir(self.out):
+      raise common.CliError(f'--out {self.out} is a file; choose a directory')
     for n in names:
       for ext in ('json', 'png'):
         p = os.path.join(self.out, f'{n}.{ext}')
@@ -106,14 +105,16 @@ def run_commands(config, commands: list[str], out: str, *, overwrite=False) -> d
   runs = []
   if 'curves' in commands:
     try:
+      mar_steps = DEFAULT_MAR_STEPS if FLAGS.mar_steps is None else FLAGS.mar_steps
       runs = ([RunSpec.parse(t) for t in FLAGS.runs.split(',') if t] if FLAGS.runs else
               default_runs(s.num_iter, s.upper_steps, s.lower_steps,
-                           common.parse_int_list(FLAGS.mar_steps, '--mar_steps')))
+                           common.parse_int_list(mar_steps, '--mar_steps')))
       for r in runs:
         r.step_plan()
     except RunSpecError as e:
       raise common.CliError(str(e)) from None
-  metric_name = FLAGS.metric or ('digits' if config.tokenizer.kind == 'pixels' else 'inception')
+  given = FLAGS.metric if FLAGS['metric'].present else ''
+  metric_name = given or ('digits' if config.tokenizer.kind == 'pixels' else 'inception')
   metric = None
   if 'curves' in commands:
     if metric_name == 'none':

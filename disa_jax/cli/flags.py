@@ -6,34 +6,36 @@
   define_out()       --out, --overwrite
   define_output()    define_out() + --save_images, --save_tokens, --progress
   define_metric()    --metric, --inception, --ref_stats, --inception_batch_size, ...
-  define_sampling()  --num_images, --batch_size, --classes, --seed, --preset, --strategy,
-                     --upper_steps, --lower_steps, --steps, --steps_file, --num_iter, --cfg,
-                     --cfg_schedule, --temperature, --max_timestep; and every system's own flags
-                     (`define_system_flags`: `disa_jax/systems/<name>/flags.py`, e.g. Harmon's
-                     --prompt, --prompts_file, --tokenizer), applied by the config's system
-Numeric flags are checked where they enter (range and finiteness, absl validators); the same
-rules are applied to the config after `--config.*` overrides by `validate_sampling`, so a value
-is refused whichever way it came in. The system of a config (`config.system`) adds its own
-checks (`System.validate`).
+  define_batch()     --batch_size, --seed
+  define_guidance()  --cfg, --cfg_schedule, --temperature
+  define_sampling()  define_batch() + define_guidance() + --num_images, --classes, --preset,
+                     --strategy, --upper_steps, --lower_steps, --steps, --steps_file, --num_iter,
+                     --max_timestep; and every system's own flags (`define_system_flags`:
+                     `disa_jax/systems/<name>/flags.py`), applied by the config's system
+  define_runs()      --runs (disa-bench, disa-evidence)
+  define_mar_steps() --mar_steps (disa-demo, disa-evidence)
+Every flag is defined here or in exactly one command module (its own flags), so any set of
+command modules can be imported into one process (tests/test_seam.py checks it).
+Numeric flags are checked where they enter (range and finiteness, absl validators built from
+`validation.RULES`, the one table of ranges); the same rules are applied to the config after
+`--config.*` overrides (`validate_sampling`, `validation.validate_config`), so a value is
+refused whichever way it came in, with the same range in the message. The system of a config
+(`config.system`) adds its own checks (`System.validate`).
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
-import math
 import os
 
 from absl import flags
 from ml_collections import config_flags
 
+from disa_jax import validation
 from disa_jax.errors import UserError
 
 FLAGS = flags.FLAGS
-
-# The DDPM clamp accepts 1..999 (the first timestep of the respaced chain); -1 = no clamp.
-MAX_TIMESTEP_RANGE = (1, 999)
-NO_CLAMP = -1
 
 SAMPLING_FLAGS = ('num_images', 'batch_size', 'classes', 'seed', 'preset', 'strategy',
                   'upper_steps', 'lower_steps', 'steps', 'num_iter', 'cfg', 'cfg_schedule',
@@ -42,10 +44,6 @@ SAMPLING_FLAGS = ('num_images', 'batch_size', 'classes', 'seed', 'preset', 'stra
 
 def _defined(name: str) -> bool:
   return name in FLAGS
-
-
-def _finite(v) -> bool:
-  return v is None or math.isfinite(v)
 
 
 def define_config(help_text: str = 'Config file, e.g. configs/mar/base.py or '
@@ -83,44 +81,58 @@ def define_output():
   define_out()
   if _defined('save_images'):
     return
-  flags.DEFINE_bool('save_images', True, 'Write one PNG per image (else only the grid).')
+  flags.DEFINE_bool('save_images', True, 'Write one PNG per image (else only the grid; '
+                    'disa-eval: off unless given).')
   flags.DEFINE_bool('save_tokens', False, 'Also write tokens.npy when there is an image decoder '
                     '(always written without one).')
   flags.DEFINE_bool('progress', True, 'Show a progress bar.')
 
 
+def define_batch():
+  """--batch_size, --seed (sampling runs and disa-bench)."""
+  if _defined('batch_size'):
+    return
+  flags.DEFINE_integer('batch_size', None, 'Global batch size (config.sampling.batch_size; '
+                       'disa-bench: images per run, default 4).')
+  flags.DEFINE_integer('seed', None, 'Random seed; image i uses fold_in(key(seed), i) '
+                       '(disa-bench: also the weights, default 0).')
+  rule_validator('batch_size', 'sampling', 'batch_size')
+  rule_validator('seed', 'sampling', 'seed')
+
+
+def define_guidance():
+  """--cfg, --cfg_schedule, --temperature (sampling runs and disa-bench)."""
+  if _defined('cfg'):
+    return
+  flags.DEFINE_float('cfg', None, 'Classifier-free guidance scale (finite, >= 0; 1.0 = off).')
+  flags.DEFINE_enum('cfg_schedule', None, ['linear', 'constant'], 'CFG schedule.')
+  flags.DEFINE_float('temperature', None, 'Solver-noise temperature (finite, > 0).')
+  rule_validator('cfg', 'sampling', 'cfg')
+  rule_validator('temperature', 'sampling', 'temperature')
+
+
 def define_sampling():
+  """define_batch() + define_guidance() + the DiSA schedule and image-count flags."""
+  define_batch()
+  define_guidance()
   if _defined('num_images'):
     return
-  flags.DEFINE_integer('num_images', None, 'Number of images (config.sampling.num_images).',
-                       lower_bound=1)
-  flags.DEFINE_integer('batch_size', None, 'Global batch size (config.sampling.batch_size).',
-                       lower_bound=1)
+  flags.DEFINE_integer('num_images', None, 'Number of images (config.sampling.num_images).')
   flags.DEFINE_string('classes', None, 'Comma-separated class ids, cycled over the images.')
-  flags.DEFINE_integer('seed', None, 'Random seed; image i uses fold_in(key(seed), i).')
   flags.DEFINE_enum('preset', None, ['baseline', 'mar', 'disa'],
                     'Step schedule preset (mar = baseline: fixed steps, no clamp).')
   flags.DEFINE_enum('strategy', None, ['constant', 'linear', 'cosine', 'two-stage'],
                     'DiSA strategy.')
-  flags.DEFINE_integer('upper_steps', None, 'Solver steps at the first AR stage (T_hi).',
-                       lower_bound=1)
-  flags.DEFINE_integer('lower_steps', None, 'Solver steps at the last AR stage (T_lo).',
-                       lower_bound=1)
+  flags.DEFINE_integer('upper_steps', None, 'Solver steps at the first AR stage (T_hi).')
+  flags.DEFINE_integer('lower_steps', None, 'Solver steps at the last AR stage (T_lo).')
   flags.DEFINE_string('steps', None, 'Explicit steps per AR stage, "50,49,...".')
   flags.DEFINE_string('steps_file', None, 'Schedule file written by disa-tune: its steps per '
                       'AR stage and clamp replace the schedule flags.')
-  flags.DEFINE_integer('num_iter', None, 'AR stages K.', lower_bound=1)
-  flags.DEFINE_float('cfg', None, 'Classifier-free guidance scale (>= 0, finite; 1.0 = off).')
-  flags.DEFINE_enum('cfg_schedule', None, ['linear', 'constant'], 'CFG schedule.')
-  flags.DEFINE_float('temperature', None, 'Solver-noise temperature (> 0, finite).')
+  flags.DEFINE_integer('num_iter', None, 'AR stages K.')
   flags.DEFINE_integer('max_timestep', None, 'Timestep clamp in [1, 999] (DiSA: 950); -1 '
                        'disables it.')
-  flags.register_validator('cfg', lambda v: v is None or (_finite(v) and v >= 0),
-                           message='--cfg must be a finite number >= 0')
-  flags.register_validator('temperature', lambda v: v is None or (_finite(v) and v > 0),
-                           message='--temperature must be a finite number > 0')
-  flags.register_validator('max_timestep', lambda v: v is None or _valid_max_timestep(v),
-                           message='--max_timestep must be in [1, 999], or -1 for no clamp')
+  for name in ('num_images', 'upper_steps', 'lower_steps', 'num_iter', 'max_timestep'):
+    rule_validator(name, 'sampling', name)
   define_system_flags()
 
 
@@ -137,15 +149,60 @@ def define_system_flags():
           module.define()
 
 
-def _valid_max_timestep(v) -> bool:
-  return v == NO_CLAMP or MAX_TIMESTEP_RANGE[0] <= v <= MAX_TIMESTEP_RANGE[1]
+def define_runs():
+  """--runs (disa-bench, disa-evidence curves): label=preset:num_iter:upper[:lower[:strategy]]."""
+  if _defined('runs'):
+    return
+  flags.DEFINE_string('runs', None, 'Comma-separated runs label=preset:num_iter:upper[:lower['
+                      ':strategy]] (disa-bench: the first is the baseline; default '
+                      'mar256,mar64,disa64; disa-evidence curves: default the MAR steps of '
+                      '--mar_steps and the three DiSA strategies).')
+
+
+def define_mar_steps():
+  """--mar_steps: the MAR baseline's constant head steps (disa-demo: one count, default 100;
+  disa-evidence curves: a list, default 5,10,25,50,100)."""
+  if _defined('mar_steps'):
+    return
+  flags.DEFINE_string('mar_steps', None, 'Constant diffusion steps of the MAR baseline at every '
+                      'AR step (disa-demo: one count, default 100; disa-evidence curves: a '
+                      'comma-separated list, default 5,10,25,50,100).')
+
+
+def rule_validator(flag: str, section: str, field: str):
+  """An absl validator for `--flag` from `validation.RULES[section][field]` (the same range
+  `validate_config` applies to `--config.section.field`), with a flag-level message."""
+  rule = validation.RULES[section][field]
+
+  def check(v):
+    if v is None:
+      return True
+    try:
+      validation.check_value(section, field, v, rule)
+    except validation.InvalidConfigError:
+      raise flags.ValidationError(f'--{flag} must be {rule.describe()}, got {v}') from None
+    return True
+
+  flags.register_validator(flag, check)
+
+
+def check_sampling_value(name: str, value, flag: str | None = None) -> None:
+  """`validation.RULES['sampling'][name]` on a value set by `--name` (or `--flag`) or
+  `--config.sampling.name`; the message names the flag (and the config field)."""
+  rule = validation.RULES['sampling'][name]
+  try:
+    validation.check_value('sampling', name, value, rule)
+  except validation.InvalidConfigError:
+    where = '' if flag else f' (set by --{name} or --config.sampling.{name})'
+    raise validation.InvalidConfigError(
+      f'--{flag or name} must be {rule.describe()}, got {value}{where}') from None
 
 
 def apply_model_and_sampling(config):
   """Command-line flags override `config.sampling`, `config.checkpoint`, `config.tokenizer`."""
   with config.unlocked():
-    if _defined('num_images'):
-      for name in SAMPLING_FLAGS:
+    for name in SAMPLING_FLAGS:
+      if _defined(name):
         value = getattr(FLAGS, name)
         if value is not None:
           config.sampling[name] = value
@@ -195,7 +252,7 @@ def _apply_steps_file(config, path: str) -> None:
     raise UserError('--steps and --steps_file both give the steps per AR stage; pass one')
   sched = load_schedule(os.path.expanduser(path), num_iter=FLAGS.num_iter,
                         system=config.get('system', None))
-  file_clamp = NO_CLAMP if sched.max_timestep is None else sched.max_timestep
+  file_clamp = -1 if sched.max_timestep is None else sched.max_timestep   # -1: no clamp
   if FLAGS.max_timestep is not None and FLAGS.max_timestep != file_clamp:
     raise UserError(f'--max_timestep={FLAGS.max_timestep} contradicts the clamp {file_clamp} the '
                     f'steps file {path} was tuned with; drop --max_timestep')
@@ -206,28 +263,25 @@ def _apply_steps_file(config, path: str) -> None:
 
 def validate_sampling(config) -> None:
   """Range and finiteness of `config.sampling` (flags and `--config.sampling.*` alike), the
-  input paths, then the system's own checks. Raises UserError; touches nothing on disk."""
+  input paths, the batch size against the data-parallel devices, then the system's own
+  checks. Raises UserError; touches nothing on disk."""
   from disa_jax.systems.base import system_of
 
   s = config.sampling
-  if s.num_images < 1:
-    raise UserError(f'--num_images must be >= 1, got {s.num_images}')
-  if s.batch_size < 1:
-    raise UserError(f'--batch_size must be >= 1, got {s.batch_size}')
+  for name in ('num_images', 'batch_size', 'cfg', 'temperature', 'max_timestep'):
+    if name in s:
+      check_sampling_value(name, s.get(name))
   if s.cfg_schedule not in ('linear', 'constant'):
     raise UserError(f'--cfg_schedule must be linear or constant, got {s.cfg_schedule!r}')
-  if not (_finite(s.cfg) and s.cfg >= 0):
-    raise UserError(f'--cfg must be a finite number >= 0, got {s.cfg}')
-  if not (_finite(s.temperature) and s.temperature > 0):
-    raise UserError(f'--temperature must be a finite number > 0, got {s.temperature}')
-  mt = s.get('max_timestep', None)
-  if mt is not None and not _valid_max_timestep(mt):
-    raise UserError(f'--max_timestep must be in [1, 999], or -1 for no clamp, got {mt}')
   if config.get('checkpoint') and not os.path.exists(os.path.expanduser(config.checkpoint)):
     raise UserError(f'checkpoint {config.checkpoint} does not exist')
   vae = config.tokenizer.get('vae', '') if 'tokenizer' in config else ''
   if vae and not os.path.exists(os.path.expanduser(vae)):
     raise UserError(f'VAE directory {vae} does not exist')
+  if 'runtime' in config:      # before any compile: a batch the devices do not divide
+    from disa_jax.engine import runner
+
+    runner.check_batch_size(s.batch_size, runner.make_mesh(config))
   system = system_of(config)
   if system.validate is not None:
     system.validate(config)
@@ -247,7 +301,8 @@ def define_metric(default: str = 'inception'):
   """--metric, --inception, --ref_stats, --inception_batch_size, --precision_recall."""
   if _defined('metric'):
     return
-  flags.DEFINE_string('metric', default, 'inception | digits | none | module:Class.')
+  flags.DEFINE_string('metric', default, 'inception | digits | none | module:Class '
+                      '(disa-evidence: default digits for pixel configs, else inception).')
   flags.DEFINE_string('inception', None, 'FID Inception directory (`disa-convert inception`).')
   flags.DEFINE_string('ref_stats', None, 'Reference statistics .npz (ADM VIRTUAL_imagenet256_'
                       "labeled.npz or MAR's fid_stats/adm_in256_stats.npz).")

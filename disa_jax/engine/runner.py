@@ -109,6 +109,27 @@ class RunTotals:
   stats: list = dataclasses.field(default_factory=list)
 
 
+def check_batch_size(batch_size: int, mesh, flag: str = '--batch_size') -> None:
+  """UserError unless `batch_size` is a multiple of the data-parallel devices of `mesh` (all
+  processes): checked before any work, so it never surfaces from inside a compile."""
+  mult = shd.data_size(mesh)
+  if batch_size % mult:
+    raise UserError(f'batch size {batch_size} must be a multiple of the {mult} data-parallel '
+                    f'devices ({jax.process_count()} process(es)); change {flag} (or '
+                    '--config.runtime.num_devices)')
+
+
+def generate_checked(sampler, *args, **kwargs):
+  """`sampler.generate(*args, **kwargs)`, then the cheap host-side non-finite check of this
+  process's rows (`validation.check_finite_batch`, naming cfg / temperature when given): every
+  path that writes images, tokens or metrics from samples goes through it or `sample_batches`.
+  Returns the tokens as `generate` returned them."""
+  tokens = sampler.generate(*args, **kwargs)
+  validation.check_finite_batch(shd.local_rows(tokens), cfg=kwargs.get('cfg'),
+                                temperature=kwargs.get('temperature'))
+  return tokens
+
+
 def sample_batches(sampler, labels: np.ndarray, *, batch_size: int, plan: StepPlan,
                    sampling, key, totals: RunTotals, start: int = 0,
                    on_step: Callable | None = None, gather: bool = False) -> Iterator[Batch]:
@@ -119,10 +140,7 @@ def sample_batches(sampler, labels: np.ndarray, *, batch_size: int, plan: StepPl
   with the last label, then dropped).
   """
   n = len(labels)
-  mult = shd.data_size(sampler.mesh)   # devices of all processes
-  if batch_size % mult:
-    raise UserError(f'batch size {batch_size} must be a multiple of the {mult} data-parallel '
-                     f'devices ({jax.process_count()} process(es)); change --batch_size')
+  check_batch_size(batch_size, sampler.mesh)
   warm = sampler.plan(batch_size, steps=plan.steps, max_timestep=plan.max_timestep,
                       cfg=sampling.cfg, cfg_schedule=sampling.cfg_schedule)
   totals.compile_s += sampler.compile(warm)

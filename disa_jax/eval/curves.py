@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from disa_jax.engine import runner
 from disa_jax.eval import pipeline
 from disa_jax.schedules import RunSpec, RunSpecError  # noqa: F401  (re-exported)
 
@@ -32,9 +33,10 @@ def speed_quality(sampler, decoder, labels, *, runs, sampling, key, batch_size: 
     plan = spec.step_plan()
     if warmup:     # first executions of fresh buckets carry one-off costs: keep them untimed
       first = labels[np.minimum(np.arange(batch_size), len(labels) - 1)]
-      sampler.generate(first, key, steps=plan.steps,
-                       max_timestep=plan.max_timestep, cfg=sampling.cfg,
-                       cfg_schedule=sampling.cfg_schedule, temperature=sampling.temperature)
+      runner.generate_checked(sampler, first, key, steps=plan.steps,
+                              max_timestep=plan.max_timestep, cfg=sampling.cfg,
+                              cfg_schedule=sampling.cfg_schedule,
+                              temperature=sampling.temperature)
     outcome = pipeline.run(sampler, decoder, labels, plan=plan, sampling=sampling, key=key,
                            batch_size=batch_size, metric=metric)
     p = sampler.plan(batch_size, steps=plan.steps, max_timestep=plan.max_timestep,

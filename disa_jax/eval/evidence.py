@@ -28,7 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from disa_jax import validation
 from disa_jax.diffusion.ddpm import device_tables, p_sample_loop, p_sample_trajectory
+from disa_jax.engine.runner import generate_checked
 
 
 @dataclasses.dataclass
@@ -49,7 +51,7 @@ def generate_with_contexts(sampler, labels, key, *, image_ids, steps, max_timest
     contexts.append(StepContext(s, np.asarray(z), np.asarray(pred_pos),
                                 np.asarray(pred_valid)))
 
-  tokens = sampler.generate(labels, key, steps=steps, max_timestep=max_timestep,
+  tokens = generate_checked(sampler, labels, key, steps=steps, max_timestep=max_timestep,
                             cfg=sampling.cfg, cfg_schedule=sampling.cfg_schedule,
                             temperature=sampling.temperature, image_ids=image_ids,
                             on_backbone=hook)
@@ -137,7 +139,10 @@ def probe_steps(sampler, labels, key, *, plan, sampling, batch_size: int, measur
         vals = _probe(sampler.state, zc, zu, probe_key, tables, jnp.float32(ctx.step.cfg),
                       jnp.float32(sampling.temperature), graphdef=sampler.graphdef,
                       num_steps=actual, samples=samples, mode=m)
-        acc[m].add(ctx.step.index, np.asarray(vals)[keep])
+        vals = np.asarray(vals)[keep]
+        validation.check_finite_batch(vals, what=f'{m} probe at AR step {ctx.step.index}',
+                                      cfg=ctx.step.cfg, temperature=sampling.temperature)
+        acc[m].add(ctx.step.index, vals)
     if progress is not None:
       progress(min(lo + batch_size, n))
   return {m: acc[m].summary(m) for m in measures}

@@ -145,7 +145,7 @@ def _check_config(workdir: Path, config) -> None:
   current = json.loads(config.to_json_best_effort())
   if path.exists():
     stored = integrity.read_json(path, what='run config')
-    diff = integrity.config_diff(stored, current, may_change=integrity.TRAIN_MAY_CHANGE)
+    diff = integrity.config_diff(stored, current, may_change=integrity.train_may_change())
     if diff:
       raise TrainingError(
         f'workdir {workdir} holds a run with other settings ({"; ".join(diff)}); a resumed run '

@@ -33,6 +33,15 @@ from disa_jax.layers.vit import Block
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
+# The one list of MARConfig fields that are not architecture (a model directory loads under
+# any value of them; `checkpoint.architecture_diff` skips them):
+COMPUTE_FIELDS = ('dtype', 'attn_splits')          # how the compute runs (`config.model.*`)
+RESULT_NEUTRAL_FIELDS = ('attn_splits',)           # of those, the ones that change no number
+TRAINING_FIELDS = ('label_drop_prob', 'attn_dropout', 'proj_dropout', 'mask_ratio_min',
+                   'diffusion_batch_mul')          # used only by the training loss
+NON_ARCHITECTURE_FIELDS = COMPUTE_FIELDS + TRAINING_FIELDS
+
+
 @dataclasses.dataclass(frozen=True)
 class MARConfig:
   """Architecture of a MAR model (official names; defaults are the fixed MAR settings)."""

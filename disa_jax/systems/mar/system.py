@@ -23,11 +23,11 @@ def build_model(config, *, seed: int = 0):
   from flax import nnx
 
   from disa_jax.checkpoint import load_mar
-  from disa_jax.systems.mar.model import MAR
+  from disa_jax.systems.mar.model import COMPUTE_FIELDS, MAR
 
   model_cfg = dict(config.model)
   if config.get('checkpoint'):
-    runtime = {k: model_cfg[k] for k in ('dtype', 'attn_splits') if k in model_cfg}
+    runtime = {k: model_cfg[k] for k in COMPUTE_FIELDS if k in model_cfg}
     model = load_mar(config.checkpoint, expect_config=model_cfg, overrides=runtime)
     return model, f'checkpoint {config.checkpoint}'
   return MAR(model_config(config), rngs=nnx.Rngs(seed)), 'RANDOM WEIGHTS (no checkpoint given)'
