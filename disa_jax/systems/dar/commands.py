@@ -326,8 +326,9 @@ def bench_command(config):
   with config.unlocked():
     if FLAGS.cfg is not None:
       config.sampling.cfg = repr(float(FLAGS.cfg))
-    config.sampling.seed = FLAGS.seed
-  if FLAGS.batch_size < 1 or FLAGS.repeats < 1:
+    config.sampling.seed = 0 if FLAGS.seed is None else FLAGS.seed   # disa-bench's default
+  batch_size = 4 if FLAGS.batch_size is None else FLAGS.batch_size   # disa-bench's default
+  if batch_size < 1 or FLAGS.repeats < 1:
     raise UserError('--batch_size and --repeats must be >= 1')
   for name in ('torch', 'phases', 'calibrate', 'dtypes', 'quality'):
     if FLAGS[name].present:
@@ -338,7 +339,7 @@ def bench_command(config):
   text = FLAGS.runs if FLAGS['runs'].present else 'full'
   runs = parse_runs(text, int(config.model.gpt.block_size), int(config.sampling.num_groups))
   log = (lambda m: print(m, file=sys.stderr, flush=True)) if FLAGS.json else print
-  result = benchmark(config, runs, batch_size=FLAGS.batch_size, repeats=FLAGS.repeats, log=log)
+  result = benchmark(config, runs, batch_size=batch_size, repeats=FLAGS.repeats, log=log)
   result['command'] = ' '.join(['disa-bench'] + sys.argv[1:])
   text = json.dumps(result, indent=1)
   if FLAGS.json_out:
