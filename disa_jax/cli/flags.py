@@ -278,13 +278,13 @@ def validate_sampling(config) -> None:
   vae = config.tokenizer.get('vae', '') if 'tokenizer' in config else ''
   if vae and not os.path.exists(os.path.expanduser(vae)):
     raise UserError(f'VAE directory {vae} does not exist')
+  system = system_of(config)
+  if system.validate is not None:
+    system.validate(config)
   if 'runtime' in config:      # before any compile: a batch the devices do not divide
     from disa_jax.engine import runner
 
     runner.check_batch_size(s.batch_size, runner.make_mesh(config))
-  system = system_of(config)
-  if system.validate is not None:
-    system.validate(config)
 
 
 def input_paths(config) -> list[str]:

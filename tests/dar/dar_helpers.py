@@ -30,8 +30,13 @@ def max_rel_error(a, b) -> float:
   return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
 
 
-@functools.cache
 def tokenizer_pair(seed: int = 0):
+  """Cached per seed (one conversion per process, however the seed is passed)."""
+  return _tokenizer_pair(int(seed))
+
+
+@functools.cache
+def _tokenizer_pair(seed: int):
   """(torch reference tokenizer, TokenizerRunner of the converted JAX model, .pth path)."""
   import torch
 
@@ -53,8 +58,13 @@ def tokenizer_pair(seed: int = 0):
   return model, TokenizerRunner(load_tokenizer(out), matmul_precision='highest'), path
 
 
-@functools.cache
 def gpt_pair(seed: int = 0):
+  """Cached per seed (one conversion per process, however the seed is passed)."""
+  return _gpt_pair(int(seed))
+
+
+@functools.cache
+def _gpt_pair(seed: int):
   """(torch reference GPT, converted JAX GPT, .pth path)."""
   import torch
 
