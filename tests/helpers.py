@@ -42,10 +42,14 @@ TOKEN_PARITY_CASES = [
 ]
 
 
-def token_parity(model, torch_model, *, preset, k, cfg, schedule, temp, batch=3) -> float:
+def token_parity(model, torch_model, *, preset, k, cfg, schedule, temp, batch=3,
+                 modulation_budget=None, unconditional=False) -> float:
   """Max relative difference between the tokens sampled by the JAX `Sampler` (from `model`,
   matmul precision 'highest') and by the PyTorch reference `sample_tokens` (from
-  `torch_model`, same weights), with the generation orders and all noise injected into both."""
+  `torch_model`, same weights), with the generation orders and all noise injected into both.
+  `modulation_budget` (bytes; 0 = the head's per-step path) goes to the `Sampler`.
+  `unconditional`: label -1 for every image in JAX, the official `labels=None` (fake_latent
+  class vector) in the reference."""
   import jax
 
   from disa_jax.schedules import resolve_steps
@@ -65,10 +69,13 @@ def token_parity(model, torch_model, *, preset, k, cfg, schedule, temp, batch=3)
     store[step] = (x_t, eps[:, :n])
     return x_t, iter(eps)
 
+  if unconditional:
+    labels = np.full((batch,), -1)
   ref = tr.sample_tokens(torch_model, batch, num_iter=k, cfg=cfg, cfg_schedule=schedule,
-                         labels=labels, temperature=temp, steps=list(sp.steps),
+                         labels=None if unconditional else labels, temperature=temp, steps=list(sp.steps),
                          clip=sp.max_timestep, orders=orders, noise_source=noise_source).numpy()
-  out = Sampler(model, matmul_precision='highest', enc_bucket=4).generate(
+  budget = {} if modulation_budget is None else dict(modulation_budget=modulation_budget)
+  out = Sampler(model, matmul_precision='highest', enc_bucket=4, **budget).generate(
     labels, jax.random.key(0), steps=sp.steps, max_timestep=sp.max_timestep, cfg=cfg,
     cfg_schedule=schedule, temperature=temp, orders=orders, noise=lambda s, n: store[s])
   return max_rel_error(out, ref)

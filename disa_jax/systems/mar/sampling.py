@@ -34,7 +34,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from disa_jax import sharding as shd
-from disa_jax.diffusion.ddpm import device_tables, p_sample_loop
+from disa_jax.diffusion.ddpm import MODULATION_BUDGET_BYTES, device_tables, p_sample_loop
 from disa_jax.systems.mar.plan import SamplingPlan, make_plan
 
 ORDER_STREAM, NOISE_STREAM = 0, 1
@@ -83,7 +83,7 @@ def _backbone(state, tokens, orders, class_vec, m_cur, n_pred, *, graphdef, visi
 
 
 def head_bucket(state, z, pred_pos, pred_valid, tokens, image_keys, tables, cfg, temperature, *,
-          graphdef, num_steps, n_pad, use_cfg):
+          graphdef, num_steps, n_pad, use_cfg, modulation_budget=MODULATION_BUDGET_BYTES):
   """Samples the predicted tokens of one AR step (the first n_pad of the backbone's query
   rows) and writes them into `tokens`."""
   z, pred_pos, pred_valid = z[..., :n_pad, :], pred_pos[:, :n_pad], pred_valid[:, :n_pad]
@@ -95,22 +95,25 @@ def head_bucket(state, z, pred_pos, pred_valid, tokens, image_keys, tables, cfg,
   draw = lambda stream: jax.vmap(  # noqa: E731
     lambda k: jax.random.normal(jax.random.fold_in(k, stream), (ch,)))(row_keys)
   return _denoise_and_write(graphdef, state, z, pred_pos, pred_valid, tokens, tables, cfg,
-                            temperature, draw(0), lambda i: draw(i + 1), num_steps, use_cfg)
+                            temperature, draw(0), lambda i: draw(i + 1), num_steps, use_cfg,
+                            modulation_budget)
 
 
 def head_bucket_explicit(state, z, pred_pos, pred_valid, tokens, x_init, eps, tables, cfg,
-                   temperature, *, graphdef, num_steps, n_pad, use_cfg):
+                   temperature, *, graphdef, num_steps, n_pad, use_cfg,
+                   modulation_budget=MODULATION_BUDGET_BYTES):
   """`head_bucket` with the initial noise x_init [B, n_pad, C] and step noise eps [A, B, n_pad, C]
   given (parity tests inject the reference implementation's noise)."""
   z, pred_pos, pred_valid = z[..., :n_pad, :], pred_pos[:, :n_pad], pred_valid[:, :n_pad]
   rows, ch = x_init.shape[0] * x_init.shape[1], x_init.shape[2]
   return _denoise_and_write(graphdef, state, z, pred_pos, pred_valid, tokens, tables, cfg,
                             temperature, x_init.reshape(rows, ch),
-                            lambda i: eps[i].reshape(rows, ch), num_steps, use_cfg)
+                            lambda i: eps[i].reshape(rows, ch), num_steps, use_cfg,
+                            modulation_budget)
 
 
 def _denoise_and_write(graphdef, state, z, pred_pos, pred_valid, tokens, tables, cfg,
-                       temperature, x_init, noise_at, num_steps, use_cfg):
+                       temperature, x_init, noise_at, num_steps, use_cfg, modulation_budget):
   net = nnx.merge(graphdef, state).diffloss.net
   b, n_pad = pred_pos.shape
   seq, ch = tokens.shape[1], tokens.shape[2]
@@ -120,7 +123,8 @@ def _denoise_and_write(graphdef, state, z, pred_pos, pred_valid, tokens, tables,
   else:
     zc, zu = z.reshape(rows, -1), None
   x0 = p_sample_loop(net, zc, zu, x_init, tables, num_steps=num_steps, cfg=cfg,
-                     temperature=temperature, noise_at=noise_at)
+                     temperature=temperature, noise_at=noise_at,
+                     modulation_budget=modulation_budget)
   idx = jnp.where(pred_valid, pred_pos, seq)
   new = x0.reshape(b, n_pad, ch).astype(tokens.dtype)
   return jax.vmap(lambda t, i, v: t.at[i].set(v, mode='drop'))(tokens, idx, new)
@@ -187,10 +191,14 @@ class Sampler:
     enc_bucket: encoder lengths are padded to a multiple of this (0: seq_len / 16).
     max_head_waste: largest fraction of padded head row-steps allowed in a bucket.
     matmul_precision: None (backend default) or 'highest' for fp32-exact parity runs.
+    modulation_budget: bytes of adaLN modulations the head may precompute per call
+      (`diffusion.ddpm.MODULATION_BUDGET_BYTES`; 0 forces the per-step path that large
+      batches take).
   """
 
   def __init__(self, model, *, mesh: Mesh | None = None, enc_bucket: int = 0,
-               max_head_waste: float = 0.05, matmul_precision: str | None = None):
+               max_head_waste: float = 0.05, matmul_precision: str | None = None,
+               modulation_budget: int = MODULATION_BUDGET_BYTES):
     self.config = model.config
     self.graphdef, state = nnx.split(model)
     self.mesh = mesh
@@ -198,6 +206,7 @@ class Sampler:
     self.enc_bucket = enc_bucket or max(1, self.config.seq_len // 16)
     self.max_head_waste = max_head_waste
     self.matmul_precision = matmul_precision or None
+    self.modulation_budget = int(modulation_budget)
     self._tables: dict = {}
     self._executables: dict = {}
     self.compile_log: dict = {}   # bucket key -> compile seconds
@@ -237,6 +246,8 @@ class Sampler:
   def _run(self, name: str, args, static: dict):
     """Calls the AOT-compiled executable of function `name` for these shapes and static
     arguments, compiling it (jit -> lower -> compile) the first time."""
+    if name.startswith('head'):
+      static = dict(static, modulation_budget=self.modulation_budget)
     key = (name, self.mesh, tuple(sorted(static.items(), key=lambda kv: kv[0])),
            tuple((tuple(np.shape(a)), str(getattr(a, 'dtype', type(a))))
                  for a in jax.tree.leaves(args)))
