@@ -6,6 +6,10 @@ from flax import nnx
 from disa_jax.config import TINY_MODEL
 from disa_jax.systems.mar.model import MAR, MARConfig
 
+# Random-weight scale of the PyTorch-reference parity tests: large enough that tanh-GELU or a
+# wrong LayerNorm eps misses PARITY_TOL = 1e-5 by > 10x (tests/test_parity_margins.py).
+PARITY_WEIGHT_SCALE = 0.1
+
 
 def tiny_model(seed=0, **overrides):
   """A 16-token MAR with *non-zero* random parameters everywhere (the official init zeroes
@@ -42,10 +46,14 @@ TOKEN_PARITY_CASES = [
 ]
 
 
-def token_parity(model, torch_model, *, preset, k, cfg, schedule, temp, batch=3) -> float:
+def token_parity(model, torch_model, *, preset, k, cfg, schedule, temp, batch=3,
+                 modulation_budget=None, unconditional=False) -> float:
   """Max relative difference between the tokens sampled by the JAX `Sampler` (from `model`,
   matmul precision 'highest') and by the PyTorch reference `sample_tokens` (from
-  `torch_model`, same weights), with the generation orders and all noise injected into both."""
+  `torch_model`, same weights), with the generation orders and all noise injected into both.
+  `modulation_budget` (bytes; 0 = the head's per-step path) goes to the `Sampler`.
+  `unconditional`: label -1 for every image in JAX, the official `labels=None` (fake_latent
+  class vector) in the reference."""
   import jax
 
   from disa_jax.schedules import resolve_steps
@@ -56,7 +64,7 @@ def token_parity(model, torch_model, *, preset, k, cfg, schedule, temp, batch=3)
   rng = np.random.default_rng(k)
   seq = model.config.seq_len
   orders = np.stack([rng.permutation(seq) for _ in range(batch)])
-  labels = np.arange(1, batch + 1)
+  labels = np.arange(batch)       # includes class 0 (a class, not the unconditional vector)
   store = {}
 
   def noise_source(step, n, num_steps):
@@ -65,10 +73,14 @@ def token_parity(model, torch_model, *, preset, k, cfg, schedule, temp, batch=3)
     store[step] = (x_t, eps[:, :n])
     return x_t, iter(eps)
 
+  if unconditional:
+    labels = np.full((batch,), -1)
   ref = tr.sample_tokens(torch_model, batch, num_iter=k, cfg=cfg, cfg_schedule=schedule,
-                         labels=labels, temperature=temp, steps=list(sp.steps),
-                         clip=sp.max_timestep, orders=orders, noise_source=noise_source).numpy()
-  out = Sampler(model, matmul_precision='highest', enc_bucket=4).generate(
+                         labels=None if unconditional else labels, temperature=temp,
+                         steps=list(sp.steps), clip=sp.max_timestep, orders=orders,
+                         noise_source=noise_source).numpy()
+  budget = {} if modulation_budget is None else dict(modulation_budget=modulation_budget)
+  out = Sampler(model, matmul_precision='highest', enc_bucket=4, **budget).generate(
     labels, jax.random.key(0), steps=sp.steps, max_timestep=sp.max_timestep, cfg=cfg,
     cfg_schedule=schedule, temperature=temp, orders=orders, noise=lambda s, n: store[s])
   return max_rel_error(out, ref)

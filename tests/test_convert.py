@@ -21,6 +21,7 @@ import pytest
 from conftest import REPO
 from flax import nnx
 from helpers import (
+  PARITY_WEIGHT_SCALE,
   SMALL_VAE,
   TOKEN_PARITY_CASES,
   max_rel_error,
@@ -58,8 +59,8 @@ def files(tmp_path_factory):
 
   d = tmp_path_factory.mktemp('official')
   cfg = MARConfig.from_dict(TINY_MODEL)
-  ema = tr.randomize_(tr.TorchMAR(cfg).eval(), seed=4)
-  raw = tr.randomize_(tr.TorchMAR(cfg).eval(), seed=5)
+  ema = tr.randomize_(tr.TorchMAR(cfg).eval(), seed=4, scale=PARITY_WEIGHT_SCALE)
+  raw = tr.randomize_(tr.TorchMAR(cfg).eval(), seed=5, scale=PARITY_WEIGHT_SCALE)
   torch.save({'model': raw.state_dict(), 'model_ema': ema.state_dict(),
               'optimizer': {'state': {}, 'param_groups': [{'lr': 1e-4, 'params': [0, 1]}]},
               'epoch': 799, 'args': argparse.Namespace(model='mar_tiny', diffloss_d=2)},

@@ -47,6 +47,27 @@ def test_spaced_100_golden_betas_and_logvar():
   assert sched.num_steps == 100 and sched.timesteps[-1] == 999
 
 
+@pytest.mark.parametrize('steps,max_t', [(1000, None), (100, None), (25, 950)])
+def test_posterior_is_gaussian_conditioning(steps, max_t):
+  """posterior mean coefficients and variance of q(x_{t-1} | x_t, x_0) derived independently:
+  x_{t-1} = sqrt(abar') x0 + sqrt(1 - abar') e1, x_t = sqrt(alpha) x_{t-1} + sqrt(beta) e2, so
+  given x0, Cov(x_{t-1}, x_t) = sqrt(alpha) (1 - abar'), Var(x_t) = 1 - abar, and conditioning
+  gives coef2 = Cov / Var, coef1 = sqrt(abar') - coef2 sqrt(abar), var = (1 - abar') - Cov^2 / Var."""
+  tb = spaced_schedule(steps, max_t).tables
+  ac = tb.alphas_cumprod
+  ac_prev = np.append(1.0, ac[:-1])
+  alpha = ac / ac_prev
+  cov, var_t = np.sqrt(alpha) * (1 - ac_prev), 1 - ac
+  coef2 = cov / var_t
+  np.testing.assert_allclose(tb.posterior_mean_coef2, coef2, rtol=1e-10)
+  np.testing.assert_allclose(tb.posterior_mean_coef1, np.sqrt(ac_prev) - coef2 * np.sqrt(ac),
+                             rtol=1e-8, atol=1e-12)
+  np.testing.assert_allclose(tb.posterior_variance, (1 - ac_prev) - cov**2 / var_t,
+                             rtol=1e-8, atol=1e-15)
+  table = spaced_schedule(steps, max_t).sampling_tables()
+  np.testing.assert_allclose(table['coef2'], coef2[::-1].astype(np.float32), rtol=1e-6)
+
+
 def _golden(data_dir):
   """{'disa': {T: (actual, kept)}, 'mar': {...}} from the spec's timestep table."""
   out, section = {'disa': {}, 'mar': {}}, 'disa'

@@ -182,3 +182,28 @@ def test_parallel_compile_same_numbers(model):
   plan = s.plan(2, **kw)
   assert s.last_stats.compiles == {'init': 1, 'backbone': len(plan.backbone_buckets),
                                    'head': len(plan.head_buckets)}
+
+
+@pytest.mark.parametrize('solver', ['ddpm', 'ddim', 'dpmpp_2m'])
+def test_modulation_budget_every_solver(model, solver):
+  """The per-step adaLN path (budget 0) gives the precomputed path's numbers for every solver,
+  through `sample_head` and through the Sampler in both head_steps modes; the budget is part
+  of the head executables' cache key (changing it recompiles, never reuses)."""
+  from disa_jax.diffusion.ddpm import MODULATION_BUDGET_BYTES
+
+  z, key = _z(3, 2.0, seed=2), jax.random.key(5)
+  kw = dict(num_steps=5, cfg=2.0, max_timestep=950, solver=solver, eta=0.6, temperature=0.9)
+  a = disa_jax.sample_head(model, z, key, **kw)
+  b = disa_jax.sample_head(model, z, key, modulation_budget=0, **kw)
+  assert max_rel_error(b, a) < 1e-5 and float(jnp.abs(a).max()) > 0.1
+  labels, key = np.array([1, 2]), jax.random.key(6)
+  gen = dict(steps=DISA.steps, max_timestep=950, cfg=2.0)
+  ref = Sampler(model, enc_bucket=4, solver=solver, eta=0.6).generate(labels, key, **gen)
+  for head_steps in ('exact', 'traced'):
+    s = Sampler(model, enc_bucket=4, solver=solver, eta=0.6, head_steps=head_steps,
+                modulation_budget=0)
+    assert max_rel_error(s.generate(labels, key, **gen), ref) < 1e-5, head_steps
+    heads = s.last_stats.compiles['head']
+    s.modulation_budget = MODULATION_BUDGET_BYTES
+    s.generate(labels, key, **gen)
+    assert s.last_stats.compiles['head'] == heads > 0, head_steps

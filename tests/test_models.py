@@ -125,3 +125,17 @@ def test_config_validation():
     MARConfig(encoder_embed_dim=65, encoder_num_heads=4)
   with pytest.raises(ValueError, match='dtype'):
     MARConfig(dtype='float16')
+
+
+def test_class_vectors_label_zero_is_a_class():
+  """Class 0 is an ordinary ImageNet class (row 0 of class_emb); only negative labels select
+  the unconditional fake_latent (official: `labels=None` -> fake_latent)."""
+  model = tiny_model(seed=2)
+  table = np.asarray(model.class_emb.embedding[...])
+  fake = np.asarray(model.fake_latent[...])[0]
+  got = np.asarray(model.class_embedding(jnp.array([0, -1, 3, 0])))
+  np.testing.assert_array_equal(got[0], table[0])
+  np.testing.assert_array_equal(got[3], table[0])
+  np.testing.assert_array_equal(got[1], fake)
+  np.testing.assert_array_equal(got[2], table[3])
+  assert np.abs(table[0] - fake).max() > 1e-2

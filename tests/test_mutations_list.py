@@ -22,5 +22,5 @@ def test_every_system_brings_mutations():
 
   areas = {m.name.split('.')[0] for m in MUTATIONS}
   assert {'mar', 'ddpm', 'schedules', 'convert', 'metrics', 'train', 'flowar', 'dar',
-          'harmon'} <= areas, sorted(areas)
+          'harmon', 'xar'} <= areas, sorted(areas)
   assert all(m.tests and m.why for m in MUTATIONS)

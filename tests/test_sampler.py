@@ -5,10 +5,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import TOKEN_PARITY_CASES, max_rel_error, tiny_model, token_parity
+from helpers import (
+  PARITY_WEIGHT_SCALE,
+  TOKEN_PARITY_CASES,
+  max_rel_error,
+  tiny_model,
+  token_parity,
+)
 
 import disa_jax
+from disa_jax.diffusion.ddpm import MODULATION_BUDGET_BYTES
 from disa_jax.diffusion.gaussian import spaced_schedule
+from disa_jax.heads.mlp_adaln import SimpleMLPAdaLN
 from disa_jax.schedules import resolve_steps
 from disa_jax.systems.mar.sampling import Sampler
 
@@ -51,14 +59,21 @@ def _manual_head(net, z, key, num_steps, cfg, temperature, max_timestep):
   return x[:n]
 
 
+# Head paths: the default budget precomputes every step's adaLN modulations (tiny models
+# always fit); a budget of 0 forces the per-step path that MAR-B takes at batch 256.
+HEAD_PATHS = pytest.mark.parametrize('budget', [MODULATION_BUDGET_BYTES, 0],
+                                     ids=['precomputed', 'per_step'])
+
+
+@HEAD_PATHS
 @pytest.mark.parametrize('cfg,max_t', [(1.0, None), (3.0, 950), (2.0, None)])
-def test_sample_head_matches_official_algebra(model, cfg, max_t):
+def test_sample_head_matches_official_algebra(model, cfg, max_t, budget):
   rng = np.random.default_rng(0)
   n = 5
   z = jnp.asarray(rng.standard_normal((2 * n if cfg != 1.0 else n, 64)), jnp.float32)
   key = jax.random.key(7)
   got = disa_jax.sample_head(model, z, key, num_steps=6, temperature=0.8, cfg=cfg,
-                             max_timestep=max_t)
+                             max_timestep=max_t, modulation_budget=budget)
   want = _manual_head(model.diffloss.net, z, key, 6, cfg, 0.8, max_t)
   assert got.shape == (n, 16)
   assert max_rel_error(got, want) < 1e-5
@@ -151,18 +166,65 @@ def test_sharded_8_devices_equal_single(model):
   assert max_rel_error(multi, single) < 1e-5
 
 
-@pytest.mark.parametrize('preset,k,cfg,schedule,temp', TOKEN_PARITY_CASES)
-def test_token_parity_with_torch_reference(preset, k, cfg, schedule, temp):
-  """From an in-memory state dict (tests/test_convert.py repeats this through the converter)."""
+# Every parity case through the precomputed head path; the per-step path on the DiSA + CFG
+# case (the per-step path is also pinned by tests/test_official_golden.py for every case).
+PARITY_RUNS = [(*c, MODULATION_BUDGET_BYTES) for c in TOKEN_PARITY_CASES] + [
+  (*TOKEN_PARITY_CASES[0], 0)]
+
+
+@pytest.mark.parametrize('preset,k,cfg,schedule,temp,budget', PARITY_RUNS,
+                         ids=lambda v: 'per_step' if v == 0 else 'precomputed'
+                         if v == MODULATION_BUDGET_BYTES else None)
+def test_token_parity_with_torch_reference(preset, k, cfg, schedule, temp, budget):
+  """From an in-memory state dict (tests/test_convert.py repeats this through the converter).
+  Weights at PARITY_WEIGHT_SCALE (tests/test_parity_margins.py: approximations fail by > 10x)."""
   pytest.importorskip('torch')
   from disa_jax.convert.mapping import convert_state_dict
   from disa_jax.systems.mar.model import MAR
   from reference import mar as tr
 
   model_cfg = tiny_model().config
-  tm = tr.randomize_(tr.TorchMAR(model_cfg).eval(), seed=4)
+  tm = tr.randomize_(tr.TorchMAR(model_cfg).eval(), seed=4, scale=PARITY_WEIGHT_SCALE)
   sd = {n: p.detach().numpy() for n, p in tm.state_dict().items()}
   gd, abstract = nnx.split(nnx.eval_shape(lambda: MAR(model_cfg, rngs=nnx.Rngs(0))))
   model = nnx.merge(gd, convert_state_dict(sd, abstract))
-  rel = token_parity(model, tm, preset=preset, k=k, cfg=cfg, schedule=schedule, temp=temp)
+  rel = token_parity(model, tm, preset=preset, k=k, cfg=cfg, schedule=schedule, temp=temp,
+                     modulation_budget=budget)
+  assert rel < 1e-5, f'max relative error {rel:.2e}'
+
+
+@pytest.mark.parametrize('cfg', [1.0, 2.0])
+def test_budget_selects_head_path(model, monkeypatch, cfg):
+  """Budget 0 really traces the per-step trunk; the default never does; same tokens."""
+  calls = []
+  real = SimpleMLPAdaLN.trunk
+  monkeypatch.setattr(SimpleMLPAdaLN, 'trunk', lambda self, x, y: calls.append(1) or real(
+    self, x, y))
+  out = {}
+  for budget in (MODULATION_BUDGET_BYTES, 0):
+    calls.clear()
+    s = Sampler(model, enc_bucket=4, modulation_budget=budget)
+    out[budget] = s.generate(np.array([1, 2]), jax.random.key(3), steps=DISA.steps,
+                             max_timestep=950, cfg=cfg)
+    assert (len(calls) > 0) == (budget == 0), (budget, len(calls))
+  assert max_rel_error(out[0], out[MODULATION_BUDGET_BYTES]) < 1e-5
+  assert float(jnp.abs(out[0]).max()) > 0.1
+
+
+@pytest.mark.parametrize('cfg', [1.0, 2.5])
+def test_unconditional_token_parity_with_torch_reference(cfg):
+  """Label -1 against the official unconditional call (`labels=None`: fake_latent for every
+  image), values compared, not just shapes."""
+  pytest.importorskip('torch')
+  from disa_jax.convert.mapping import convert_state_dict
+  from disa_jax.systems.mar.model import MAR
+  from reference import mar as tr
+
+  model_cfg = tiny_model().config
+  tm = tr.randomize_(tr.TorchMAR(model_cfg).eval(), seed=5, scale=PARITY_WEIGHT_SCALE)
+  sd = {n: p.detach().numpy() for n, p in tm.state_dict().items()}
+  gd, abstract = nnx.split(nnx.eval_shape(lambda: MAR(model_cfg, rngs=nnx.Rngs(0))))
+  model = nnx.merge(gd, convert_state_dict(sd, abstract))
+  rel = token_parity(model, tm, preset='disa', k=6, cfg=cfg, schedule='linear', temp=1.0,
+                     unconditional=True)
   assert rel < 1e-5, f'max relative error {rel:.2e}'

@@ -95,3 +95,17 @@ def test_scheme_draws_are_independent_standard_normals():
     assert abs(np.corrcoef(a, b)[0, 1]) < 5 / np.sqrt(a.size)
   vectors = x.reshape(-1, channels)
   assert len({v.tobytes() for v in vectors}) == len(vectors)   # no stream is reused
+
+
+def test_default_image_ids_are_batch_positions(model):
+  """Without image_ids, image b of the batch uses stream b (ids 0..B-1, documented default),
+  so equal labels in one batch give different images, and image b equals a run that passes
+  id b explicitly."""
+  sampler = Sampler(model, enc_bucket=4)
+  labels, key = np.array([3, 3, 3]), jax.random.key(4)
+  kw = dict(steps=SPEC.steps, max_timestep=SPEC.max_timestep, cfg=1.0)
+  default = np.asarray(sampler.generate(labels, key, **kw))
+  explicit = np.asarray(sampler.generate(labels, key, image_ids=np.arange(3), **kw))
+  np.testing.assert_array_equal(default, explicit)
+  assert max_rel_error(default[0], default[1]) > 1e-2
+  assert max_rel_error(default[1], default[2]) > 1e-2

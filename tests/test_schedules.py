@@ -24,6 +24,17 @@ def test_k64_50_to_5_matches_official_table(data_dir, strategy, col):
   assert actual == [int(r[f'{col}_actual']) for r in table]
 
 
+@pytest.mark.parametrize('num_iter,want', [
+  (5, [50, 50, 5, 5, 5]),          # S = K - 1 = 4: upper while s < 2 (the middle step is late)
+  (3, [50, 5, 5]),
+  (4, [50, 50, 5, 5]),             # S = 3: s < 1.5
+  (1, [5]),                        # S = 0: no early stage
+])
+def test_two_stage_split_odd_and_even(num_iter, want):
+  """Official two-stage: upper steps while s < (K - 1) / 2, lower from there on (spec 4.3)."""
+  assert step_schedule('two-stage', num_iter, 50, 5) == want
+
+
 def test_constant_and_endpoints():
   assert step_schedule('constant', 10, 50, 5) == [5] * 10
   lin = step_schedule('linear', 64, 50, 5)

@@ -2,6 +2,7 @@
 
   python tools/mutation_test.py               # every mutation: apply, run its tests, revert
   python tools/mutation_test.py --check       # only check every mutation still applies (fast)
+  python tools/mutation_test.py --baseline    # the named tests pass on the unmutated code
   python tools/mutation_test.py --only=mar.head.cfg_mix,schedules.linear_round --json=out.json
 
 Each `Mutation` names a file, one exact snippet that must occur exactly once in it, the
@@ -84,6 +85,9 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--check', action='store_true', help='only check that every mutation applies')
   p.add_argument('--only', default='', help='comma-separated mutation names (or name prefixes)')
+  p.add_argument('--baseline', action='store_true',
+                 help='run every named test once on the unmutated code (must pass; a kill '
+                      'only counts when its tests pass without the bug)')
   p.add_argument('--timeout', type=float, default=900.0, help='seconds per mutation run')
   p.add_argument('--json', default='', help='write the results here')
   a = p.parse_args(argv)
@@ -105,6 +109,13 @@ def main(argv=None) -> int:
   if a.check:
     print(f'{len(muts)} mutations apply cleanly')
     return 0
+  if a.baseline:
+    tests = list(dict.fromkeys(t for m in muts for t in m.tests))
+    cmd = [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', '-m', '', '-W',
+           'ignore', *tests]
+    r = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    print(f'baseline over {len(tests)} test selections: {"pass" if r.returncode == 0 else "FAIL"}')
+    return r.returncode
   results = []
   for i, m in enumerate(muts):
     res = run_one(m, timeout=a.timeout, python=sys.executable)

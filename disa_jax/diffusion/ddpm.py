@@ -232,8 +232,10 @@ def _row_normal(keys, stream, channels):
   return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, stream), (channels,)))(keys)
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'num_steps', 'use_cfg'))
-def _sample_head_jit(state, z, key, tables, cfg, temperature, *, graphdef, num_steps, use_cfg):
+@functools.partial(jax.jit, static_argnames=('graphdef', 'num_steps', 'use_cfg',
+                                             'modulation_budget'))
+def _sample_head_jit(state, z, key, tables, cfg, temperature, *, graphdef, num_steps, use_cfg,
+                     modulation_budget):
   model = nnx.merge(graphdef, state)
   net = model.diffloss.net if hasattr(model, 'diffloss') else model
   channels = net.in_channels
@@ -246,18 +248,21 @@ def _sample_head_jit(state, z, key, tables, cfg, temperature, *, graphdef, num_s
   x = _row_normal(row_keys, 0, channels)
   noise_at = lambda i: _row_normal(row_keys, i + 1, channels)  # noqa: E731
   return p_sample_loop(net, zc, zu, x, tables, num_steps=num_steps, cfg=cfg,
-                       temperature=temperature, noise_at=noise_at)
+                       temperature=temperature, noise_at=noise_at,
+                       modulation_budget=modulation_budget)
 
 
 def sample_head(model, z, key, *, num_steps: int, temperature: float = 1.0, cfg: float = 1.0,
-                max_timestep: int | None = None, solver: str = 'ddpm', eta: float = 0.0):
+                max_timestep: int | None = None, solver: str = 'ddpm', eta: float = 0.0,
+                modulation_budget: int = MODULATION_BUDGET_BYTES):
   """Samples N tokens [N, C] from the diffusion head given conditions z.
 
   `model` is a MAR (or a bare `SimpleMLPAdaLN`); z is [N, Dd], or [2N, Dd] under CFG
   (cfg != 1.0: conditional rows first, unconditional second, as the official code).
   `num_steps` is the requested respacing; `max_timestep` the DiSA clamp (950) or None.
   `solver`: 'ddpm' (official ancestral sampler), 'ddim' (with `eta`) or 'dpmpp_2m'.
-  Row i uses noise derived from `jax.random.split(key, N)[i]`.
+  Row i uses noise derived from `jax.random.split(key, N)[i]`. `modulation_budget` (bytes)
+  bounds the precomputed adaLN modulations; 0 forces the per-step path (same numbers).
   """
   z = jnp.asarray(z)
   if z.ndim != 2:
@@ -269,4 +274,5 @@ def sample_head(model, z, key, *, num_steps: int, temperature: float = 1.0, cfg:
   graphdef, state = nnx.split(model)
   tables = device_tables(int(num_steps), max_timestep, solver, float(eta))
   return _sample_head_jit(state, z, key, tables, jnp.float32(cfg), jnp.float32(temperature),
-                          graphdef=graphdef, num_steps=sched.num_steps, use_cfg=use_cfg)
+                          graphdef=graphdef, num_steps=sched.num_steps, use_cfg=use_cfg,
+                          modulation_budget=int(modulation_budget))

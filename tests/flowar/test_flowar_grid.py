@@ -128,3 +128,12 @@ def test_resolve_scale_steps():
     resolve_scale_steps(steps=[5, 4, 3, 2, 1])
   with pytest.raises(UserError, match='preset'):
     resolve_scale_steps(preset='fast')
+
+
+def test_cfg_ramp_over_the_five_scales():
+  """Spec: cfg_s = 1 + (cfg - 1) s / 4 over FlowAR's 5 scales; scale 0 is never guided and the
+  last scale gets the full cfg."""
+  from disa_jax.systems.flowar.sampling import scale_cfg
+
+  assert [scale_cfg(3.0, s, 5) for s in range(5)] == pytest.approx([1.0, 1.5, 2.0, 2.5, 3.0])
+  assert [scale_cfg(4.6, s, 5) for s in (0, 4)] == pytest.approx([1.0, 4.6])

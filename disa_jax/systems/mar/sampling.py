@@ -34,7 +34,12 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from disa_jax import sharding as shd
-from disa_jax.diffusion.ddpm import check_solver, device_tables, p_sample_loop
+from disa_jax.diffusion.ddpm import (
+  MODULATION_BUDGET_BYTES,
+  check_solver,
+  device_tables,
+  p_sample_loop,
+)
 from disa_jax.systems.mar.plan import SamplingPlan, make_plan
 
 ORDER_STREAM, NOISE_STREAM = 0, 1
@@ -83,7 +88,7 @@ def _backbone(state, tokens, orders, class_vec, m_cur, n_pred, *, graphdef, visi
 
 
 def head_bucket(state, z, pred_pos, pred_valid, tokens, image_keys, tables, cfg, temperature, *,
-          graphdef, num_steps, n_pad, use_cfg):
+          graphdef, num_steps, n_pad, use_cfg, modulation_budget=MODULATION_BUDGET_BYTES):
   """Samples the predicted tokens of one AR step (the first n_pad of the backbone's query
   rows) and writes them into `tokens`."""
   z, pred_pos, pred_valid = z[..., :n_pad, :], pred_pos[:, :n_pad], pred_valid[:, :n_pad]
@@ -95,22 +100,25 @@ def head_bucket(state, z, pred_pos, pred_valid, tokens, image_keys, tables, cfg,
   draw = lambda stream: jax.vmap(  # noqa: E731
     lambda k: jax.random.normal(jax.random.fold_in(k, stream), (ch,)))(row_keys)
   return _denoise_and_write(graphdef, state, z, pred_pos, pred_valid, tokens, tables, cfg,
-                            temperature, draw(0), lambda i: draw(i + 1), num_steps, use_cfg)
+                            temperature, draw(0), lambda i: draw(i + 1), num_steps, use_cfg,
+                            modulation_budget)
 
 
 def head_bucket_explicit(state, z, pred_pos, pred_valid, tokens, x_init, eps, tables, cfg,
-                   temperature, *, graphdef, num_steps, n_pad, use_cfg):
+                   temperature, *, graphdef, num_steps, n_pad, use_cfg,
+                   modulation_budget=MODULATION_BUDGET_BYTES):
   """`head_bucket` with the initial noise x_init [B, n_pad, C] and step noise eps [A, B, n_pad, C]
   given (parity tests inject the reference implementation's noise)."""
   z, pred_pos, pred_valid = z[..., :n_pad, :], pred_pos[:, :n_pad], pred_valid[:, :n_pad]
   rows, ch = x_init.shape[0] * x_init.shape[1], x_init.shape[2]
   return _denoise_and_write(graphdef, state, z, pred_pos, pred_valid, tokens, tables, cfg,
                             temperature, x_init.reshape(rows, ch),
-                            lambda i: eps[i].reshape(rows, ch), num_steps, use_cfg)
+                            lambda i: eps[i].reshape(rows, ch), num_steps, use_cfg,
+                            modulation_budget)
 
 
 def _denoise_and_write(graphdef, state, z, pred_pos, pred_valid, tokens, tables, cfg,
-                       temperature, x_init, noise_at, num_steps, use_cfg):
+                       temperature, x_init, noise_at, num_steps, use_cfg, modulation_budget):
   net = nnx.merge(graphdef, state).diffloss.net
   b, n_pad = pred_pos.shape
   seq, ch = tokens.shape[1], tokens.shape[2]
@@ -120,7 +128,8 @@ def _denoise_and_write(graphdef, state, z, pred_pos, pred_valid, tokens, tables,
   else:
     zc, zu = z.reshape(rows, -1), None
   x0 = p_sample_loop(net, zc, zu, x_init, tables, num_steps=num_steps, cfg=cfg,
-                     temperature=temperature, noise_at=noise_at)
+                     temperature=temperature, noise_at=noise_at,
+                     modulation_budget=modulation_budget)
   idx = jnp.where(pred_valid, pred_pos, seq)
   new = x0.reshape(b, n_pad, ch).astype(tokens.dtype)
   return jax.vmap(lambda t, i, v: t.at[i].set(v, mode='drop'))(tokens, idx, new)
@@ -193,17 +202,21 @@ class Sampler:
     head_steps: 'exact' (one head executable per (steps, rows) bucket) or 'traced' (one per
       rows bucket, step count a traced loop bound over tables padded to the run's largest).
     compile_threads: compile a plan's buckets in this many threads (1: one after another).
+    modulation_budget: bytes of adaLN modulations the head may precompute per call
+      (`diffusion.ddpm.MODULATION_BUDGET_BYTES`; 0 forces the per-step path that large
+      batches take; a static argument of the head executables, so part of their cache key).
   """
 
   def __init__(self, model, *, mesh: Mesh | None = None, enc_bucket: int = 0,
                max_head_waste: float = 0.05, matmul_precision: str | None = None,
                solver: str = 'ddpm', eta: float = 0.0, head_steps: str = 'exact',
-               compile_threads: int = 1):
+               compile_threads: int = 1, modulation_budget: int = MODULATION_BUDGET_BYTES):
     check_solver(solver, eta)
     if head_steps not in ('exact', 'traced'):
       raise ValueError(f'head_steps must be exact or traced, got {head_steps!r}')
     self.solver, self.eta, self.head_steps = solver, float(eta), head_steps
     self.compile_threads = max(1, int(compile_threads))
+    self.modulation_budget = int(modulation_budget)
     self.config = model.config
     self.graphdef, state = nnx.split(model)
     self.mesh = mesh
@@ -345,7 +358,8 @@ class Sampler:
       tables = self._device_tables(s.requested_steps, plan.max_timestep, s.steps_pad,
                                    solver, eta)
       scal = (jnp.float32(1.0), jnp.float32(1.0))
-      static = dict(graphdef=gd, num_steps=a_static, n_pad=s.n_pad, use_cfg=plan.use_cfg)
+      static = dict(graphdef=gd, num_steps=a_static, n_pad=s.n_pad, use_cfg=plan.use_cfg,
+                    modulation_budget=self.modulation_budget)
       tok = self._batch(np.zeros((b, seq, ch), np.float32))
       if explicit_noise:
         x0 = self._batch(np.zeros((b, s.n_pad, ch), np.float32))
@@ -428,7 +442,8 @@ class Sampler:
         stats.backbone_s += t1 - t0
       tables = self._device_tables(s.requested_steps, max_timestep, s.steps_pad, solver, eta)
       scalars = (jnp.float32(s.cfg), jnp.float32(temperature))
-      static = dict(graphdef=gd, num_steps=s.head_key[0], n_pad=s.n_pad, use_cfg=plan.use_cfg)
+      static = dict(graphdef=gd, num_steps=s.head_key[0], n_pad=s.n_pad, use_cfg=plan.use_cfg,
+                    modulation_budget=self.modulation_budget)
       if noise is None:
         tokens = self._run('head', (st, z, pred_pos, pred_valid, tokens, image_keys,
                                           tables, *scalars), static)
