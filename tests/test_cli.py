@@ -46,14 +46,55 @@ def test_sample_happy_path(tmp_path):
   assert not any(p.name.endswith('.partial') for p in tmp_path.iterdir())
 
 
+def _random_checkpoint(path, **overrides):
+  """A tiny MAR with non-zero random weights everywhere (the official init zeroes the head's
+  output layers, which would make tokens independent of the network), saved as a model dir."""
+  from flax import nnx
+  from helpers import randomize
+
+  from disa_jax.checkpoint import save_model
+  from disa_jax.config import TINY_MODEL
+  from disa_jax.systems.mar.model import MAR, MARConfig
+
+  cfg = MARConfig.from_dict({**TINY_MODEL, **overrides})
+  return save_model(path, randomize(MAR(cfg, rngs=nnx.Rngs(0)), seed=3), kind='mar',
+                    model_config=cfg.to_dict())
+
+
+def _api_tokens(ckpt, m, labels, seed, batch_size):
+  """The Python API (`Sampler.generate`, one device) on the CLI run's settings (metrics.json),
+  batch by batch with the global image ids; the last batch padded with the last label."""
+  import jax
+
+  from disa_jax.checkpoint import load_mar
+  from disa_jax.systems.mar.sampling import Sampler
+
+  sampler, out, n = Sampler(load_mar(ckpt)), [], len(labels)
+  for lo in range(0, n, batch_size):
+    ids = np.arange(lo, lo + batch_size)
+    out.append(np.asarray(sampler.generate(
+      labels[np.minimum(ids, n - 1)], jax.random.key(seed), steps=m['steps_requested'],
+      max_timestep=m['max_timestep'], cfg=m['cfg'], cfg_schedule=m['cfg_schedule'],
+      temperature=m['temperature'], image_ids=ids)))
+  return np.concatenate(out)[:n]
+
+
 def test_sample_sharded_over_8_devices(tmp_path):
+  """8 fake devices: the tokens equal the Python API's on one device within float32 rounding
+  (1e-5 of the tokens' scale; the sharded matmuls block differently)."""
   out = tmp_path / 'out8'
+  ckpt = _random_checkpoint(tmp_path / 'ckpt')
   r = run_cli(TINY, '--num-images=10', '--batch-size=8', '--num-iter=4', '--preset=mar',
-              '--upper-steps=4', f'--out={out}', devices=8)
+              '--upper-steps=4', f'--checkpoint={ckpt}', '--config.sampling.seed=6',
+              f'--out={out}', devices=8)
   assert r.returncode == 0, r.stderr
   m = json.loads((out / 'metrics.json').read_text())
   assert m['data_parallel'] == 8 and m['num_images'] == 10 and m['max_timestep'] is None
-  assert np.load(out / 'tokens.npy').shape == (10, 16, 16)
+  tokens = np.load(out / 'tokens.npy')
+  assert tokens.shape == (10, 16, 16)
+  want = _api_tokens(ckpt, m, np.load(out / 'labels.npy'), 6, 8)
+  assert np.abs(tokens - want).max() <= 1e-5 * np.abs(want).max()
+  assert np.abs(want).max() > 0.5 and np.abs(tokens[0] - tokens[1]).max() > 1e-2
 
 
 @pytest.mark.parametrize('args,message', [
@@ -78,25 +119,25 @@ def test_sample_bad_input_one_line_error(tmp_path, args, message):
 
 
 def test_config_checkpoint_mismatch(tmp_path):
-  from flax import nnx
 
-  from disa_jax.checkpoint import save_model
-  from disa_jax.config import TINY_MODEL
-  from disa_jax.systems.mar.model import MAR, MARConfig
 
-  cfg = MARConfig.from_dict({**TINY_MODEL, 'encoder_depth': 3})
-  ckpt = save_model(tmp_path / 'ckpt', MAR(cfg, rngs=nnx.Rngs(0)), kind='mar',
-                    model_config=cfg.to_dict())
+  ckpt = _random_checkpoint(tmp_path / 'ckpt', encoder_depth=3)
   r = run_cli(TINY, f'--checkpoint={ckpt}', f'--out={tmp_path / "o"}')
   assert r.returncode == 2
   assert 'config and checkpoint disagree on the architecture (encoder_depth: config 2 vs ' \
          'checkpoint 3)' in r.stderr
   assert not (tmp_path / 'o').exists()
-  # The matching config loads it.
+  # The matching config loads it, and its tokens are exactly the Python API's for the seed.
+  ok = tmp_path / 'ok'
   r = run_cli(TINY, f'--checkpoint={ckpt}', '--config.model.encoder_depth=3', '--num-iter=2',
-              '--num-images=2', '--batch-size=2', f'--out={tmp_path / "ok"}')
+              '--num-images=3', '--batch-size=2', '--classes=0,4', '--config.sampling.seed=5',
+              f'--out={ok}')
   assert r.returncode == 0, r.stderr
   assert f'checkpoint {ckpt}' in r.stdout
+  m = json.loads((ok / 'metrics.json').read_text())
+  labels = np.load(ok / 'labels.npy')
+  assert list(labels) == [0, 4, 0]
+  np.testing.assert_array_equal(np.load(ok / 'tokens.npy'), _api_tokens(ckpt, m, labels, 5, 2))
 
 
 def test_existing_output_not_overwritten(tmp_path):

@@ -34,7 +34,52 @@ def test_demo_smoke_on_bundled_model(tmp_path):
   for run in (mar, clamp, disa):
     assert 0 <= run['accuracy'] <= 1 and run['fd'] >= 0 and run['sample_s'] > 0
     assert run['compile_s'] >= 0 and run['num_images'] == 10
-  assert (out / 'grid.png').exists()
+  _check_figures_from_written_output(out, m, r.stdout)
+
+
+def _check_figures_from_written_output(out, m, stdout):
+  """Every figure of metrics.json recomputed from the demo's own output: speedups and ms/image
+  from the timings, head token-steps from the step lists, accuracy / FD / confidence by
+  scoring the images cut back out of grid.png (lossless; one panel per run), and the printed
+  table from metrics.json."""
+  import numpy as np
+  import pytest
+  from PIL import Image
+
+  from disa_jax.engine.runner import class_labels
+  from disa_jax.eval.digits_quality import DigitsQuality
+  from disa_jax.systems.mar.plan import mask_schedule
+  from disa_jax.systems.mar.variants import DIGITS_MODEL as D
+
+  runs, n = m['runs'], m['num_images']
+  labels = class_labels(n, [], 10)
+  order = np.argsort(labels, kind='stable')
+  grid = np.asarray(Image.open(out / 'grid.png').convert('RGB'))
+  per_class = int(np.bincount(labels).max())
+  ncol = min(per_class, 10)
+  nrow = -(-n // ncol)
+  size = (grid.shape[1] - 8 * (len(runs) - 1)) // len(runs)      # panel width (2x upsampled)
+  cell = (size - 2) // ncol - 2
+  quality = DigitsQuality()
+  seq = mask_schedule(m['num_iter'], (D['img_size'] // D['vae_stride'] // D['patch_size']) ** 2)
+  panels = stdout.split('(panels: ')[1].split(')')[0].split(', ')   # grid order, left to right
+  assert sorted(panels) == sorted(runs)
+  for p, name in enumerate(panels):
+    run, x0 = runs[name], p * (size + 8)
+    imgs = np.stack([grid[2 + r * (cell + 2):2 + r * (cell + 2) + cell:2,
+                          x0 + 2 + c * (cell + 2):x0 + 2 + c * (cell + 2) + cell:2]
+                     for r in range(nrow) for c in range(ncol)][:n])
+    again = quality.evaluate(imgs, labels[order])
+    assert again['accuracy'] == run['accuracy'], name
+    assert again['fd'] == pytest.approx(run['fd'], rel=1e-4, abs=1e-6), name
+    assert again['confidence'] == pytest.approx(run['confidence'], rel=1e-5), name
+    assert run['speedup'] == pytest.approx(runs['MAR']['sample_s'] / run['sample_s'], rel=1e-9)
+    assert run['ms_per_image'] == pytest.approx(1000 * run['sample_s'] / n, rel=1e-9)
+    assert run['head_token_steps_per_image'] == sum(
+      step[2] * a for step, a in zip(seq, run['steps_actual'], strict=True)), name
+    row = next(line for line in stdout.splitlines() if line.split()[:1] == [name])
+    assert f'{run["speedup"]:.2f}x' in row and f'{run["accuracy"]:.3f}' in row, row
+    assert f'{run["fd"]:.2f}' in row, row
 
 
 def test_sample_without_config_uses_bundled_model(tmp_path):

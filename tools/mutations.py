@@ -12,8 +12,11 @@ from mutation_test import Mutation
 # Tight selections (one mutation runs in well under a minute on the 2-core CI machine): the
 # fastest tests that pin the behaviour down; `-x` stops at the first failure.
 _GOLD = 'tests/test_official_golden.py::test_head_matches_official_outputs'
-_HEAD = (f'{_GOLD}[cfg-precomputed]', f'{_GOLD}[plain-precomputed]')      # official outputs
-_HEAD_STEP = (f'{_GOLD}[cfg-per_step]', f'{_GOLD}[plain-per_step]')       # per-step adaLN path
+_ALG = 'tests/test_sampler.py::test_sample_head_matches_official_algebra'
+# Official outputs (golden file, weights at scale 0.1), then the loop against the official
+# algebra on the tiny model (its conditions differ more between the CFG halves).
+_HEAD = (f'{_GOLD}[cfg-precomputed]', f'{_GOLD}[plain-precomputed]', f'{_ALG}[3.0-950-precomputed]')
+_HEAD_STEP = (f'{_GOLD}[cfg-per_step]', f'{_GOLD}[plain-per_step]', f'{_ALG}[3.0-950-per_step]')
 _RAND = ('tests/test_sampler_randomness.py::test_internal_randomness_is_the_documented_scheme'
          '[1.0-1.0]',)
 _MARGIN = ('tests/test_parity_margins.py',)
