@@ -593,6 +593,58 @@ def test_cli_prints_environment_errors_as_one_line(monkeypatch, capsys):
                                      'some space or write elsewhere\n')
 
 
+def test_real_enospc_from_dev_full_is_one_line():
+  """A write that really fails with ENOSPC (the kernel's /dev/full), through the shared
+  message."""
+  with pytest.raises(OSError) as e, open('/dev/full', 'wb', buffering=0) as f:
+    f.write(b'x' * 4096)
+  assert e.value.errno == errno.ENOSPC
+  assert str(integrity.write_error(e.value)).endswith(
+    'no space left on the device; free some space or write elsewhere')
+
+
+@pytest.fixture
+def full_fs(tmp_path):
+  """A 1 MiB tmpfs filled up to its last ~8 KiB (needs the right to mount: root in CI)."""
+  import subprocess
+
+  mnt = tmp_path / 'full'
+  mnt.mkdir()
+  r = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', str(mnt)],
+                     capture_output=True, text=True)
+  if r.returncode != 0:
+    pytest.skip(f'cannot mount a size-limited tmpfs here ({r.stderr.strip()}); the ENOSPC '
+                'path is still covered by test_real_enospc_from_dev_full_is_one_line')
+  try:
+    with open(mnt / 'filler', 'wb') as f:
+      f.write(b'\0' * (1024 * 1024 - 8192))
+    yield mnt
+  finally:
+    subprocess.run(['umount', str(mnt)], check=False)
+
+
+def test_real_full_disk_model_write_and_json_are_one_line_and_leave_nothing(full_fs,
+                                                                           monkeypatch, capsys):
+  """On a really full file system, writing a model directory (orbax / tensorstore underneath)
+  and a JSON file end as one `error:` line through the commands' error path, and leave no
+  temporary or partial file behind."""
+  from disa_jax.cli import common
+  from disa_jax.io.output import write_json
+
+  model = tiny_model(seed=0, **PIXELS)
+  monkeypatch.setattr(sys, 'argv', ['disa-convert'])
+  for body in (lambda argv: save_model(full_fs / 'model', model, kind='mar',
+                                       model_config=model.config.to_dict()),
+               lambda argv: write_json(full_fs / 'metrics.json', {'x': list(range(5000))})):
+    with pytest.raises(SystemExit) as e:
+      common.main(body)
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert err.startswith('error: cannot write') and err.count('\n') == 1, err
+    assert 'no space left on the device' in err and 'Traceback' not in err
+    assert sorted(p.name for p in full_fs.iterdir()) == ['filler'], 'partial output left'
+
+
 # ------------------------------------------------------------------------------------------
 # Accepted inputs and safe fallbacks
 def test_half_precision_and_float64_tensors_are_cast(base, tmp_path):
