@@ -85,7 +85,6 @@ def evaluate(config, out: str, *, metric_name: str = 'inception', inception: str
              show_progress=True) -> dict | None:
   """Runs (or continues) an evaluation; returns the metrics.json content, or None when it
   stopped early (`max_batches`)."""
-
   from disa_jax.engine import runner
   from disa_jax.eval import pipeline
   from disa_jax.io.output import ResumableDir
@@ -100,9 +99,8 @@ def evaluate(config, out: str, *, metric_name: str = 'inception', inception: str
                                          and not config.tokenizer.get('vae')):
     raise common.CliError('disa-eval needs images: pass --vae DIR (KL-16 models, converted with '
                           '`disa-convert vae`) or use a config with a pixel tokenizer')
-  rd = ResumableDir(out, overwrite=overwrite,
-                    inputs=[*cli_flags.input_paths(config), inception, ref_stats])
-  with rd:
+  with ResumableDir(out, overwrite=overwrite,
+                    inputs=[*cli_flags.input_paths(config), inception, ref_stats]) as rd:
     return _evaluate(config, rd, plan, labels, t_start, metric_name=metric_name,
                      inception=inception, ref_stats=ref_stats,
                      inception_batch_size=inception_batch_size,

@@ -347,16 +347,9 @@ def run_command(config, command: str, shared=None, *, name: str = ''):
   """The one dispatch of every command: checks that `config` is a config naming a known
   system, takes the system's own body of `command` or else `shared`, sets up the runtime
   (logging, distributed init, compilation cache) and runs `body(config)`."""
-  import ml_collections
-
   from disa_jax.cli import common
 
-  if config is None:
-    raise UserError('no config given; pass --config=configs/mar/base.py (or another file in '
-                    'configs/)')
-  if not isinstance(config, ml_collections.ConfigDict):
-    raise UserError(f'the config file\'s get_config() returned {type(config).__name__}, not an '
-                    'ml_collections.ConfigDict')
+  common.check_config_type(config)
   body = system_command(config, command) or shared
   if body is None:
     from disa_jax.systems.base import system_name
