@@ -190,3 +190,27 @@ def test_compute_fields_are_listed_once_and_used_everywhere():
   diff = integrity.config_diff(stored, {'model': {'dtype': 'bfloat16', 'attn_splits': 4}},
                                may_change=integrity.train_may_change())
   assert diff == ['model.dtype: was "float32", now "bfloat16"'], diff
+
+
+def test_one_command_seam_for_every_system():
+  """Each command finds a system's own body through `find_command` (the `commands` module,
+  by default `systems/<name>/commands.py`) or falls back to the shared body (None)."""
+  import dataclasses
+
+  from disa_jax.systems.base import COMMANDS, commands_module, find_command
+
+  names = ['mar', 'flowar', 'xar', 'harmon', 'dar']
+  for name in names:
+    system = get_system(name)
+    assert commands_module(system) == f'disa_jax.systems.{name}.commands'
+    assert callable(find_command(system, 'bench')), name
+    assert find_command(system, 'train') is None
+  assert find_command(get_system('mar'), 'sample') is None        # the shared body
+  assert find_command(get_system('mar'), 'eval') is None
+  assert callable(find_command(get_system('dar'), 'sample'))
+  assert callable(find_command(get_system('dar'), 'eval'))
+  bare = dataclasses.replace(get_system('mar'), name='nosuch')
+  assert commands_module(bare) is None and find_command(bare, 'bench') is None
+  with pytest.raises(ValueError, match='unknown command'):
+    find_command(get_system('mar'), 'nosuch')
+  assert set(COMMANDS) == {'sample', 'bench', 'eval', 'train'}
