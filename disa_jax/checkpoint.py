@@ -12,10 +12,8 @@ failed or interrupted write never leaves a half-written model directory behind.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
 from pathlib import Path
 
 import jax
@@ -35,26 +33,12 @@ class CheckpointError(UserError):
   """A model directory that cannot be used; the message says why and what to do."""
 
 
-@contextlib.contextmanager
 def atomic_directory(final: str | os.PathLike, *, overwrite: bool = False):
-  """Yields a temporary directory that becomes `final` only if the block succeeds."""
-  final = Path(final).expanduser().absolute()
-  if final.exists() and not overwrite:
-    raise CheckpointError(f'output {final} already exists; choose another path or remove it')
-  final.parent.mkdir(parents=True, exist_ok=True)
-  tmp = integrity.temporary_dir(final)     # also removes those of killed earlier writes
-  try:
-    yield tmp
-    if final.exists():
-      old = final.with_name(f'.{final.name}.old-{os.getpid()}')
-      final.rename(old)
-      tmp.rename(final)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      tmp.rename(final)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+  """Yields a temporary directory that becomes `final` only if the block succeeds
+  (`disa_jax.io.output.atomic_directory`, with CheckpointError for an existing `final`)."""
+  from disa_jax.io.output import atomic_directory as atomic
+
+  return atomic(final, overwrite=overwrite, error=CheckpointError)
 
 
 def _pure(state):

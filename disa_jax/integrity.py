@@ -74,32 +74,61 @@ def file_sha256(path) -> str:
   return h.hexdigest()
 
 
-def _covered_files(directory: Path) -> list[str]:
-  """Relative paths of the files a checksum covers: params/** and model_config.json."""
+MODEL_TREES = ('params', 'model_config.json')       # what a model directory's checksum covers
+CHECKPOINT_TREES = ('state', 'data')                # a training checkpoint (orbax items)
+
+
+def _covered_files(directory: Path, trees=MODEL_TREES) -> list[str]:
+  """Relative paths of the files a checksum covers: the files and directory trees `trees`."""
   out = []
-  if (directory / 'model_config.json').is_file():
-    out.append('model_config.json')
-  params = directory / 'params'
-  if params.is_dir():
-    for root, _, names in os.walk(params):
-      for name in names:
-        out.append(os.path.relpath(os.path.join(root, name), directory))
+  for tree in trees:
+    top = directory / tree
+    if top.is_file():
+      out.append(tree)
+    elif top.is_dir():
+      for root, _, names in os.walk(top):
+        for name in names:
+          out.append(os.path.relpath(os.path.join(root, name), directory))
   return sorted(out)
 
 
-def compute_checksums(directory) -> dict[str, str]:
-  """{relative path: sha256} of the covered files of a model directory."""
+def compute_checksums(directory, trees=MODEL_TREES) -> dict[str, str]:
+  """{relative path: sha256} of the covered files of a model directory (or of `trees`)."""
   directory = Path(directory)
-  return {rel: file_sha256(directory / rel) for rel in _covered_files(directory)}
+  return {rel: file_sha256(directory / rel) for rel in _covered_files(directory, trees)}
 
 
-def write_checksums(directory) -> dict[str, str]:
+def write_checksums(directory, trees=MODEL_TREES) -> dict[str, str]:
   """Writes `checksums.json` into `directory` (call it last, before the atomic rename)."""
+  from disa_jax.io.output import write_json
+
   directory = Path(directory)
-  files = compute_checksums(directory)
-  body = {'format': CHECKSUM_FORMAT, 'algorithm': 'sha256', 'files': files}
-  (directory / CHECKSUM_FILE).write_text(json.dumps(body, indent=2, sort_keys=True) + '\n')
+  files = compute_checksums(directory, trees)
+  write_json(directory / CHECKSUM_FILE,
+             {'format': CHECKSUM_FORMAT, 'algorithm': 'sha256', 'files': files})
   return files
+
+
+def seal_checkpoint(step_dir) -> bool:
+  """Writes `checksums.json` of a finished training checkpoint `checkpoints/<step>/` (its
+  orbax items `state/` and `data/`) unless it has one; True when written."""
+  step_dir = Path(step_dir)
+  if not step_dir.is_dir() or (step_dir / CHECKSUM_FILE).exists():
+    return False
+  write_checksums(step_dir, CHECKPOINT_TREES)
+  return True
+
+
+def verify_checkpoint(step_dir) -> bool:
+  """Checks a training checkpoint against its `checksums.json` (CorruptModelError naming the
+  file); False for a checkpoint without one (written by an older version, or killed between
+  orbax's save and the seal): then only the restored values are checked to be finite."""
+  step_dir = Path(step_dir)
+  if not (step_dir / CHECKSUM_FILE).exists():
+    return False
+  _verify_listing(step_dir, what='training checkpoint',
+                  fix='the run resumes from the previous checkpoint')
+  return True
 
 
 _warned_unverified: set[str] = set()
@@ -118,15 +147,19 @@ def verify_checksums(directory) -> dict[str, str] | None:
            'not verified, only its values checked to be finite; re-save it (disa-convert / '
            'disa-train --export) to add checksums')
     return None
-  body = read_json(listing, what='checksum list')
+  return _verify_listing(directory, what='model directory',
+                         fix='re-create it (disa-convert / disa-train --export)')
+
+
+def _verify_listing(directory: Path, *, what: str, fix: str) -> dict[str, str]:
+  body = read_json(directory / CHECKSUM_FILE, what='checksum list')
   files = body.get('files') if isinstance(body, dict) else None
-  if body.get('format') != CHECKSUM_FORMAT or not isinstance(files, dict):
-    raise CorruptModelError(f'model directory {directory} has an invalid {CHECKSUM_FILE}; '
-                            're-create the directory (disa-convert / disa-train --export)')
+  if (not isinstance(body, dict) or body.get('format') != CHECKSUM_FORMAT
+      or not isinstance(files, dict)):
+    raise CorruptModelError(f'{what} {directory} has an invalid {CHECKSUM_FILE}; {fix}')
   for rel in sorted(files):
     if not (directory / rel).is_file():
-      raise CorruptModelError(f'model directory {directory} is incomplete: {rel} is missing; '
-                              're-create it (disa-convert / disa-train --export)')
+      raise CorruptModelError(f'{what} {directory} is incomplete: {rel} is missing; {fix}')
   # a directory verified earlier in this process, unchanged since (same sizes and mtimes), is
   # not hashed again (loading then fingerprinting a 4 GB model reads it once)
   signature = (str(directory.absolute()), json.dumps(files, sort_keys=True),
@@ -134,11 +167,10 @@ def verify_checksums(directory) -> dict[str, str] | None:
   if signature in _verified:
     return files
   for rel, want in sorted(files.items()):
-    path = directory / rel
-    if file_sha256(path) != want:
+    if file_sha256(directory / rel) != want:
       raise CorruptModelError(
-        f'model directory {directory} is corrupt: {rel} does not match its checksum (truncated '
-        'or altered); re-create it (disa-convert / disa-train --export) or copy it again')
+        f'{what} {directory} is corrupt: {rel} does not match its checksum (truncated or '
+        f'altered); {fix}' + (' or copy it again' if what == 'model directory' else ''))
   _verified.add(signature)
   return files
 
@@ -304,9 +336,10 @@ def purge_event_files(directory, after_step: int) -> int:
         kept.append(data[i:end])
       i = end
     if changed:
-      tmp = path.with_name(f'.{path.name}.tmp')
-      tmp.write_bytes(b''.join(kept))
-      os.replace(tmp, path)
+      from disa_jax.io.output import atomic_file
+
+      with atomic_file(path) as tmp:
+        Path(tmp).write_bytes(b''.join(kept))
   return dropped
 
 

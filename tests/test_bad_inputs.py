@@ -17,13 +17,14 @@ import os
 import pickle
 import shutil
 import sys
+import types
 from collections.abc import Callable
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-from conftest import CACHE
+from conftest import CACHE, REPO
 from helpers import tiny_model
 
 from disa_jax import integrity, validation
@@ -32,6 +33,7 @@ from disa_jax.cli.common import CliError
 from disa_jax.config import digits_config, mar_config
 from disa_jax.convert.cli import main as convert_main
 from disa_jax.convert.mapping import ConversionError, flax_state_to_torch
+from disa_jax.engine.runner import make_sampler as real_make_sampler
 from disa_jax.errors import UserError
 from disa_jax.eval.metrics import ReferenceError as ReferenceStatsError
 from disa_jax.train.loop import TrainingError
@@ -150,10 +152,10 @@ def _sample_config(ctx, checkpoint, **sampling):
 
 
 def _evidence_out_file(ctx):
-  from disa_jax.cli.evidence import Writer
+  from disa_jax.io.output import FileSet
 
   (ctx.tmp / 'afile').write_text('mine')
-  text = user_error(lambda: Writer(str(ctx.tmp / 'afile'), True).check(['variance']))
+  text = user_error(lambda: FileSet(str(ctx.tmp / 'afile'), True).check(['variance']))
   assert (ctx.tmp / 'afile').read_text() == 'mine'
   return text
 
@@ -231,13 +233,17 @@ def _nan_batch(ctx, monkeypatch):
 
 
 def _bad_run_json(ctx):
-  from disa_jax.cli.eval import _prepare_workdir
+  from disa_jax.io.output import ResumableDir
 
   partial = ctx.tmp / 'eval.partial'
   (partial / 'shards').mkdir(parents=True)
   (partial / 'shards' / 'b0000000.p000.npz').write_bytes(b'kept')
   (partial / 'run.json').write_text('{"format": "disa_jax.eval", "ver')
-  text = user_error(lambda: _prepare_workdir(str(ctx.tmp / 'eval'), str(partial), {}, False))
+  def prepare():
+    with ResumableDir(str(ctx.tmp / 'eval')) as rd:
+      rd.prepare({})
+
+  text = user_error(prepare)
   assert (partial / 'shards' / 'b0000000.p000.npz').exists()       # the work is kept
   return text
 
@@ -263,8 +269,33 @@ def _nan_sampler(ctx):
   return runner.make_sampler(_nan_model(), config, runner.make_mesh(config)), config
 
 
+class NaNSampler:
+  """A real MAR sampler's plan and bookkeeping, whose `generate` returns NaN tokens of the real
+  shape without compiling anything: the commands' own non-finite checks are what is tested
+  (the real NaN path through a compiled sampler is `test_nan_batch_is_an_error_...` and the
+  `nan-evidence` row)."""
+
+  def __init__(self, real):
+    self.real, self.mesh, self.compile_log = real, real.mesh, {}
+    self.last_stats = types.SimpleNamespace(wall_s=0.0)
+
+  def plan(self, *args, **kwargs):
+    return self.real.plan(*args, **kwargs)
+
+  def compile(self, plan):
+    return 0.0
+
+  def generate(self, labels, key, **kwargs):
+    cfg = self.real.config
+    return np.full((len(labels), cfg.seq_len, cfg.token_embed_dim), np.nan, np.float32)
+
+
+def _fast_nan_sampler(model, config, mesh):
+  return NaNSampler(real_make_sampler(model, config, mesh))   # (runner's is patched in _demo)
+
+
 def _nan_bench(ctx):
-  """disa-bench's library (`benchmark.run_benchmark`) on a model that samples NaN."""
+  """disa-bench's library (`benchmark.run_benchmark`) on a sampler that returns NaN."""
   from disa_jax import benchmark
   from disa_jax.engine import runner
 
@@ -272,7 +303,7 @@ def _nan_bench(ctx):
   mesh = runner.make_mesh(config)
   return user_error(lambda: benchmark.run_benchmark(
     _nan_model(), 'nan', [benchmark.RunSpec.parse('m=mar:4:3')],
-    sampler_factory=lambda m: runner.make_sampler(m, config, mesh), batch_size=2, cfg=2.0,
+    sampler_factory=lambda m: _fast_nan_sampler(m, config, mesh), batch_size=2, cfg=2.0,
     cfg_schedule='linear', temperature=1.0, log=lambda m: None))
 
 
@@ -289,15 +320,17 @@ def _nan_evidence(ctx):
 
 def _nan_curves(ctx):
   """disa-evidence curves (`curves.speed_quality`): its warm-up batch is already NaN."""
+  from disa_jax.engine import runner
   from disa_jax.eval import curves
 
-  sampler, config = _nan_sampler(ctx)
+  config = _sample_config(ctx, '', cfg=2.0)
+  sampler = _fast_nan_sampler(_nan_model(), config, runner.make_mesh(config))
   return user_error(lambda: curves.speed_quality(
     sampler, None, np.arange(2, dtype=np.int32), runs=[curves.RunSpec.parse('m=mar:4:3')],
     sampling=config.sampling, key=jax.random.key(0), batch_size=2, metric=None))
 
 
-def _demo(ctx, model, batch_size, num_devices=0):
+def _demo(ctx, model, batch_size, num_devices=0, sampler_factory=None):
   """disa-demo (`demo.demo`, on `num_devices` of the 8 CPU devices; 0 = all) on `model` (in
   place of its model directory)."""
   from disa_jax import checkpoint
@@ -313,20 +346,54 @@ def _demo(ctx, model, batch_size, num_devices=0):
                        num_images=2, batch_size=batch_size, num_iter=4, mar_steps=3,
                        disa_upper=3, disa_lower=2)
   with pytest.MonkeyPatch.context() as mp:
+    if sampler_factory is not None:
+      from disa_jax.engine import runner
+
+      mp.setattr(runner, 'make_sampler', sampler_factory)
     mp.setattr(checkpoint, 'load_mar', lambda path, **kw: model)
     mp.setattr(variants, 'digits_config', small_digits_config)
     return user_error(lambda: demo.demo(args, print_fn=lambda *a: None))
 
 
 def _bench_batch(ctx):
-  """disa-bench --batch-size=2 on 8 devices (`cli.bench.benchmark`)."""
-  from disa_jax.cli import bench
+  """disa-bench --batch-size=2 on 8 devices (`systems/mar/bench.benchmark`)."""
   from disa_jax.schedules import RunSpec
+  from disa_jax.systems.mar import bench
 
   config = _sample_config(ctx, '')
   config.runtime.num_devices = 0
   return user_error(lambda: bench.benchmark(config, [RunSpec.parse('m=mar:4:3')], batch_size=2,
                                             log=lambda m: None))
+
+
+
+TINY = f'{REPO}/configs/mar/base.py:tiny'
+
+
+def _cli_env():
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=1'
+  env['PYTHONPATH'] = str(REPO) + os.pathsep + env.get('PYTHONPATH', '')
+  return env
+
+
+def cli_row(command: str, args: list, expect: str) -> Row:
+  """A row that runs `python -m disa_jax.cli.<command> ARGS --out=TMP/out` (disa-bench prints
+  only: no --out) and returns its stderr; the exit status must be 2."""
+  def run(ctx):
+    import subprocess
+
+    out_flag = [] if command == 'bench' else [f'--out={ctx.tmp / "out"}']
+    r = subprocess.run([sys.executable, '-m', f'disa_jax.cli.{command}', *args, *out_flag],
+                       capture_output=True, text=True, env=_cli_env(), cwd=ctx.tmp, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith('error: ') and 'Traceback' not in r.stderr, r.stderr
+    rest = r.stderr.splitlines()[1:]           # at most absl's hint to --help
+    assert all(line.startswith('Try --help') for line in rest), r.stderr
+    return r.stderr.splitlines()[0]
+
+  return Row(f'{command}:{" ".join(args)[-40:]}', f'disa-{command} {" ".join(args)}', run, expect,
+             ('out', 'out.partial'))
 
 
 ROWS = [
@@ -411,14 +478,14 @@ ROWS = [
   Row('run-json', 'disa-eval (resuming; run.json damaged)', _bad_run_json,
       'run.json is not valid JSON', ('eval',)),
   Row('nan-bench', 'disa-bench (a model that samples NaN)', _nan_bench,
-      'the sampled batch holds', (), slow=True),
+      'the sampled batch holds', ()),
   Row('nan-evidence', 'disa-evidence variance (a model that samples NaN)', _nan_evidence,
       'non-finite values (NaN/Inf)', (), slow=True),
-  Row('nan-curves', 'disa-evidence curves (a model that samples NaN)', _nan_curves,
-      'the sampled batch holds', (), slow=True),
-  Row('nan-demo', 'disa-demo (a model that samples NaN)',
-      lambda c: _demo(c, _nan_model(), 2, num_devices=1), 'the sampled batch holds',
-      ('out', 'out.partial'), slow=True),
+  Row('nan-curves', 'disa-evidence curves (a sampler that returns NaN)', _nan_curves,
+      'the sampled batch holds', ()),
+  Row('nan-demo', 'disa-demo (a sampler that returns NaN)',
+      lambda c: _demo(c, _nan_model(), 2, num_devices=1, sampler_factory=_fast_nan_sampler),
+      'the sampled batch holds', ('out', 'out.partial')),
   # Rule 6: a batch the devices do not divide, refused before any compile.
   Row('demo-batch-devices', 'disa-demo --batch-size=2 (8 devices)',
       lambda c: _demo(c, tiny_model(seed=3, **PIXELS), 2),
@@ -447,6 +514,34 @@ ROWS = [
       lambda c: str(integrity.write_error(PermissionError(errno.EACCES, 'Permission denied',
                                                           '/ro/out'))),
       'cannot write /ro/out: permission denied', ()),
+  # The commands themselves (flags, config files, overrides): one `error:` line, exit 2.
+  cli_row('sample', ['--cfg=nan'], 'error: flag --cfg=nan: --cfg must be a finite number in [0, 100]'),
+  cli_row('sample', ['--cfg=-2'], 'error: flag --cfg=-2.0: --cfg must be a finite number in [0, 100]'),
+  cli_row('sample', ['--temperature=inf'], 'error: flag --temperature=inf: --temperature must be'),
+  cli_row('sample', ['--temperature=nan'], 'error: flag --temperature=nan: --temperature must be'),
+  cli_row('sample', ['--max-timestep=0'], 'error: flag --max_timestep=0: --max_timestep must be an integer in [1, 999] or -1'),
+  cli_row('sample', ['--max-timestep=5000'], 'error: flag --max_timestep=5000: --max_timestep must'),
+  cli_row('sample', [f'--config={TINY}', '--config.sampling.cfg=nan'], 'error: --cfg must be a finite number in [0, 100]'),
+  cli_row('sample', [f'--config={TINY}', '--config.sampling.max_timestep=0'], 'error: --max_timestep must be an integer in [1, 999] or -1'),
+  cli_row('sample', [f'--config={TINY}', '--config.sampling.foo=1'], 'error: unknown config field in --config.sampling.foo=1'),
+  cli_row('sample', ['--config=/no/such/config.py'], 'error: config: [Errno 2] No such file'),
+  cli_row('sample', [f'--config={TINY}', '--config.system=nosuch'], "error: unknown system 'nosuch'"),
+  cli_row('eval', [f'--config={TINY}', '--temperature=0'], 'error: flag --temperature=0.0'),
+  cli_row('evidence', ['variance', f'--config={TINY}', '--cfg=inf'], 'error: flag --cfg=inf'),
+  cli_row('demo', ['--num-iter=0'], 'error: flag --num_iter=0'),
+  cli_row('demo', ['--cfg=nan'], 'error: flag --cfg=nan'),
+  cli_row('demo', ['--preset=disa'], 'error: --preset does not apply to disa-demo'),
+  cli_row('demo', ['--mar-steps=abc'], "error: --mar-steps must be one integer for disa-demo, got 'abc'"),
+  cli_row('demo', ['--disa-upper=0'], 'error: flag --disa_upper=0: --disa_upper must be an integer in'),
+  cli_row('bench', [f'--config={TINY}', '--runs=bad'], "error: bad run spec 'bad'"),
+  cli_row('bench', [f'--config={TINY}', '--seed=-1'], 'error: flag --seed=-1: --seed must be an integer'),
+  cli_row('evidence', ['curves', f'--config={TINY}', '--runs=bad'], "error: bad run spec 'bad'"),
+  cli_row('evidence', ['curves', f'--config={TINY}', '--mar-steps=x'], 'error: --mar_steps must be'),
+  cli_row('cache', ['--vae=/no/such/vae'], 'error: --source is required'),
+  cli_row('cache', ['--source=folder', '--vae=/no/such/vae'],
+          'error: VAE directory /no/such/vae does not exist'),
+  cli_row('cache', ['--source=folder', '--vae=.', '--batch-size=0'],
+          'error: flag --batch_size=0: --batch_size must be'),
 ]
 
 
@@ -496,6 +591,58 @@ def test_cli_prints_environment_errors_as_one_line(monkeypatch, capsys):
   assert e.value.code == 2
   assert capsys.readouterr().err == ('error: cannot write: no space left on the device; free '
                                      'some space or write elsewhere\n')
+
+
+def test_real_enospc_from_dev_full_is_one_line():
+  """A write that really fails with ENOSPC (the kernel's /dev/full), through the shared
+  message."""
+  with pytest.raises(OSError) as e, open('/dev/full', 'wb', buffering=0) as f:
+    f.write(b'x' * 4096)
+  assert e.value.errno == errno.ENOSPC
+  assert str(integrity.write_error(e.value)).endswith(
+    'no space left on the device; free some space or write elsewhere')
+
+
+@pytest.fixture
+def full_fs(tmp_path):
+  """A 1 MiB tmpfs filled up to its last ~8 KiB (needs the right to mount: root in CI)."""
+  import subprocess
+
+  mnt = tmp_path / 'full'
+  mnt.mkdir()
+  r = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', str(mnt)],
+                     capture_output=True, text=True)
+  if r.returncode != 0:
+    pytest.skip(f'cannot mount a size-limited tmpfs here ({r.stderr.strip()}); the ENOSPC '
+                'path is still covered by test_real_enospc_from_dev_full_is_one_line')
+  try:
+    with open(mnt / 'filler', 'wb') as f:
+      f.write(b'\0' * (1024 * 1024 - 8192))
+    yield mnt
+  finally:
+    subprocess.run(['umount', str(mnt)], check=False)
+
+
+def test_real_full_disk_model_write_and_json_are_one_line_and_leave_nothing(full_fs,
+                                                                           monkeypatch, capsys):
+  """On a really full file system, writing a model directory (orbax / tensorstore underneath)
+  and a JSON file end as one `error:` line through the commands' error path, and leave no
+  temporary or partial file behind."""
+  from disa_jax.cli import common
+  from disa_jax.io.output import write_json
+
+  model = tiny_model(seed=0, **PIXELS)
+  monkeypatch.setattr(sys, 'argv', ['disa-convert'])
+  for body in (lambda argv: save_model(full_fs / 'model', model, kind='mar',
+                                       model_config=model.config.to_dict()),
+               lambda argv: write_json(full_fs / 'metrics.json', {'x': list(range(5000))})):
+    with pytest.raises(SystemExit) as e:
+      common.main(body)
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert err.startswith('error: cannot write') and err.count('\n') == 1, err
+    assert 'no space left on the device' in err and 'Traceback' not in err
+    assert sorted(p.name for p in full_fs.iterdir()) == ['filler'], 'partial output left'
 
 
 # ------------------------------------------------------------------------------------------
@@ -687,3 +834,36 @@ def test_truncated_newest_checkpoint_falls_back_and_steps_stay_unique(trained, t
   assert sorted(steps) == [1, 2, 3, 4, 5]
   assert json.loads((work / 'config.json').read_text())['train']['num_steps'] == 5
   assert jax.device_count() >= 1
+
+
+def test_training_checkpoints_carry_checksums_and_a_flipped_byte_falls_back(trained, tmp_path,
+                                                                          capsys):
+  """Every finished checkpoint has checksums.json over its orbax items; one byte altered in
+  the newest (same size, so only the checksum can tell) is named, set aside, and the run
+  resumes from the previous one; `--export-only` on it is a one-line error."""
+  from disa_jax import integrity
+  from disa_jax.train import loop
+
+  run, config = trained
+  for step in ('2', '4'):
+    listing = json.loads((run / 'checkpoints' / step / 'checksums.json').read_text())
+    assert any(k.startswith('state/') for k in listing['files'])
+    assert integrity.verify_checkpoint(run / 'checkpoints' / step)
+  work = tmp_path / 'run'
+  shutil.copytree(run, work)
+  newest = work / 'checkpoints' / '4'
+  big = max((p for p in (newest / 'state').rglob('*') if p.is_file()),
+            key=lambda p: p.stat().st_size)
+  data = bytearray(big.read_bytes())
+  data[len(data) // 2] ^= 0x55
+  big.write_bytes(bytes(data))
+  text = user_error(lambda: loop.restore_state(work, config, step=4))
+  assert 'training checkpoint' in text and 'does not match its checksum' in text
+  c = config.copy_and_resolve_references()
+  c.train.num_steps = 5
+  lines = []
+  res = loop.train(c, work, print_fn=lines.append)
+  err = capsys.readouterr().err
+  assert 'checkpoint 4 in' in err and 'CorruptModelError' in err
+  assert any('at step 2' in ln for ln in lines) and res.step == 5
+  assert (work / 'checkpoints' / '5' / 'checksums.json').exists()

@@ -1,7 +1,7 @@
 """The system seam (systems found by name), the shared flag rules and the output directory rules.
 
-Bad input is answered by one `error:` line and exit status 2 with nothing written (issue 11,
-rules 1, 4 and 6 on the command-line side); one row per case.
+The bad-input rows of the commands themselves (one `error:` line, exit status 2, nothing
+written) are rows of the one table in tests/test_bad_inputs.py (`cli_row`).
 """
 
 import os
@@ -129,49 +129,6 @@ def _env():
   return env
 
 
-BAD_INPUT = [
-  # (command, args, expected start of the one error line)
-  ('sample', ['--cfg=nan'], 'error: flag --cfg=nan: --cfg must be a finite number in [0, 100]'),
-  ('sample', ['--cfg=-2'], 'error: flag --cfg=-2.0: --cfg must be a finite number in [0, 100]'),
-  ('sample', ['--temperature=inf'], 'error: flag --temperature=inf: --temperature must be'),
-  ('sample', ['--temperature=nan'], 'error: flag --temperature=nan: --temperature must be'),
-  ('sample', ['--max-timestep=0'], 'error: flag --max_timestep=0: --max_timestep must be an integer in [1, 999] or -1'),
-  ('sample', ['--max-timestep=5000'], 'error: flag --max_timestep=5000: --max_timestep must'),
-  ('sample', [f'--config={TINY}', '--config.sampling.cfg=nan'],
-   'error: --cfg must be a finite number in [0, 100]'),
-  ('sample', [f'--config={TINY}', '--config.sampling.max_timestep=0'],
-   'error: --max_timestep must be an integer in [1, 999] or -1'),
-  ('sample', [f'--config={TINY}', '--config.sampling.foo=1'],
-   'error: unknown config field in --config.sampling.foo=1'),
-  ('sample', ['--config=/no/such/config.py'], 'error: config: [Errno 2] No such file'),
-  ('sample', [f'--config={TINY}', '--config.system=nosuch'], "error: unknown system 'nosuch'"),
-  ('eval', [f'--config={TINY}', '--temperature=0'], 'error: flag --temperature=0.0'),
-  ('evidence', ['variance', f'--config={TINY}', '--cfg=inf'], 'error: flag --cfg=inf'),
-  ('demo', ['--num-iter=0'], 'error: flag --num_iter=0'),
-  ('demo', ['--cfg=nan'], 'error: flag --cfg=nan'),
-  ('demo', ['--preset=disa'], 'error: --preset does not apply to disa-demo'),
-  ('demo', ['--mar-steps=abc'], "error: --mar-steps must be one integer for disa-demo, got 'abc'"),
-  ('demo', ['--disa-upper=0'], 'error: flag --disa_upper=0: --disa_upper must be an integer in'),
-  ('bench', [f'--config={TINY}', '--runs=bad'], "error: bad run spec 'bad'"),
-  ('bench', [f'--config={TINY}', '--seed=-1'], 'error: flag --seed=-1: --seed must be an integer'),
-  ('evidence', ['curves', f'--config={TINY}', '--runs=bad'], "error: bad run spec 'bad'"),
-  ('evidence', ['curves', f'--config={TINY}', '--mar-steps=x'], 'error: --mar_steps must be'),
-]
-
-
-@pytest.mark.parametrize('command,args,expected', BAD_INPUT,
-                         ids=[f'{c}:{" ".join(a)[-40:]}' for c, a, _ in BAD_INPUT])
-def test_bad_input_is_one_line_and_writes_nothing(tmp_path, command, args, expected):
-  out = tmp_path / 'out'
-  out_flag = [] if command == 'bench' else [f'--out={out}']     # disa-bench prints only
-  r = subprocess.run([sys.executable, '-m', f'disa_jax.cli.{command}', *args, *out_flag],
-                     capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=300)
-  assert r.returncode == 2, r.stderr
-  assert r.stderr.startswith(expected), r.stderr
-  assert 'Traceback' not in r.stderr
-  assert not out.exists() and not (tmp_path / 'out.partial').exists()
-
-
 @pytest.mark.parametrize('command', ['sample', 'eval', 'bench', 'evidence', 'train', 'demo'])
 def test_help_lists_the_commands_own_flags(command):
   r = subprocess.run([sys.executable, '-m', f'disa_jax.cli.{command}', '--help'],
@@ -233,3 +190,27 @@ def test_compute_fields_are_listed_once_and_used_everywhere():
   diff = integrity.config_diff(stored, {'model': {'dtype': 'bfloat16', 'attn_splits': 4}},
                                may_change=integrity.train_may_change())
   assert diff == ['model.dtype: was "float32", now "bfloat16"'], diff
+
+
+def test_one_command_seam_for_every_system():
+  """Each command finds a system's own body through `find_command` (the `commands` module,
+  by default `systems/<name>/commands.py`) or falls back to the shared body (None)."""
+  import dataclasses
+
+  from disa_jax.systems.base import COMMANDS, commands_module, find_command
+
+  names = ['mar', 'flowar', 'xar', 'harmon', 'dar']
+  for name in names:
+    system = get_system(name)
+    assert commands_module(system) == f'disa_jax.systems.{name}.commands'
+    assert callable(find_command(system, 'bench')), name
+    assert find_command(system, 'train') is None
+  assert find_command(get_system('mar'), 'sample') is None        # the shared body
+  assert find_command(get_system('mar'), 'eval') is None
+  assert callable(find_command(get_system('dar'), 'sample'))
+  assert callable(find_command(get_system('dar'), 'eval'))
+  bare = dataclasses.replace(get_system('mar'), name='nosuch')
+  assert commands_module(bare) is None and find_command(bare, 'bench') is None
+  with pytest.raises(ValueError, match='unknown command'):
+    find_command(get_system('mar'), 'nosuch')
+  assert set(COMMANDS) == {'sample', 'bench', 'eval', 'train'}

@@ -9,50 +9,20 @@ CPU-sized stand-in with random weights (same 256-token layout, tiny widths):
   disa-sample --config=configs/mar/huge.py:cpu --out=outputs/mar_huge_cpu
 Unit-test size (16 tokens): --config=configs/mar/huge.py:tiny
 
+Built by `disa_jax.systems.mar.variants.imagenet_config` (shared by base / large / huge).
 Sections: model (architecture; `dtype` / `attn_splits` are runtime knobs of the compute, not
 of the weights), tokenizer (tokens -> images), sampling (AR stages, DiSA steps, CFG, images),
 runtime (buckets, precision, caches, devices), train + data (`disa-train`).
 """
 
-from disa_jax.config import (
-  base_config,
-  data_config,
-  model_config,
-  parse_arg,
-  runtime_config,
-  sampling_config,
-  tokenizer_config,
-  train_config,
-)
-from disa_jax.systems.mar.variants import CPU_MODEL, MAR_VARIANTS, TINY_MODEL
+from disa_jax.config import parse_arg
+from disa_jax.systems.mar.variants import PAPER_BATCH, PAPER_DISA_CFG, imagenet_config
 
 VARIANT = 'mar_huge'
-PAPER_DISA_CFG = 3.3      # linear CFG scale of the DiSA paper for this variant
-PAPER_BATCH = 128        # per-device evaluation batch of the paper
+PAPER_DISA_CFG = PAPER_DISA_CFG[VARIANT]   # linear CFG scale of the DiSA paper for this variant
+PAPER_BATCH = PAPER_BATCH[VARIANT]         # per-device evaluation batch of the paper
 
 
 def get_config(arg=None):
   a = parse_arg(arg, cpu=False, tiny=False)
-  small = a.cpu or a.tiny
-  c = base_config('mar', VARIANT + ('-tiny' if a.tiny else '-cpu' if a.cpu else ''))
-  model = dict(MAR_VARIANTS[VARIANT])
-  if a.tiny:
-    model.update(TINY_MODEL)
-  elif a.cpu:
-    model.update(CPU_MODEL)
-  c.model = model_config(**model)
-  c.checkpoint = ''              # directory written by `disa-convert mar` or `disa-train`
-  c.tokenizer = tokenizer_config(kind='none' if small else 'kl16')
-  c.sampling = sampling_config(cfg=PAPER_DISA_CFG)
-  if small:
-    c.sampling.update(num_images=4, batch_size=4)
-  if a.tiny:
-    c.sampling.update(num_iter=8, upper_steps=10, lower_steps=3, cfg=2.0)
-  c.runtime = runtime_config()
-  c.data = data_config()
-  c.train = train_config()
-  if small:
-    c.train.update(batch_size=8, num_steps=100, warmup_steps=10, log_every=10,
-                   checkpoint_every=50)
-  c.lock()
-  return c
+  return imagenet_config(VARIANT, cpu=a.cpu, tiny=a.tiny)

@@ -13,65 +13,70 @@ Multi-host: run the same command on every host; each encodes its own slice.
 
 from __future__ import annotations
 
-import argparse
-import sys
+from absl import flags
 
 from disa_jax.cli import common
+from disa_jax.cli import flags as cli_flags
+
+cli_flags.define_out()          # --out (required here), --overwrite
+cli_flags.define_model()        # --vae (required here)
+cli_flags.define_batch()        # --batch_size (default 64 here)
+flags.DEFINE_enum('source', None, ['tfds', 'folder'], 'Where the images come from (required).')
+flags.DEFINE_string('splits', 'train', 'Comma-separated splits (tfds: train, validation; '
+                    'folder: sub-directories).')
+flags.DEFINE_string('data_dir', None, 'TFDS data_dir.')
+flags.DEFINE_string('manual_dir', None, 'Directory with ILSVRC2012_img_{train,val}.tar (TFDS).')
+flags.DEFINE_string('folder', None, 'ImageFolder root (folder source).')
+flags.DEFINE_integer('records_per_shard', 10000, 'Records per ArrayRecord shard.')
+
+FLAGS = flags.FLAGS
+DEFAULT_BATCH_SIZE = 64
 
 
-def parse_args(argv):
-  p = argparse.ArgumentParser(prog='disa-cache', description=__doc__.split('\n\n')[0])
-  p.add_argument('--source', choices=['tfds', 'folder'], required=True)
-  p.add_argument('--out', required=True, help='cache directory to write')
-  p.add_argument('--vae', required=True, help='KL-16 VAE model directory (disa-convert vae)')
-  p.add_argument('--splits', default='train', help='comma-separated splits (tfds: train, '
-                 'validation; folder: sub-directories)')
-  p.add_argument('--data-dir', '--data_dir', default=None, help='TFDS data_dir')
-  p.add_argument('--manual-dir', '--manual_dir', default=None,
-                 help='directory with ILSVRC2012_img_{train,val}.tar (TFDS)')
-  p.add_argument('--folder', default=None, help='ImageFolder root (folder source)')
-  p.add_argument('--batch-size', '--batch_size', type=int, default=64)
-  p.add_argument('--records-per-shard', '--records_per_shard', type=int, default=10000)
-  p.add_argument('--overwrite', action='store_true')
-  return p.parse_args(argv)
-
-
-def main(args) -> None:
+def _run(argv):
   import os
 
   from disa_jax import sharding
   from disa_jax.data import cache, imagenet
+  from disa_jax.data.records import CacheError
 
-  sharding.maybe_initialize_distributed()
-  splits = [s for s in args.splits.split(',') if s]
-  if args.source == 'folder':
-    if not args.folder:
-      raise common.CliError('--source=folder needs --folder=ROOT (ROOT/<split>/<wnid>/*.JPEG)')
-    sources = {s: imagenet.FolderSource(os.path.join(args.folder, s)) for s in splits}
-  else:
-    sources = {s: imagenet.tfds_source(s, data_dir=args.data_dir, manual_dir=args.manual_dir)
-               for s in splits}
-  if not os.path.exists(args.vae):
-    raise common.CliError(f'VAE directory {args.vae} does not exist; convert kl16.ckpt first '
+  del argv
+  for name in ('source', 'out', 'vae'):
+    if not getattr(FLAGS, name):
+      raise common.CliError(f'--{name} is required (see disa-cache --help)')
+  if FLAGS.checkpoint:
+    raise common.CliError('--checkpoint does not apply to disa-cache; pass --vae=DIR')
+  batch_size = DEFAULT_BATCH_SIZE if FLAGS.batch_size is None else FLAGS.batch_size
+  if FLAGS.records_per_shard < 1:
+    raise common.CliError('--records_per_shard must be >= 1')
+  splits = [s for s in FLAGS.splits.split(',') if s]
+  if not splits:
+    raise common.CliError('--splits is empty; e.g. --splits=train')
+  if not os.path.isdir(os.path.expanduser(FLAGS.vae)):
+    raise common.CliError(f'VAE directory {FLAGS.vae} does not exist; convert kl16.ckpt first '
                           'with `disa-convert vae`')
-  encode_fn = imagenet.vae_encode_fn(imagenet.load_vae_encoder(args.vae))
-  out = cache.cache_moments(
-    args.out, sources, encode_fn, preprocess=imagenet.preprocess, batch_size=args.batch_size,
-    records_per_shard=args.records_per_shard, overwrite=args.overwrite, progress=True,
-    meta={'dataset': 'imagenet2012', 'tokenizer': 'kl16', 'latent_scale': imagenet.KL16_SCALE,
-          'image_size': imagenet.IMAGE_SIZE, 'source': args.source})
+  sharding.maybe_initialize_distributed()
+  try:
+    if FLAGS.source == 'folder':
+      if not FLAGS.folder:
+        raise common.CliError('--source=folder needs --folder=ROOT (ROOT/<split>/<wnid>/*.JPEG)')
+      sources = {s: imagenet.FolderSource(os.path.join(FLAGS.folder, s)) for s in splits}
+    else:
+      sources = {s: imagenet.tfds_source(s, data_dir=FLAGS.data_dir, manual_dir=FLAGS.manual_dir)
+                 for s in splits}
+    encode_fn = imagenet.vae_encode_fn(imagenet.load_vae_encoder(FLAGS.vae))
+    out = cache.cache_moments(
+      FLAGS.out, sources, encode_fn, preprocess=imagenet.preprocess, batch_size=batch_size,
+      records_per_shard=FLAGS.records_per_shard, overwrite=FLAGS.overwrite, progress=True,
+      meta={'dataset': 'imagenet2012', 'tokenizer': 'kl16', 'latent_scale': imagenet.KL16_SCALE,
+            'image_size': imagenet.IMAGE_SIZE, 'source': FLAGS.source})
+  except (CacheError, ImportError) as e:
+    raise common.CliError(str(e).strip().splitlines()[0]) from None
   print(f'wrote {out}')
 
 
-def run(argv=None):
-  from disa_jax.data.records import CacheError
-
-  args = parse_args(sys.argv[1:] if argv is None else argv)
-  try:
-    main(args)
-  except (*common.USER_ERRORS, CacheError, ImportError) as e:
-    print(f'error: {str(e).strip().splitlines()[0]}', file=sys.stderr)
-    sys.exit(2)
+def run():
+  common.main(_run)
 
 
 if __name__ == '__main__':

@@ -225,11 +225,9 @@ def config_value(holder):
     raise UserError(f'config: {_last_line(e)}') from None
 
 
-def check_config(config) -> None:
-  """A config was given, is a ConfigDict, and names a known system (`config.system`)."""
+def check_config_type(config) -> None:
+  """A config was given and is a ConfigDict (CliError otherwise)."""
   import ml_collections
-
-  from disa_jax.systems.base import system_of
 
   if config is None:
     raise CliError('no config given; pass --config=configs/mar/base.py (or another file in '
@@ -237,6 +235,14 @@ def check_config(config) -> None:
   if not isinstance(config, ml_collections.ConfigDict):
     raise CliError(f'the config file\'s get_config() returned {type(config).__name__}, not an '
                    'ml_collections.ConfigDict')
+
+
+def check_config(config) -> None:
+  """A config was given, is a ConfigDict, and names a known system (`config.system`)."""
+
+  from disa_jax.systems.base import system_of
+
+  check_config_type(config)
   system_of(config)
 
   from disa_jax.validation import validate_config

@@ -24,9 +24,7 @@ they need), `digits` (the bundled model's classifier score), `none` (timing only
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import shutil
 import time
 
 from absl import flags
@@ -81,62 +79,15 @@ def fingerprint(config, plan, labels, *, metric: str, inception, ref_stats,
   }
 
 
-def _prepare_workdir(final: str, partial: str, fp: dict, overwrite: bool) -> bool:
-  """Creates or validates `partial`; returns True when continuing an earlier run."""
-  import jax
-
-  if os.path.exists(final) and not overwrite:
-    raise common.CliError(f'output {final} already exists; pass --overwrite or choose another '
-                          '--out')
-  run_json = os.path.join(partial, 'run.json')
-  old = None
-  if os.path.exists(partial) and not overwrite and os.path.exists(run_json):
-    try:      # run.json is written atomically: unreadable means damaged, never half-written
-      old = integrity.read_json(run_json, what='run fingerprint')
-    except integrity.InvalidFileError as e:
-      raise common.CliError(f'{e}; pass --overwrite to discard the interrupted run in '
-                            f'{partial}') from None
-  if old is not None:
-    if old != json.loads(json.dumps(fp)):
-      diff = integrity.fingerprint_diff(old, json.loads(json.dumps(fp)))
-      raise common.CliError(
-        f'{partial} holds an interrupted run with other settings ({"; ".join(diff)}); run '
-        'the original command with the original files to continue it, or pass --overwrite to '
-        'discard it')
-    for sub in ('images', 'shards'):          # files a killed process was writing
-      d = os.path.join(partial, sub)
-      for name in os.listdir(d) if os.path.isdir(d) else ():
-        if '.tmp' in name:
-          os.remove(os.path.join(d, name))
-    return True
-  if jax.process_index() == 0:
-    shutil.rmtree(partial, ignore_errors=True)
-    os.makedirs(partial)
-    common.write_json(run_json, fp)
-  _barrier('prepared', final)
-  return False
-
-
-def _barrier(name: str, final: str) -> None:
-  import jax
-
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
-    multihost_utils.sync_global_devices(f'disa_eval:{name}:{final}')
-
-
 def evaluate(config, out: str, *, metric_name: str = 'inception', inception: str | None = None,
              ref_stats: str | None = None, inception_batch_size: int = 0,
              precision_recall: bool = True, overwrite=False, save_images=False, max_batches=0,
              show_progress=True) -> dict | None:
   """Runs (or continues) an evaluation; returns the metrics.json content, or None when it
   stopped early (`max_batches`)."""
-  import jax
-
   from disa_jax.engine import runner
   from disa_jax.eval import pipeline
-  from disa_jax.io.output import OUTPUT_MARKER, OutputLock, check_output_path
+  from disa_jax.io.output import ResumableDir
   from disa_jax.systems.base import system_of
 
   t_start = time.perf_counter()
@@ -148,35 +99,29 @@ def evaluate(config, out: str, *, metric_name: str = 'inception', inception: str
                                          and not config.tokenizer.get('vae')):
     raise common.CliError('disa-eval needs images: pass --vae DIR (KL-16 models, converted with '
                           '`disa-convert vae`) or use a config with a pixel tokenizer')
-  final = os.path.abspath(os.path.expanduser(out))
-  partial = final + '.partial'
-  check_output_path(final, overwrite=overwrite,
-                    inputs=[*cli_flags.input_paths(config), inception, ref_stats])
-  lock = OutputLock(final)
-  if jax.process_index() == 0:
-    lock.acquire()
-  try:
-    return _evaluate(config, final, partial, plan, labels, t_start, OUTPUT_MARKER,
-                     metric_name=metric_name, inception=inception, ref_stats=ref_stats,
+  with ResumableDir(out, overwrite=overwrite,
+                    inputs=[*cli_flags.input_paths(config), inception, ref_stats]) as rd:
+    return _evaluate(config, rd, plan, labels, t_start, metric_name=metric_name,
+                     inception=inception, ref_stats=ref_stats,
                      inception_batch_size=inception_batch_size,
-                     precision_recall=precision_recall, overwrite=overwrite,
-                     save_images=save_images, max_batches=max_batches,
-                     show_progress=show_progress, runner=runner, pipeline=pipeline)
-  finally:
-    lock.release()
+                     precision_recall=precision_recall, save_images=save_images,
+                     max_batches=max_batches, show_progress=show_progress, runner=runner,
+                     pipeline=pipeline)
 
 
-def _evaluate(config, final, partial, plan, labels, t_start, output_marker, *,
-              metric_name, inception, ref_stats, inception_batch_size, precision_recall,
-              overwrite, save_images, max_batches, show_progress, runner, pipeline):
+def _evaluate(config, rd, plan, labels, t_start, *, metric_name, inception, ref_stats,
+              inception_batch_size, precision_recall, save_images, max_batches, show_progress,
+              runner, pipeline):
   import jax
+
+  final, partial = rd.final, rd.path
 
   metric = build_metric(metric_name, inception=inception, ref_stats=ref_stats,
                         batch_size=inception_batch_size, precision_recall=precision_recall,
                         cache=os.path.join(partial, 'ref_features.npz'))
   fp = fingerprint(config, plan, labels, metric=metric_name, inception=inception,
                    ref_stats=ref_stats, save_images=save_images)
-  resumed = _prepare_workdir(final, partial, fp, overwrite)
+  resumed = rd.prepare(fp)
   is_main = jax.process_index() == 0
 
   setup = runner.setup_sampling(config, seed=config.sampling.seed)
@@ -236,16 +181,9 @@ def _evaluate(config, final, partial, plan, labels, t_start, output_marker, *,
     'batch_size': config.sampling.batch_size,
     **report,
   }
-  _barrier('scored', final)
   if is_main:
     common.write_json(os.path.join(partial, 'metrics.json'), result)
-    common.write_json(os.path.join(partial, output_marker), {'format': 'disa_jax.output'})
-    if os.path.exists(final):
-      shutil.rmtree(final)
-    os.replace(partial, final)
-  _barrier('renamed', final)
-  if not is_main and os.path.exists(partial):      # per-host (not shared) filesystems
-    os.replace(partial, final + f'.process{jax.process_index()}')
+  rd.finish()
   if is_main:
     print(summary_line(result, final))
   return result
@@ -276,14 +214,9 @@ def _round(v):
   return round(v, 6) if isinstance(v, float) else v
 
 
-def _run(argv):
-  del argv
-  config = common.config_value(_CONFIG)
-  own = cli_flags.system_command(config, 'eval') if config is not None else None
-  if own is not None:          # a system with its own command body and checks (D-AR)
-    common.setup_runtime(config)
-    own(config)
-    return
+def eval_command(config):
+  """The shared disa-eval body (MAR, FlowAR, xAR, Harmon): flags onto the config, then
+  `evaluate` (resumable)."""
   common.check_config(config)
   config = cli_flags.apply_model_and_sampling(config)
   from disa_jax.systems.base import system_of
@@ -294,13 +227,17 @@ def _run(argv):
     if FLAGS.metric == 'inception' and not (FLAGS.inception and FLAGS.ref_stats):
       raise common.CliError('--metric=inception needs --inception DIR and --ref_stats FILE (or '
                             'pass --metric=none for timing only)')
-  common.setup_runtime(config)
   out = FLAGS.out or os.path.join('outputs', f'eval-{config.get("name", "run")}')
-  evaluate(config, out, metric_name=FLAGS.metric, inception=FLAGS.inception,
-           ref_stats=FLAGS.ref_stats, inception_batch_size=FLAGS.inception_batch_size,
-           precision_recall=FLAGS.precision_recall, overwrite=FLAGS.overwrite,
-           save_images=FLAGS.save_images and FLAGS['save_images'].present, max_batches=FLAGS.max_batches,
-           show_progress=FLAGS.progress)
+  return evaluate(config, out, metric_name=FLAGS.metric, inception=FLAGS.inception,
+                  ref_stats=FLAGS.ref_stats, inception_batch_size=FLAGS.inception_batch_size,
+                  precision_recall=FLAGS.precision_recall, overwrite=FLAGS.overwrite,
+                  save_images=FLAGS.save_images and FLAGS['save_images'].present,
+                  max_batches=FLAGS.max_batches, show_progress=FLAGS.progress)
+
+
+def _run(argv):
+  del argv
+  cli_flags.run_command(common.config_value(_CONFIG), 'eval', eval_command, name='disa-eval')
 
 
 def run():

@@ -58,26 +58,6 @@ def _default_images(command: str, class_num: int) -> int:
   return {'variance': 32, 'straightness': 32, 'predictability': 256}.get(command, 50 * class_num)
 
 
-class Writer:
-  """NAME.json / NAME.png in `out`, refusing to replace existing files unless overwrite."""
-
-  def __init__(self, out: str, overwrite: bool):
-    self.out, self.overwrite = os.path.abspath(os.path.expanduser(out)), overwrite
-
-  def check(self, names) -> None:
-    if os.path.exists(self.out) and not os.path.isdir(self.out):
-      raise common.CliError(f'--out {self.out} is a file; choose a directory')
-    for n in names:
-      for ext in ('json', 'png'):
-        p = os.path.join(self.out, f'{n}.{ext}')
-        if os.path.exists(p) and not self.overwrite:
-          raise common.CliError(f'{p} already exists; pass --overwrite or choose another --out')
-
-  def path(self, name: str, ext: str) -> str:
-    os.makedirs(self.out, exist_ok=True)
-    return os.path.join(self.out, f'{name}.{ext}')
-
-
 def _labels(num_images: int, config, class_num: int):
   """The evaluation order (class blocks) when it divides evenly, else classes cycled."""
   from disa_jax.engine import runner
@@ -100,7 +80,9 @@ def run_commands(config, commands: list[str], out: str, *, overwrite=False) -> d
   cli_flags.validate_sampling(config)
   plan = runner.step_plan(config)
   s = config.sampling
-  writer = Writer(out, overwrite)
+  from disa_jax.io.output import FileSet
+
+  writer = FileSet(out, overwrite)    # each NAME.json / NAME.png written atomically
   writer.check(commands)
   runs = []
   if 'curves' in commands:
@@ -159,17 +141,19 @@ def run_commands(config, commands: list[str], out: str, *, overwrite=False) -> d
            'seconds': round(time.perf_counter() - t0, 2)}
     common.write_json(writer.path(measure, 'json'), res)
     if measure == 'variance':
-      plots.per_step(rows, 'variance', ylabel='variance of the next token (mean over dims)',
-                     title=f'Sampling variance per AR step ({tag})',
-                     path=writer.path('variance', 'png'),
-                     note=f'{n} images, {samples} head samples per token, {FLAGS.probe_steps} '
-                          'diffusion steps; error bars: standard error over tokens')
+      with writer.write('variance', 'png') as tmp:
+        plots.per_step(rows, 'variance', ylabel='variance of the next token (mean over dims)',
+                       title=f'Sampling variance per AR step ({tag})',
+                       path=tmp,
+                       note=f'{n} images, {samples} head samples per token, {FLAGS.probe_steps} '
+                            'diffusion steps; error bars: standard error over tokens')
     else:
-      plots.per_step(rows, 'straightness', ylabel='mean cos(step, x0 - xT)',
-                     title=f'Denoising path straightness per AR step ({tag})',
-                     path=writer.path('straightness', 'png'),
-                     note=f'{n} images, {samples} trajectories per token, {FLAGS.probe_steps} '
-                          'diffusion steps; 1 = straight line')
+      with writer.write('straightness', 'png') as tmp:
+        plots.per_step(rows, 'straightness', ylabel='mean cos(step, x0 - xT)',
+                       title=f'Denoising path straightness per AR step ({tag})',
+                       path=tmp,
+                       note=f'{n} images, {samples} trajectories per token, {FLAGS.probe_steps} '
+                            'diffusion steps; 1 = straight line')
     results[measure] = res
     log(f'{measure}: AR step 1 {rows[0][measure]:.4g} -> AR step {rows[-1]["ar_step"] + 1} '
         f'{rows[-1][measure]:.4g}; wrote {writer.path(measure, "json")}')
@@ -187,10 +171,11 @@ def run_commands(config, commands: list[str], out: str, *, overwrite=False) -> d
     res = {**info, 'measure': 'predictability', 'num_images': n, **pr,
            'seconds': round(time.perf_counter() - t0, 2)}
     common.write_json(writer.path('predictability', 'json'), res)
-    plots.predictability(pr['per_step'], title=f'Predictability of the next token ({tag})',
-                         path=writer.path('predictability', 'png'),
-                         note=f'{n} images ({pr["test_images"]} held out), MLP '
-                              f'{FLAGS.mlp_hidden}x2 trained {FLAGS.mlp_steps} steps on z -> x')
+    with writer.write('predictability', 'png') as tmp:
+      plots.predictability(pr['per_step'], title=f'Predictability of the next token ({tag})',
+                           path=tmp,
+                           note=f'{n} images ({pr["test_images"]} held out), MLP '
+                                f'{FLAGS.mlp_hidden}x2 trained {FLAGS.mlp_steps} steps on z -> x')
     results['predictability'] = res
     ps = pr['per_step']
     log(f'predictability: held-out MSE AR step 1 {ps[0]["mse"]:.4g} -> AR step '
@@ -220,12 +205,13 @@ def run_commands(config, commands: list[str], out: str, *, overwrite=False) -> d
            'higher_is_better': metric.higher_is_better, 'num_images': n, 'runs': recs,
            'seconds': round(time.perf_counter() - t0, 2)}
     common.write_json(writer.path('curves', 'json'), res)
-    plots.speed_quality(recs, metric_name=f'{metric_name} {metric.primary}',
-                        higher_is_better=metric.higher_is_better,
-                        title=f'Speed vs quality ({tag}, {n} images)',
-                        path=writer.path('curves', 'png'),
-                        note=f'time: generation only (compile excluded), batch {s.batch_size}, '
-                             f'{jax.device_count()} {jax.default_backend()} device(s)')
+    with writer.write('curves', 'png') as tmp:
+      plots.speed_quality(recs, metric_name=f'{metric_name} {metric.primary}',
+                          higher_is_better=metric.higher_is_better,
+                          title=f'Speed vs quality ({tag}, {n} images)',
+                          path=tmp,
+                          note=f'time: generation only (compile excluded), batch {s.batch_size}, '
+                               f'{jax.device_count()} {jax.default_backend()} device(s)')
     results['curves'] = res
     log(f'curves: {len(recs)} runs; wrote {writer.path("curves", "json")}')
   return results

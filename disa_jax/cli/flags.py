@@ -334,15 +334,30 @@ def build_metric(name: str, *, inception=None, ref_stats=None, batch_size=0,
 
 
 def system_command(config, command: str):
-  """The system's own body of `command` ('sample', 'bench', 'eval') when it has one
-  (`System.commands`), else None; refuses flags of other systems."""
-  from disa_jax.systems.base import system_of
+  """The system's own body of `command` (`disa_jax.systems.base.find_command`), else None;
+  refuses flags of other systems."""
+  from disa_jax.systems.base import find_command, system_of
 
   system = system_of(config)
   check_system_flags(system)
-  if not system.commands:
-    return None
-  return getattr(importlib.import_module(system.commands), f'{command}_command', None)
+  return find_command(system, command)
+
+
+def run_command(config, command: str, shared=None, *, name: str = ''):
+  """The one dispatch of every command: checks that `config` is a config naming a known
+  system, takes the system's own body of `command` or else `shared`, sets up the runtime
+  (logging, distributed init, compilation cache) and runs `body(config)`."""
+  from disa_jax.cli import common
+
+  common.check_config_type(config)
+  body = system_command(config, command) or shared
+  if body is None:
+    from disa_jax.systems.base import system_name
+
+    raise UserError(f'{name or command}: the {system_name(config)} system does not provide this '
+                    'command')
+  common.setup_runtime(config)
+  return body(config)
 
 
 def check_system_flags(system) -> None:

@@ -165,6 +165,15 @@ def _metrics(config, plan, sampler, totals, load_s, decode_s, source, mesh):
   }
 
 
+def sample_command(config):
+  """The shared disa-sample body (MAR, FlowAR, xAR, Harmon): flags onto the config, then
+  `sample`."""
+  config = apply_flags(config)
+  out = FLAGS.out or os.path.join('outputs', f'sample-{config.get("name", "run")}')
+  return sample(config, out, overwrite=FLAGS.overwrite, save_images=FLAGS.save_images,
+                save_tokens=FLAGS.save_tokens, show_progress=FLAGS.progress)
+
+
 def _run(argv):
   del argv
   config = common.config_value(_CONFIG)
@@ -172,16 +181,7 @@ def _run(argv):
     from disa_jax.systems.mar.variants import digits_config
 
     config = digits_config()
-  own = cli_flags.system_command(config, 'sample')
-  if own is not None:          # a system with its own command body (D-AR)
-    common.setup_runtime(config)
-    own(config)
-    return
-  config = apply_flags(config)
-  common.setup_runtime(config)
-  out = FLAGS.out or os.path.join('outputs', f'sample-{config.get("name", "run")}')
-  sample(config, out, overwrite=FLAGS.overwrite, save_images=FLAGS.save_images,
-         save_tokens=FLAGS.save_tokens, show_progress=FLAGS.progress)
+  cli_flags.run_command(config, 'sample', sample_command, name='disa-sample')
 
 
 def run():

@@ -32,9 +32,9 @@ flags.DEFINE_integer('stop_at', None, 'End this invocation after this many updat
 FLAGS = flags.FLAGS
 
 
-def _run(argv):
-  del argv
-  config = common.config_value(_CONFIG)
+def train_command(config):
+  """The shared disa-train body: `train/loop.train` (a system plugs in through its `train_step`
+  module), or `--export-only`."""
   common.check_config(config)
   if not FLAGS.workdir:
     raise common.CliError('--workdir is required (the run directory; an existing one resumes)')
@@ -44,7 +44,6 @@ def _run(argv):
   if FLAGS.export and os.path.exists(FLAGS.export) and not FLAGS.overwrite_export:
     raise common.CliError(f'export directory {FLAGS.export} already exists; pass '
                           '--overwrite-export or choose another --export')
-  common.setup_runtime(config)
   from disa_jax.data.records import CacheError
   from disa_jax.train import loop
 
@@ -62,6 +61,11 @@ def _run(argv):
                print_fn=lambda s: print(s, flush=True))
   except (loop.TrainingError, CacheError) as e:
     raise common.CliError(str(e)) from None
+
+
+def _run(argv):
+  del argv
+  cli_flags.run_command(common.config_value(_CONFIG), 'train', train_command, name='disa-train')
 
 
 def run():

@@ -50,9 +50,10 @@ class ShardStore:
             if name.startswith('b') and name.endswith(suffix)}
 
   def write(self, lo: int, record: dict) -> None:
-    tmp = self.path(lo) + '.tmp.npz'
-    np.savez(tmp, **record)
-    os.replace(tmp, self.path(lo))
+    from disa_jax.io.output import atomic_file
+
+    with atomic_file(self.path(lo)) as tmp:
+      np.savez(tmp, **record)
 
   def load(self) -> list[dict]:
     return [dict(np.load(self.path(lo), allow_pickle=False)) for lo in sorted(self.completed())]
@@ -62,9 +63,10 @@ def save_png(path: str, image: np.ndarray) -> None:
   """Writes one PNG atomically (a partial file never carries the final name)."""
   from PIL import Image
 
-  tmp = os.path.join(os.path.dirname(path), f'.{os.path.basename(path)}.tmp')
-  Image.fromarray(image).save(tmp, format='PNG')
-  os.replace(tmp, path)
+  from disa_jax.io.output import atomic_file
+
+  with atomic_file(path) as tmp:
+    Image.fromarray(image).save(tmp, format='PNG')
 
 
 @dataclasses.dataclass

@@ -1,4 +1,18 @@
-"""Run outputs: one atomic output directory for every command (write `<out>.partial`, rename).
+"""Outputs: the one implementation of atomic / resumable writes for every command.
+
+Pieces (each command uses the one that fits; all share the same rename and marker logic):
+- `atomic_file(path)`: one file via a temporary sibling and `os.replace` (`write_json`, the
+  evidence figures through `FileSet`).
+- `atomic_directory(final)`: a directory built in a hidden sibling `.NAME.tmp-PID-*` (stale ones
+  of killed processes are removed) and swapped in (`swap_into_place`): model directories
+  (`checkpoint.save_model`, `disa-convert`, `disa-train --export`).
+- `OutputDir(out)`: a run output (`disa-sample`, `disa-demo`, D-AR's commands): written into
+  `<out>.partial`, multi-process aware, marker + lock, renamed when the block succeeds.
+- `ResumableDir(out, fingerprint)`: a run that may be interrupted and continued (`disa-eval`):
+  `<out>.partial` is kept across invocations with `run.json` (what determines the results); a
+  continuation with another fingerprint refuses and names the difference; `finish()` adds the
+  marker and renames.
+- `FileSet(out)`: named result files in a directory (`disa-evidence`), each atomic.
 
 Rules (issue 11, rule 4), checked when the `OutputDir` is created, before any work starts:
 - `out` must not be an existing file, and must not be, contain or lie inside an input path
@@ -13,6 +27,7 @@ Rules (issue 11, rule 4), checked when the `OutputDir` is created, before any wo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -22,13 +37,75 @@ from disa_jax.errors import UserError
 OUTPUT_MARKER = '.disa_jax-output'
 
 
+def temporary_name(path: str) -> str:
+  """`DIR/.NAME.tmp-PID-w.EXT` beside `path` (the extension kept: writers infer the format)."""
+  head, name = os.path.split(os.fspath(path))
+  ext = os.path.splitext(name)[1]
+  return os.path.join(head, f'.{name}.tmp-{os.getpid()}-w{ext}')
+
+
+@contextlib.contextmanager
+def atomic_file(path):
+  """Yields a temporary path beside `path`; it becomes `path` only if the block succeeds."""
+  tmp = temporary_name(path)
+  try:
+    yield tmp
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(tmp)
+    raise
+
+
 def write_json(path, obj) -> None:
-  """Writes `obj` as JSON atomically (a temporary file named by pid, then a rename)."""
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w') as f:
+  """Writes `obj` as JSON atomically (`atomic_file`)."""
+  with atomic_file(path) as tmp, open(tmp, 'w') as f:
     json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
     f.write('\n')
-  os.replace(tmp, path)
+
+
+def swap_into_place(tmp, final) -> None:
+  """Renames the finished directory `tmp` to `final`; an existing `final` is first renamed
+  aside (`.NAME.old-PID`) and removed only after the swap, so `final` is never missing
+  half-way."""
+  import shutil
+
+  tmp, final = os.fspath(tmp), os.fspath(final)
+  if os.path.lexists(final):
+    head, name = os.path.split(final)
+    old = os.path.join(head, f'.{name}.old-{os.getpid()}')
+    os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+  else:
+    os.replace(tmp, final)
+
+
+@contextlib.contextmanager
+def atomic_directory(final, *, overwrite: bool = False, error=UserError):
+  """Yields a new hidden sibling directory (a `Path`) that becomes `final` only if the block
+  succeeds; `error` (a UserError class) when `final` exists and not `overwrite`."""
+  import shutil
+  from pathlib import Path
+
+  from disa_jax import integrity
+
+  final = Path(final).expanduser().absolute()
+  if final.exists() and not overwrite:
+    raise error(f'output {final} already exists; choose another path or remove it')
+  final.parent.mkdir(parents=True, exist_ok=True)
+  tmp = integrity.temporary_dir(final)     # also removes those of killed earlier writes
+  try:
+    yield tmp
+    swap_into_place(tmp, final)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def mark_finished(directory) -> None:
+  """Writes the output marker (`OUTPUT_MARKER`) that allows a later --overwrite to replace it."""
+  write_json(os.path.join(directory, OUTPUT_MARKER), {'format': 'disa_jax.output'})
 
 
 def _json_default(o):
@@ -214,11 +291,137 @@ class OutputDir:
       if self.owner:
         if os.path.exists(self._marker):
           os.remove(self._marker)
-        write_json(os.path.join(self.path, OUTPUT_MARKER), {'format': 'disa_jax.output'})
-        if os.path.exists(self.final):
-          shutil.rmtree(self.final)
-        os.replace(self.path, self.final)
+        mark_finished(self.path)
+        swap_into_place(self.path, self.final)
       sharding.sync(f'disa_jax:renamed:{self._token}')
     finally:
       self._lock.release()
     return False
+
+
+class ResumableDir:
+  """A run output that survives interruption (`disa-eval`): work goes into `<out>.partial`,
+  which is kept between invocations together with `run.json`, the run's fingerprint (what
+  determines its results: model checksums, settings). Multi-process: every process calls
+  `prepare` and `finish`; process 0 creates and renames, the others wait at barriers.
+
+    rd = ResumableDir(out, overwrite=..., inputs=[...])   # path checks + lock, nothing written
+    resumed = rd.prepare(fingerprint)   # True: continuing; UserError if the settings differ
+    ... write into rd.path (each file atomically, e.g. `atomic_file`) ...
+    rd.finish()                         # marker, rename to `out`
+    rd.release()                        # (also on failure; `with rd:` does it)
+  """
+
+  RUN_FILE = 'run.json'
+  SCRATCH_DIRS = ('images', 'shards')       # where a killed process may leave temporaries
+
+  def __init__(self, out: str, *, overwrite: bool = False, inputs=()):
+    import jax
+
+    self.final = os.path.abspath(os.path.expanduser(out))
+    self.path = self.final + '.partial'
+    self.overwrite = overwrite
+    self.is_main = jax.process_index() == 0
+    check_output_path(self.final, overwrite=overwrite, inputs=inputs)
+    self._lock = OutputLock(self.final)
+    if self.is_main:
+      self._lock.acquire()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.release()
+    return False
+
+  def release(self) -> None:
+    self._lock.release()
+
+  def prepare(self, fingerprint: dict) -> bool:
+    """Creates `<out>.partial` with `run.json`, or validates an interrupted run's; returns True
+    when continuing it."""
+    import shutil
+
+    from disa_jax import integrity
+
+    if os.path.exists(self.final) and not self.overwrite:
+      raise UserError(f'output {self.final} already exists; pass --overwrite or choose another '
+                      '--out')
+    fp = json.loads(json.dumps(fingerprint, default=_json_default))
+    run_json = os.path.join(self.path, self.RUN_FILE)
+    old = None
+    if os.path.exists(self.path) and not self.overwrite and os.path.exists(run_json):
+      try:    # run.json is written atomically: unreadable means damaged, never half-written
+        old = integrity.read_json(run_json, what='run fingerprint')
+      except integrity.InvalidFileError as e:
+        raise UserError(f'{e}; pass --overwrite to discard the interrupted run in '
+                        f'{self.path}') from None
+    if old is not None:
+      if old != fp:
+        diff = integrity.fingerprint_diff(old, fp)
+        raise UserError(
+          f'{self.path} holds an interrupted run with other settings ({"; ".join(diff)}); run '
+          'the original command with the original files to continue it, or pass --overwrite to '
+          'discard it')
+      for sub in self.SCRATCH_DIRS:              # files a killed process was writing
+        d = os.path.join(self.path, sub)
+        for name in os.listdir(d) if os.path.isdir(d) else ():
+          if '.tmp' in name:
+            os.remove(os.path.join(d, name))
+      return True
+    if self.is_main:
+      shutil.rmtree(self.path, ignore_errors=True)
+      os.makedirs(self.path)
+      write_json(run_json, fp)
+    self._barrier('prepared')
+    return False
+
+  def finish(self) -> None:
+    """Marks `<out>.partial` finished and renames it to `out` (process 0; a process on its own
+    disk keeps its copy as `<out>.processN`)."""
+    import jax
+
+    self._barrier('scored')
+    if self.is_main:
+      mark_finished(self.path)
+      swap_into_place(self.path, self.final)
+    self._barrier('renamed')
+    if not self.is_main and os.path.exists(self.path):      # per-host (not shared) filesystems
+      os.replace(self.path, self.final + f'.process{jax.process_index()}')
+
+  def _barrier(self, name: str) -> None:
+    import jax
+
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices(f'disa_eval:{name}:{self.final}')
+
+
+class FileSet:
+  """Named result files `NAME.EXT` in one directory (`disa-evidence`): `check` refuses, before
+  any work, a directory that is a file or files that exist without `overwrite`; `write(name,
+  ext)` yields a temporary path that becomes the file when the block succeeds."""
+
+  def __init__(self, out: str, overwrite: bool = False, exts=('json', 'png')):
+    self.out, self.overwrite = os.path.abspath(os.path.expanduser(out)), overwrite
+    self.exts = tuple(exts)
+
+  def check(self, names) -> None:
+    if os.path.exists(self.out) and not os.path.isdir(self.out):
+      raise UserError(f'--out {self.out} is a file; choose a directory')
+    for n in names:
+      for ext in self.exts:
+        p = os.path.join(self.out, f'{n}.{ext}')
+        if os.path.exists(p) and not self.overwrite:
+          raise UserError(f'{p} already exists; pass --overwrite or choose another --out')
+
+  def path(self, name: str, ext: str) -> str:
+    """The final path (the directory is created; write it atomically, e.g. `write_json`)."""
+    os.makedirs(self.out, exist_ok=True)
+    return os.path.join(self.out, f'{name}.{ext}')
+
+  @contextlib.contextmanager
+  def write(self, name: str, ext: str):
+    with atomic_file(self.path(name, ext)) as tmp:
+      yield tmp

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -89,9 +90,9 @@ class System:
   flops           (model_config, plan) -> dict of FLOPs per image (`disa-bench`).
   train_step      module name providing `TrainState`, `train_step(...)` (`disa-train`).
   flag_names      names of extra absl flags the system defines (in its own `flags` module).
-  commands        module name whose `sample_command(config)`, `bench_command(config)`,
-                  `eval_command(config)` replace the shared MAR-shaped command bodies (a
-                  system whose decoder runs inside generation, e.g. D-AR); None: shared.
+  commands        module holding the system's command bodies `<command>_command(config)`
+                  (see `find_command`); None: `disa_jax.systems.<name>.commands` when that
+                  module exists.
   """
 
   name: str
@@ -141,3 +142,37 @@ def get_system(name: str) -> System:
 
 def system_of(config) -> System:
   return get_system(system_name(config))
+
+
+# The one way a system provides or overrides a command. Each command-line tool loads the config,
+# finds the system, and runs `find_command(system, command)` if it is not None, else the shared
+# body named here. A body is `<command>_command(config)`: it receives the config as loaded from
+# --config (flags not yet applied), reads the command's absl flags itself, does its own checks
+# before writing anything, and prints / writes the command's output.
+COMMANDS = {
+  'sample': 'disa_jax.cli.sample.sample_command (tokens from the engine, then the decoder)',
+  'bench': 'none: every system brings its own (most through disa_jax.cli.bench_run.run_bench)',
+  'eval': 'disa_jax.cli.eval.eval_command (resumable shards, shared metrics)',
+  'train': 'disa_jax.cli.train.train_command (train/loop.py with the `train_step` hook)',
+}
+
+
+def commands_module(system: System) -> str | None:
+  """The module holding `system`'s command bodies, or None when it has none."""
+  if system.commands:
+    return system.commands
+  name = f'disa_jax.systems.{system.name}.commands'
+  try:
+    return name if importlib.util.find_spec(name) is not None else None
+  except ModuleNotFoundError:
+    return None
+
+
+def find_command(system: System, command: str) -> Callable | None:
+  """`system`'s own body of `command` (one of `COMMANDS`), or None to use the shared body."""
+  if command not in COMMANDS:
+    raise ValueError(f'unknown command {command!r}; one of {sorted(COMMANDS)}')
+  module = commands_module(system)
+  if module is None:
+    return None
+  return getattr(importlib.import_module(module), f'{command}_command', None)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from functools import partial
 from pathlib import Path
@@ -151,9 +150,10 @@ def _check_config(workdir: Path, config) -> None:
         f'workdir {workdir} holds a run with other settings ({"; ".join(diff)}); a resumed run '
         'must be the same run: use the original config, or a new --workdir')
     if stored != current and jax.process_index() == 0:   # e.g. a longer num_steps
-      tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-      tmp.write_text(json.dumps(current, indent=2, sort_keys=True))
-      os.replace(tmp, path)
+      from disa_jax.io.output import atomic_file
+
+      with atomic_file(path) as tmp:
+        Path(tmp).write_text(json.dumps(current, indent=2, sort_keys=True))
   else:
     if jax.process_index() == 0:
       workdir.mkdir(parents=True, exist_ok=True)
@@ -204,6 +204,18 @@ def _save(mngr, step: int, state, iterator) -> None:
   mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                           data=grain.checkpoint.CheckpointSave(iterator)),
             force=True)
+  # finished saves get their checksums (with async saving, `step` may still be in flight)
+  _seal_checkpoints(mngr, below=step if mngr.is_saving_in_progress() else None)
+
+
+def _seal_checkpoints(mngr, *, below: int | None = None) -> None:
+  """checksums.json for every finished checkpoint (steps < `below`; all when None) that has
+  none (`integrity.seal_checkpoint`; verified on restore)."""
+  if jax.process_index() != 0:
+    return
+  for step in mngr.all_steps():
+    if below is None or step < below:
+      integrity.seal_checkpoint(Path(mngr.directory) / str(step))
 
 
 def restore_state(workdir, config, *, mesh=None, step: int | None = None):
@@ -224,6 +236,7 @@ def restore_state(workdir, config, *, mesh=None, step: int | None = None):
                         f'`disa-train --workdir={workdir}`')
   target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         abstract, shardings)
+  integrity.verify_checkpoint(workdir / 'checkpoints' / str(step))
   out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
   mngr.close()
   return out.state, step
@@ -292,6 +305,7 @@ def train(config, workdir, *, stop_at: int | None = None, export: str | None = N
                           abstract, st_sh)
 
     def restore(manager, step):
+      integrity.verify_checkpoint(workdir / 'checkpoints' / str(step))
       state = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target),
         data=grain.checkpoint.CheckpointRestore(iterator))).state
@@ -351,6 +365,7 @@ def train(config, workdir, *, stop_at: int | None = None, export: str | None = N
           pending = None
         _save(mngr, done, state, iterator)
     mngr.wait_until_finished()
+    _seal_checkpoints(mngr)
   finally:
     writer.close()
   train_s = time.perf_counter() - t_start

@@ -1,5 +1,10 @@
-"""Neural layers of D-AR (kept inside the system package until the shared `disa_jax.layers`
-settle; deduplication comes later).
+"""Neural layers of D-AR. The math shared with the other systems comes from `disa_jax.layers`:
+the RMS normalisation (`layers.norms.rms_normalize`) and the pair rotation of RoPE
+(`layers.rope.apply_rope`, bitwise the same as the (a cos - b sin, a sin + b cos) form in
+float32). Kept here because they differ from the shared modules: `RMSNorm` stores its vector
+as `weight` (the official key; the shared one stores `scale`) with eps 1e-5; `SwiGLU` is
+w2(silu(w1 x) * w3 x) without biases (the shared `layers.mlp.GatedMLP` is FlowAR's exact-GELU
+gate with biases); the RoPE tables are D-AR's own (flux 2-D split, GPT 1-D in float32).
 
 Matches showlab/D-AR @ 3fb0f2d:
   tokenizer/tokenizer_image/tokenizer_transformer.py  (Attention with qk-norm, TransformerBlock,
@@ -23,6 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from disa_jax.layers import rope as shared_rope
+from disa_jax.layers.norms import rms_normalize
 
 HEAD_DIM = 64   # every D-AR attention (the 2-D RoPE axes [32, 32] fix it)
 
@@ -67,12 +75,11 @@ def rope_1d_table(length: int, head_dim: int = HEAD_DIM, base: float = 10000.0):
 
 
 def apply_rope(x, cos, sin):
-  """Rotates interleaved pairs of the last axis of x (..., N, d) by tables (N, d/2)."""
-  dtype = x.dtype
-  x = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
-  a, b = x[..., 0], x[..., 1]
-  out = jnp.stack([a * cos - b * sin, a * sin + b * cos], axis=-1)
-  return out.reshape(*out.shape[:-2], -1).astype(dtype)
+  """Rotates interleaved pairs of the last axis of x (..., N, d) by tables (N, d/2), in
+  float32 (`disa_jax.layers.rope.apply_rope` over the per-pair tables repeated to (N, d))."""
+  table = (jnp.repeat(jnp.asarray(cos, jnp.float32), 2, axis=-1),
+           jnp.repeat(jnp.asarray(sin, jnp.float32), 2, axis=-1))
+  return shared_rope.apply_rope(x.astype(jnp.float32), table).astype(x.dtype)
 
 
 def attend(q, k, v, mask=None):
@@ -200,9 +207,7 @@ class RMSNorm(nnx.Module):
     self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
 
   def __call__(self, x):
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return y.astype(x.dtype) * self.weight[...].astype(x.dtype)
+    return rms_normalize(x, self.eps) * self.weight[...].astype(x.dtype)
 
 
 class SwiGLU(nnx.Module):

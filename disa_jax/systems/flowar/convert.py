@@ -16,8 +16,6 @@ model directory).
 
 from __future__ import annotations
 
-import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from flax import nnx
 
 from disa_jax.checkpoint import CheckpointError
 from disa_jax.convert.mapping import ConversionError, check_state_dict, convert_state_dict
+from disa_jax.convert.state_dict import count_indexed, need, read_official_state_dict
 from disa_jax.errors import UserError
 from disa_jax.layers.rope import rope_freqs
 from disa_jax.systems.flowar.config import FlowARConfig
@@ -46,51 +45,15 @@ def read_state_dict(path, *, weights: str = 'ema') -> dict[str, np.ndarray]:
   """The raw state dict of a weights file, dtypes preserved (safe loaders only). A training
   checkpoint's 'model_ema' is read for weights='ema' ('model' when it has no EMA), its
   'model' for weights='raw'."""
-  path = os.path.expanduser(os.fspath(path))
-  if not os.path.isfile(path):
-    _fail(f'FlowAR checkpoint {path} does not exist or is not a file; pass the .pth or '
-          '.safetensors weights file')
-  if path.endswith('.safetensors'):
-    from safetensors.numpy import load_file
-    try:
-      return dict(load_file(path))
-    except Exception as e:  # noqa: BLE001 - several error types
-      _fail(f'{path} is not a readable safetensors file ({str(e).splitlines()[0]})')
-  import torch
-
-  from disa_jax.convert import torch_io
-
-  obj = torch_io._torch_load(path)
-  if not isinstance(obj, Mapping):
-    _fail(f'{path} holds a {type(obj).__name__}, not a FlowAR state dict')
-  if not any(isinstance(v, torch.Tensor) for v in obj.values()):
-    if weights not in ('ema', 'raw'):
-      _fail(f'weights must be ema or raw, got {weights!r}')
-    order = ENTRIES if weights == 'ema' else ('model',)
-    entry = next((e for e in order if isinstance(obj.get(e), Mapping)), None)
-    if entry is None:
-      _fail(f'{path} holds no state dict (entries: {", ".join(map(str, obj))}); pass the '
-            'official FlowAR-*.pth file')
-    obj = obj[entry]
-  out = {}
-  for k, v in obj.items():
-    if not isinstance(v, torch.Tensor):
-      _fail(f'{path}: entry {k!r} is a {type(v).__name__}, not a tensor')
-    if v.dtype == torch.bfloat16:
-      v = v.float()
-    out[str(k)] = v.detach().cpu().numpy()
-  return out
+  return read_official_state_dict(path, weights=weights, system='FlowAR', fail=_fail,
+                                  ema_entries=ENTRIES, raw_entries=('model',))
 
 
 def _need(shapes, key):
-  if key not in shapes:
-    _fail(f'checkpoint is not a FlowAR model: key {key} is missing')
-  return shapes[key]
+  return need(shapes, key, system='a FlowAR', fail=_fail)
 
 
-def _count(shapes, prefix):
-  idx = {int(m.group(1)) for k in shapes if (m := re.match(re.escape(prefix) + r'(\d+)\.', k))}
-  return max(idx) + 1 if idx else 0
+_count = count_indexed
 
 
 def infer_config(shapes: Mapping[str, tuple]) -> FlowARConfig:

@@ -82,3 +82,34 @@ def digits_config(*, tiny: bool = False) -> ml_collections.ConfigDict:
                    lr_schedule='constant', log_every=5, checkpoint_every=10)
   c.lock()
   return c
+
+
+def imagenet_config(variant: str, *, cpu: bool = False, tiny: bool = False
+                    ) -> ml_collections.ConfigDict:
+  """The config of an official ImageNet-256 MAR variant ('mar_base' | 'mar_large' | 'mar_huge'):
+  KL-16 tokenizer, DiSA sampling at the paper's CFG (`PAPER_DISA_CFG`), the official training
+  recipe; `cpu` / `tiny` swap in the small stand-in architectures (random weights, no VAE).
+  `configs/mar/{base,large,huge}.py` are thin files over this one builder."""
+  small = cpu or tiny
+  c = base_config('mar', variant + ('-tiny' if tiny else '-cpu' if cpu else ''))
+  model = dict(MAR_VARIANTS[variant])
+  if tiny:
+    model.update(TINY_MODEL)
+  elif cpu:
+    model.update(CPU_MODEL)
+  c.model = model_config(**model)
+  c.checkpoint = ''              # directory written by `disa-convert mar` or `disa-train`
+  c.tokenizer = tokenizer_config(kind='none' if small else 'kl16')
+  c.sampling = sampling_config(cfg=PAPER_DISA_CFG[variant])
+  if small:
+    c.sampling.update(num_images=4, batch_size=4)
+  if tiny:
+    c.sampling.update(num_iter=8, upper_steps=10, lower_steps=3, cfg=2.0)
+  c.runtime = runtime_config()
+  c.data = data_config()
+  c.train = train_config()
+  if small:
+    c.train.update(batch_size=8, num_steps=100, warmup_steps=10, log_every=10,
+                   checkpoint_every=50)
+  c.lock()
+  return c
