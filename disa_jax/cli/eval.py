@@ -34,6 +34,8 @@ from absl import flags
 from disa_jax import integrity
 from disa_jax.cli import common
 from disa_jax.cli import flags as cli_flags
+from disa_jax.eval.workdir import barrier as _barrier
+from disa_jax.eval.workdir import prepare_workdir as _prepare_workdir
 
 _CONFIG = cli_flags.define_config()
 cli_flags.define_model()
@@ -60,12 +62,23 @@ def eval_labels(num_images: int, classes: list[int], class_num: int):
 build_metric = cli_flags.build_metric
 
 
+# Sampling fields the fingerprint covers through other entries (the resolved step plan, the
+# labels, or a top-level entry); every other field of `config.sampling` (FlowAR's guidance,
+# MAR's solver / eta, Harmon's prompts, ...) is fingerprinted under `sampling_other`.
+_COVERED_SAMPLING = frozenset({
+  'cfg', 'cfg_schedule', 'temperature', 'seed', 'num_images', 'batch_size', 'classes',
+  'preset', 'strategy', 'upper_steps', 'lower_steps', 'steps', 'num_iter', 'max_timestep',
+  'baseline_steps'})
+
+
 def fingerprint(config, plan, labels, *, metric: str, inception, ref_stats,
                 save_images: bool) -> dict:
   """What must not change between an interrupted run and its continuation."""
   s = config.sampling
+  other = {k: s[k] for k in sorted(s.keys()) if k not in _COVERED_SAMPLING}
   return {
-    'format': FORMAT, 'version': 1,
+    'format': FORMAT, 'version': 2,
+    'sampling_other': json.loads(json.dumps(other, default=str)),
     'model': dict(config.model), 'checkpoint': config.get('checkpoint', ''),
     'tokenizer': dict(config.tokenizer),
     'steps': list(plan.steps), 'max_timestep': plan.max_timestep, 'cfg': s.cfg,
@@ -79,51 +92,6 @@ def fingerprint(config, plan, labels, *, metric: str, inception, ref_stats,
     **integrity.model_fingerprints(checkpoint=config.get('checkpoint', ''),
                                    vae=config.tokenizer.get('vae', ''), inception=inception),
   }
-
-
-def _prepare_workdir(final: str, partial: str, fp: dict, overwrite: bool) -> bool:
-  """Creates or validates `partial`; returns True when continuing an earlier run."""
-  import jax
-
-  if os.path.exists(final) and not overwrite:
-    raise common.CliError(f'output {final} already exists; pass --overwrite or choose another '
-                          '--out')
-  run_json = os.path.join(partial, 'run.json')
-  old = None
-  if os.path.exists(partial) and not overwrite and os.path.exists(run_json):
-    try:      # run.json is written atomically: unreadable means damaged, never half-written
-      old = integrity.read_json(run_json, what='run fingerprint')
-    except integrity.InvalidFileError as e:
-      raise common.CliError(f'{e}; pass --overwrite to discard the interrupted run in '
-                            f'{partial}') from None
-  if old is not None:
-    if old != json.loads(json.dumps(fp)):
-      diff = integrity.fingerprint_diff(old, json.loads(json.dumps(fp)))
-      raise common.CliError(
-        f'{partial} holds an interrupted run with other settings ({"; ".join(diff)}); run '
-        'the original command with the original files to continue it, or pass --overwrite to '
-        'discard it')
-    for sub in ('images', 'shards'):          # files a killed process was writing
-      d = os.path.join(partial, sub)
-      for name in os.listdir(d) if os.path.isdir(d) else ():
-        if '.tmp' in name:
-          os.remove(os.path.join(d, name))
-    return True
-  if jax.process_index() == 0:
-    shutil.rmtree(partial, ignore_errors=True)
-    os.makedirs(partial)
-    common.write_json(run_json, fp)
-  _barrier('prepared', final)
-  return False
-
-
-def _barrier(name: str, final: str) -> None:
-  import jax
-
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
-    multihost_utils.sync_global_devices(f'disa_eval:{name}:{final}')
 
 
 def evaluate(config, out: str, *, metric_name: str = 'inception', inception: str | None = None,

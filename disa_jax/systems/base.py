@@ -89,6 +89,9 @@ class System:
   flops           (model_config, plan) -> dict of FLOPs per image (`disa-bench`).
   train_step      module name providing `TrainState`, `train_step(...)` (`disa-train`).
   flag_names      names of extra absl flags the system defines (in its own `flags` module).
+  condition_text  (config) -> list[str]: the text of each condition id (Harmon's prompts);
+                  `disa-sample` writes image i's text as line i + 1 of `prompts.txt`. None: the
+                  conditions are class ids (labels.npy says it all).
   commands        module name whose `sample_command(config)`, `bench_command(config)`,
                   `eval_command(config)` replace the shared MAR-shaped command bodies (a
                   system whose decoder runs inside generation, e.g. D-AR); None: shared.
@@ -109,6 +112,7 @@ class System:
   train_step: str | None = None
   flag_names: tuple[str, ...] = ()
   commands: str | None = None
+  condition_text: Callable | None = None
 
 
 DEFAULT_SYSTEM = 'mar'
