@@ -135,4 +135,5 @@ SYSTEM = System(
   validate=validate,
   converter='disa_jax.systems.xar.convert',
   flops=flops,
+  train_step='disa_jax.systems.xar.train',
 )
