@@ -76,6 +76,9 @@ def fingerprint(config, plan, labels, *, metric: str, inception, ref_stats,
   """What must not change between an interrupted run and its continuation."""
   s = config.sampling
   other = {k: s[k] for k in sorted(s.keys()) if k not in _COVERED_SAMPLING}
+  for k, path in list(other.items()):      # e.g. Harmon's prompts_file: its content counts
+    if k.endswith('_file') and path and os.path.isfile(os.path.expanduser(path)):
+      other[k + '_sha256'] = integrity.file_sha256(os.path.expanduser(path))
   return {
     'format': FORMAT, 'version': 2,
     'sampling_other': json.loads(json.dumps(other, default=str)),

@@ -70,3 +70,36 @@ def test_eval_resume_equals_uninterrupted_and_guidance_is_fingerprinted(vae, tmp
   assert resumed['batches_reused'] == 1 and resumed['batches_run'] == 1
   assert resumed['metrics'] == m['metrics']
   assert np.array_equal(_pngs(part / 'images')[1], images)
+
+
+def test_fingerprint_covers_every_sampling_setting(tmp_path):
+  """A setting that changes the images but not the step plan (FlowAR's guidance, MAR's head
+  solver, Harmon's prompts file content) changes the resume fingerprint."""
+  from disa_jax.cli.eval import fingerprint
+  from disa_jax.schedules import StepPlan
+  from disa_jax.systems.flowar.config import flowar_config
+  from disa_jax.systems.harmon.config import harmon_config
+  from disa_jax.systems.mar.variants import digits_config
+
+  def fp(config):
+    return fingerprint(config, StepPlan(steps=(2, 2), max_timestep=None), np.arange(4),
+                       metric='none', inception=None, ref_stats=None, save_images=False)
+
+  def changed(config, **fields):
+    before = fp(config)
+    with config.unlocked():
+      config.sampling.update(fields)
+    after = fp(config)
+    return sorted(k for k in before if before[k] != after[k])
+
+  assert changed(flowar_config('S', 'tiny'), guidance=0.5) == ['sampling_other']
+  assert changed(digits_config(tiny=True), solver='ddim') == ['sampling_other']
+  assert changed(flowar_config('S', 'tiny'), cfg=3.0) == ['cfg']
+  prompts = tmp_path / 'prompts.txt'
+  prompts.write_text('a cat\n')
+  c = harmon_config('harmon_0_5b', tiny=True)
+  with c.unlocked():
+    c.sampling.prompts_file = str(prompts)
+  before = fp(c)
+  prompts.write_text('a dog\n')                        # same path, other prompts
+  assert fp(c)['sampling_other'] != before['sampling_other']
