@@ -74,6 +74,12 @@ JOBS = [
 # baseline (official steps, baseline_cfg) vs DiSA (upper -> lower, cfg), repeats interleaved.
 JOBS += [Job(f'FlowAR-{v}', f'configs/flowar/{v.lower()}.py', 256, '', est, dtypes='float32',
              tiny_runs='', system='flowar') for v, est in (('S', 120), ('L', 180), ('H', 300))]
+# xAR: official eval batch 256 per GPU (512 rows: both CFG rows always run), fp32; runs = the
+# xAR README baseline (B 40, L / H 50 steps per cell) vs DiSA 50 -> 15, repeats interleaved.
+JOBS += [Job(f'xAR-{v}', f'configs/xar/{v.lower()}.py', 256, '', est, dtypes='float32',
+             tiny_runs='', system='xar',
+             tiny_extra=('--config.sampling.baseline_steps=3', '--config.sampling.upper_steps=4',
+                         '--config.sampling.lower_steps=3')) for v, est in (('B', 150), ('L', 240), ('H', 360))]
 
 
 class SuiteError(Exception):
@@ -89,7 +95,7 @@ def command(job: Job, out_json: Path, *, dry_run: bool, devices: int = 1) -> lis
   if runs:
     argv.append(f'--runs={runs}')
   argv += list(job.tiny_extra if dry_run else job.extra)
-  if job.system == 'flowar':
+  if job.system in ('flowar', 'xar'):
     return argv + ['--repeats=1' if dry_run else '--repeats=2', '--phases']
   if job.system != 'mar':
     return argv
@@ -112,7 +118,7 @@ def rows(job: Job, result: dict) -> list[dict]:
              'tokens_per_s': r['tokens_per_s'], 'gpt_s': r['gpt_s'],
              'decoder_s': r['decoder_s'], 'diff_to_full': r['mean_abs_diff_to_full'],
              'device': result['backend']} for r in result['runs']]
-  if job.system == 'flowar':
+  if job.system in ('flowar', 'xar'):     # the same row layout (systems/{flowar,xar}/bench.py)
     for r in result['runs']:
       out.append({
         'job': job.name, 'run': r['label'], 'dtype': 'float32', 'batch': result['batch_size'],

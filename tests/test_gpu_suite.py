@@ -48,3 +48,20 @@ def test_dry_run_dar_job(tmp_path):
   assert [row['run'] for row in report['rows']] == ['full', 'stop=8', 'grid=2']
   assert all(row['images_per_s'] > 0 for row in report['rows'])
   assert (tmp_path / 'gpu_suite.md').read_text().count('| D-AR-L |') == 3
+
+
+def test_dry_run_xar_job(tmp_path):
+  """xAR's job: disa-bench on the tiny config through xAR's own comparison (baseline vs DiSA,
+  FLOP prediction, seconds per cell)."""
+  r = _run('--dry-run', f'--out={tmp_path}', '--only=xAR-B')
+  assert r.returncode == 0, r.stderr
+  report = json.loads((tmp_path / 'gpu_suite.json').read_text())
+  (job,) = report['jobs']
+  assert job['status'] == 'ok', job
+  base, disa = report['rows']
+  assert (base['run'], base['steps'], disa['run'], disa['steps']) == (
+    'baseline', '3/3/3/3', 'disa', '4/3/3/3')
+  assert base['speedup'] == 1.0 and 0 < disa['flop_speedup'] < 1.0    # DiSA runs more here
+  assert all(row['images_per_s'] > 0 and len(row['phases']['cell_s']) == 4
+             for row in report['rows'])
+  assert (tmp_path / 'gpu_suite.md').read_text().count('| xAR-B |') == 2

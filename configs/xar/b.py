@@ -7,6 +7,10 @@ Official weights (xAR-B.pth from huggingface.co/OliverRen/xAR), converted once:
 Official xAR schedule (same steps in every cell): --config.sampling.preset=baseline
 CPU-sized stand-in with random weights: --config=configs/xar/b.py:cpu
 Unit-test size: --config=configs/xar/b.py:tiny
+Baseline vs DiSA side by side: disa-bench --config=configs/xar/b.py:cpu --batch_size=4 --phases
+Train a small xAR on the bundled digits (noisy-context flow matching, systems/xar/train.py):
+  disa-train --config=configs/xar/b.py:tiny,digits --workdir=outputs/xar_digits \
+      --export=outputs/xar_digits/model
 Python: disa_jax.systems.xar.config.xar_config('B', arg).
 """
 

@@ -32,6 +32,8 @@ from absl import flags
 from disa_jax import integrity
 from disa_jax.cli import common
 from disa_jax.cli import flags as cli_flags
+from disa_jax.eval.workdir import barrier as _barrier
+from disa_jax.eval.workdir import prepare_workdir as _prepare_workdir
 
 _CONFIG = cli_flags.define_config()
 cli_flags.define_model()
@@ -58,12 +60,26 @@ def eval_labels(num_images: int, classes: list[int], class_num: int):
 build_metric = cli_flags.build_metric
 
 
+# Sampling fields the fingerprint covers through other entries (the resolved step plan, the
+# labels, or a top-level entry); every other field of `config.sampling` (FlowAR's guidance,
+# MAR's solver / eta, Harmon's prompts, ...) is fingerprinted under `sampling_other`.
+_COVERED_SAMPLING = frozenset({
+  'cfg', 'cfg_schedule', 'temperature', 'seed', 'num_images', 'batch_size', 'classes',
+  'preset', 'strategy', 'upper_steps', 'lower_steps', 'steps', 'num_iter', 'max_timestep',
+  'baseline_steps'})
+
+
 def fingerprint(config, plan, labels, *, metric: str, inception, ref_stats,
                 save_images: bool) -> dict:
   """What must not change between an interrupted run and its continuation."""
   s = config.sampling
+  other = {k: s[k] for k in sorted(s.keys()) if k not in _COVERED_SAMPLING}
+  for k, path in list(other.items()):      # e.g. Harmon's prompts_file: its content counts
+    if k.endswith('_file') and path and os.path.isfile(os.path.expanduser(path)):
+      other[k + '_sha256'] = integrity.file_sha256(os.path.expanduser(path))
   return {
-    'format': FORMAT, 'version': 1,
+    'format': FORMAT, 'version': 2,
+    'sampling_other': json.loads(json.dumps(other, default=str)),
     'model': dict(config.model), 'checkpoint': config.get('checkpoint', ''),
     'tokenizer': dict(config.tokenizer),
     'steps': list(plan.steps), 'max_timestep': plan.max_timestep, 'cfg': s.cfg,

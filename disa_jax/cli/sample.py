@@ -112,6 +112,10 @@ def sample(config, out: str, *, overwrite=False, save_images=True, save_tokens=F
     metrics = _metrics(config, plan, sampler, totals, load_s, decode_s, source, mesh)
     if is_main:
       np.save(os.path.join(od.path, 'labels.npy'), labels)
+      if system.condition_text is not None:       # text conditions (Harmon): image i = line i
+        texts = system.condition_text(config)
+        with open(os.path.join(od.path, 'prompts.txt'), 'w') as f:
+          f.writelines(f'{texts[int(c)]}\n' for c in labels)
       if all_tokens:
         np.save(os.path.join(od.path, 'tokens.npy'), np.concatenate(all_tokens))
       Image.fromarray(tok.make_grid(np.stack(grid_imgs))).save(os.path.join(od.path, 'grid.png'))

@@ -90,6 +90,9 @@ class System:
   flops           (model_config, plan) -> dict of FLOPs per image (`disa-bench`).
   train_step      module name providing `TrainState`, `train_step(...)` (`disa-train`).
   flag_names      names of extra absl flags the system defines (in its own `flags` module).
+  condition_text  (config) -> list[str]: the text of each condition id (Harmon's prompts);
+                  `disa-sample` writes image i's text as line i + 1 of `prompts.txt`. None: the
+                  conditions are class ids (labels.npy says it all).
   commands        module holding the system's command bodies `<command>_command(config)`
                   (see `find_command`); None: `disa_jax.systems.<name>.commands` when that
                   module exists.
@@ -110,6 +113,7 @@ class System:
   train_step: str | None = None
   flag_names: tuple[str, ...] = ()
   commands: str | None = None
+  condition_text: Callable | None = None
 
 
 DEFAULT_SYSTEM = 'mar'

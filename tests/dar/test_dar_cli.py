@@ -136,6 +136,33 @@ def test_eval_fid_through_the_inception_pipeline(random_inception, tmp_path):
   assert len(os.listdir(out / 'images')) == 10
 
 
+@pytest.mark.slow
+def test_eval_resumes_to_the_uninterrupted_result(tmp_path):
+  """disa-eval stopped after one batch (--max-batches=1) and continued by the same command gives
+  the metrics and images of an uninterrupted run; continuing with another cfg is refused."""
+  common = ['--classes=1,2', '--num-images=4', '--batch-size=2', '--save-images',
+            '--metric=custom_metric:MeanBrightness']
+  full, part = tmp_path / 'full', tmp_path / 'part'
+  r = run_cli('cli.eval', TINY, *common, f'--out={full}')
+  assert r.returncode == 0, r.stderr
+  m = json.loads((full / 'metrics.json').read_text())
+  assert m['metrics']['num_images'] == 4 and m['batches_run'] == 2
+  r = run_cli('cli.eval', TINY, *common, f'--out={part}', '--max-batches=1')
+  assert r.returncode == 0, r.stderr
+  assert 'stopped after 1 batches' in r.stdout and not part.exists()
+  assert len(os.listdir(tmp_path / 'part.partial' / 'images')) == 2
+  r = run_cli('cli.eval', TINY, *common, f'--out={part}', '--cfg=3.0')
+  err = r.stderr.strip().splitlines()
+  assert r.returncode == 2 and len(err) == 1 and 'interrupted run with other settings' in err[0]
+  r = run_cli('cli.eval', TINY, *common, f'--out={part}')
+  assert r.returncode == 0, r.stderr
+  resumed = json.loads((part / 'metrics.json').read_text())
+  assert resumed['batches_reused'] == 1 and resumed['batches_run'] == 1
+  assert resumed['metrics'] == m['metrics']
+  assert np.array_equal(_pngs(part / 'images'), _pngs(full / 'images'))
+  assert not (tmp_path / 'part.partial').exists()
+
+
 @pytest.mark.parametrize('args,message', [
   (['--prefix-groups=2'], '--prefix-groups needs --layout-from=IMAGE or --prefix-from-sample'),
   (['--layout-from=/no/such.png', '--prefix-groups=1'], '--layout-from: no such image file'),

@@ -77,6 +77,8 @@ def test_sample_writes_images_and_grid(files, tmp_path):
   assert img.shape == (128, 128, 3) and img.std() > 0      # 8 x 8 tokens x 16 px
   assert np.asarray(Image.open(out / 'grid.png')).shape[0] >= 128
   assert list(np.load(out / 'labels.npy')) == [0, 1, 0]    # prompt indices, cycled
+  # the prompt of image i is line i + 1 of prompts.txt
+  assert (out / 'prompts.txt').read_text() == 'a red apple\na photo of a cat\na red apple\n'
   m = json.loads((out / 'metrics.json').read_text())
   assert m['num_images'] == 3 and m['num_iter'] == 2 and m['steps_requested'] == [3, 3]
   # one prefill, one init, then the backbone / head buckets; every batch reuses them
@@ -93,6 +95,7 @@ def test_sample_prompts_file_disa(files, tmp_path):
   assert r.returncode == 0, r.stderr
   assert 'RANDOM WEIGHTS' in r.stdout
   assert np.load(out / 'tokens.npy').shape == (2, 64, 16)
+  assert (out / 'prompts.txt').read_text().splitlines() == ['a red apple', 'a photo of a cat']
   m = json.loads((out / 'metrics.json').read_text())
   assert m['max_timestep'] == 950 and m['steps_requested'] == [3, 2]
 

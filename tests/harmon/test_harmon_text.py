@@ -110,3 +110,32 @@ def test_configs(name, hidden, mar_width):
     mod.get_config('gpu')
   with pytest.raises(ValueError, match='unknown Harmon variant'):
     harmon_config('harmon_7b')
+
+
+PROMPTS = ['a red apple on a wooden table.', 'Two  dogs\tand 3 cats, 4K photo!!',
+           "it's a café — naïve 東京 12345", 'line one\nline two', '   leading and trailing   ']
+
+
+def test_ids_equal_transformers_qwen2_tokenizers(tokenizer_json, tmp_path):
+  """Our ids == what the official code's tokenizer class returns for the same files: the
+  transformers `Qwen2TokenizerFast` on the same tokenizer.json, and the pure-Python
+  `Qwen2Tokenizer` (its own Qwen2 split regex, NFC and byte-level BPE) on the vocab / merges
+  exported from it, for the conditional and unconditional rows of awkward prompts (unicode,
+  digits, runs of spaces, tabs and newlines). Stands in for the real Qwen2.5 file, which is not
+  available offline."""
+  transformers = pytest.importorskip('transformers')
+  from tokenizers import Tokenizer
+
+  tok = TextTokenizer(tokenizer_json)
+  fast = transformers.Qwen2TokenizerFast(tokenizer_file=str(tokenizer_json))
+  Tokenizer.from_file(str(tokenizer_json)).model.save(str(tmp_path))
+  slow = transformers.Qwen2Tokenizer(str(tmp_path / 'vocab.json'), str(tmp_path / 'merges.txt'),
+                                     additional_special_tokens=['<|im_start|>', '<|im_end|>'])
+  assert slow.convert_tokens_to_ids('<|im_start|>') == tok.token_id('<|im_start|>')
+  for prompt in PROMPTS:
+    text = harmon_text(prompt)
+    ours = tok.prompt_ids(prompt)
+    assert ours == fast(text)['input_ids'] == slow(text)['input_ids'], prompt
+    assert len(ours) > len(text.split())                 # really split into sub-words
+  u = uncond_text()
+  assert tok.uncond_ids() == fast(u)['input_ids'] == slow(u)['input_ids']

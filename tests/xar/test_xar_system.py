@@ -77,6 +77,8 @@ def test_sample_cli_tiny(tmp_path):
                                      'metrics.json', 'tokens.npy']
   tokens = np.load(out / 'tokens.npy')
   assert tokens.shape == (3, 256, 16) and np.isfinite(tokens).all()
+  # images 0 and 2 (both class 3, in different batches) have their own noise
+  assert np.abs(tokens[0] - tokens[2]).max() > 0.1
   m = json.loads((out / 'metrics.json').read_text())
   assert m['steps_actual'] == [6, 5, 4, 3] and m['compilations']['backbone'] == 4
   assert m['num_iter'] == 4 and m['images_per_s'] > 0

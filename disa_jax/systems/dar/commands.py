@@ -351,14 +351,94 @@ def bench_command(config):
 
 
 # -------------------------------------------------------------------------------- disa-eval
+class EvalSampler:
+  """D-AR under the shared evaluation loop (`disa_jax.eval.pipeline.run`): `generate` returns
+  the decoded images in about [-1, 1] (B, H, W, 3) as the "tokens" of a batch (D-AR decodes
+  during generation), `EvalDecoder` turns them into uint8. Image i's randomness is
+  fold_in(key, i) as in disa-sample, so a resumed evaluation reproduces an uninterrupted one.
+  `totals` sums this invocation's GPT / decoder seconds (the `_run_metrics` fields)."""
+
+  def __init__(self, rs, prefix):
+    self.rs, self.prefix, self.mesh = rs, prefix, None
+    self.compile_log: dict = {}
+    self.last_stats = None
+    self.totals = dict(gpt_s=0.0, decoder_s=0.0, wall_s=0.0, tokens=0, images=0,
+                       first_batch_s=0.0, prefix_ids=0 if prefix is None else int(len(prefix)))
+
+  def plan(self, batch_size, **_):
+    return None
+
+  def compile(self, plan) -> float:
+    return 0.0
+
+  def generate(self, labels, key, *, image_ids=None, progress=None, **_):
+    self.rs.set_key(key)
+    ids = np.arange(len(labels)) if image_ids is None else np.asarray(image_ids)
+    gen = self.rs.run(np.asarray(labels), ids, prefix=self.prefix)
+    if gen.images is None:
+      raise UserError('no image was decoded: --num-tokens must complete at least one group')
+    t = self.totals
+    if not t['images']:
+      t['first_batch_s'] = gen.seconds['wall']
+    for k in ('gpt', 'decoder', 'wall'):
+      t[f'{k}_s'] += gen.seconds[k]
+    t['tokens'] += self.rs.last_stats.tokens
+    t['images'] += len(ids)
+    self.last_stats = self.rs.last_stats
+    return np.asarray(gen.images, np.float32)
+
+
+class EvalDecoder:
+  def decode(self, images):
+    from disa_jax.systems.dar.sampling import to_uint8
+
+    return to_uint8(images)
+
+
+def fingerprint(config, labels, *, metric: str, inception, ref_stats, save_images) -> dict:
+  """What must not change between an interrupted D-AR evaluation and its continuation."""
+  import hashlib
+
+  from disa_jax import integrity
+
+  s = config.sampling
+  return json_safe({
+    'format': 'disa_jax.eval', 'version': 2, 'system': 'dar', 'model': config.model.to_dict(),
+    'checkpoint': config.get('checkpoint', ''),
+    'tokenizer_checkpoint': config.get('tokenizer_checkpoint', ''),
+    'sampling': {k: s[k] for k in sorted(s.keys()) if k not in ('previews',)},
+    'labels_sha1': hashlib.sha1(labels.tobytes()).hexdigest(), 'metric': metric,
+    'inception': inception or '', 'ref_stats': ref_stats or '', 'save_images': bool(save_images),
+    'matmul_precision': config.runtime.get('matmul_precision', ''),
+    **integrity.model_fingerprints(checkpoint=config.get('checkpoint', ''),
+                                   tokenizer_checkpoint=config.get('tokenizer_checkpoint', ''),
+                                   inception=inception),
+  })
+
+
+def json_safe(d):
+  import json
+
+  return json.loads(json.dumps(d, default=str))
+
+
 def evaluate(config, out, *, metric_name='inception', inception=None, ref_stats=None,
              inception_batch_size=0, precision_recall=True, overwrite=False, save_images=False,
-             show_progress=True) -> dict:
+             max_batches=0, show_progress=True) -> dict | None:
   """Generates the evaluation set (classes in blocks, official order) and scores it with the
   shared quality metrics (`inception`: FID / IS through the existing Inception pipeline).
-  Not resumable (unlike MAR's disa-eval): an interrupted run leaves no output."""
+  Resumable like MAR's disa-eval (`disa_jax.eval.workdir`): work happens in `<out>.partial/`
+  (one shard per batch, images/NNNNNN.png with --save-images); the same command continues an
+  interrupted run (`--max-batches` bounds one invocation); returns None when stopped early."""
+  import shutil
+  import types
+
+  import jax
+
   from disa_jax.cli.flags import build_metric
-  from disa_jax.io.output import OutputDir, write_json
+  from disa_jax.eval import pipeline
+  from disa_jax.eval.workdir import prepare_workdir
+  from disa_jax.io.output import OUTPUT_MARKER, OutputLock, check_output_path, write_json
   from disa_jax.systems.dar.system import SYSTEM
 
   SYSTEM.validate(config)
@@ -366,46 +446,72 @@ def evaluate(config, out, *, metric_name='inception', inception=None, ref_stats=
   labels = SYSTEM.conditions(config, config.sampling.num_images, order='blocks')
   inputs = [p for p in (config.checkpoint, config.tokenizer_checkpoint,
                         config.sampling.layout_from, inception, ref_stats) if p]
-  with OutputDir(out, overwrite=overwrite, inputs=inputs) as od:
+  final = os.path.abspath(os.path.expanduser(out))
+  partial = final + '.partial'
+  check_output_path(final, overwrite=overwrite, inputs=inputs)
+  lock = OutputLock(final)
+  lock.acquire()
+  try:
     metric = build_metric(metric_name, inception=inception, ref_stats=ref_stats,
-                          batch_size=inception_batch_size, precision_recall=precision_recall)
+                          batch_size=inception_batch_size, precision_recall=precision_recall,
+                          cache=os.path.join(partial, 'ref_features.npz'))
+    fp = fingerprint(config, labels, metric=metric_name, inception=inception,
+                     ref_stats=ref_stats, save_images=save_images)
+    resumed = prepare_workdir(final, partial, fp, overwrite)
     t0 = time.perf_counter()
     model, source = SYSTEM.build_model(config, seed=config.sampling.seed)
     rs = SYSTEM.make_sampler(model, config, None)
     load_s = time.perf_counter() - t0
-    print(f'model: {config.get("name", "?")} ({source}); {len(labels)} images')
-    images_all = []
-    img_dir = os.path.join(od.path, 'images')
+    key = jax.random.key(config.sampling.seed)
+    rs.set_key(key)
+    sampler = EvalSampler(rs, run_prefix(rs, config, labels))
+    print(f'model: {config.get("name", "?")} ({source}); {len(labels)} images, '
+          f'{"continuing " + partial if resumed else "writing " + partial}')
+    img_dir = None
     if save_images:
+      img_dir = os.path.join(partial, 'images')
       os.makedirs(img_dir, exist_ok=True)
+    bar = None
+    if show_progress:
+      from tqdm import tqdm
 
-    def on_batch(ids, images, prev, gen):
-      from PIL import Image
-
-      images_all.append(images)
-      if save_images:
-        for i, img in zip(ids, images, strict=True):
-          Image.fromarray(img).save(os.path.join(img_dir, f'{i:06d}.png'))
-
-    totals = generate_all(rs, config, labels, on_batch=on_batch, progress=show_progress)
-    t1 = time.perf_counter()
-    results = None
-    if metric is not None:
-      results = metric.evaluate(np.concatenate(images_all), labels)
-    result = {'metric': metric_name, 'metrics': results,
-              'timing': {**_run_metrics(config, rs, plan, totals, source, load_s),
-                         'metric_s': round(time.perf_counter() - t1, 4)}}
-    write_json(os.path.join(od.path, 'metrics.json'), result)
-  parts = [f'{k} {v:.4g}' for k, v in (results or {}).items() if isinstance(v, float)][:5]
+      bar = tqdm(total=len(labels), desc='images', unit='img', leave=False)
+    s = config.sampling
+    outcome = pipeline.run(
+      sampler, EvalDecoder(), labels, plan=plan, key=key, batch_size=s.batch_size,
+      sampling=types.SimpleNamespace(cfg=s.cfg, cfg_schedule=None, temperature=s.temperature),
+      metric=metric, store=pipeline.ShardStore(partial), image_dir=img_dir,
+      max_batches=max_batches, progress=(lambda done: bar.update(done - bar.n)) if bar else None)
+    if bar:
+      bar.close()
+    if not outcome.complete:
+      print(f'stopped after {outcome.batches_run} batches (--max_batches); run the same command '
+            f'again to continue {partial}')
+      return None
+    totals = sampler.totals
+    timing = {**(_run_metrics(config, rs, plan, totals, source, load_s) if rs.last_stats
+                 else {}),
+              **{k: round(v, 6) if isinstance(v, float) else v
+                 for k, v in outcome.timing.items()}, 'num_images': outcome.num_images}
+    result = {'metric': metric_name, 'metrics': outcome.metrics, 'timing': timing,
+              'num_images': outcome.num_images, 'batches_run': outcome.batches_run,
+              'batches_reused': outcome.batches_reused}
+    write_json(os.path.join(partial, 'metrics.json'), result)
+    write_json(os.path.join(partial, OUTPUT_MARKER), {'format': 'disa_jax.output'})
+    if os.path.exists(final):
+      shutil.rmtree(final)
+    os.replace(partial, final)
+  finally:
+    lock.release()
+  parts = [f'{k} {v:.4g}' for k, v in (outcome.metrics or {}).items()
+           if isinstance(v, float)][:5]
   print(f'{len(labels)} images: {", ".join(parts) or "no metric"}; generation '
-        f'{totals["wall_s"]:.2f} s; wrote {od.final}')
+        f'{totals["wall_s"]:.2f} s this run; wrote {final}')
   return result
 
 
 def eval_command(config):
   FLAGS = _flags()
-  if FLAGS['max_batches'].present:
-    raise UserError('--max-batches: D-AR evaluation is not resumable yet; run it whole')
   config = apply_flags(config)
   with config.unlocked():
     if FLAGS.num_images is None:
@@ -417,4 +523,5 @@ def eval_command(config):
   return evaluate(config, out, metric_name=FLAGS.metric, inception=FLAGS.inception,
                   ref_stats=FLAGS.ref_stats, inception_batch_size=FLAGS.inception_batch_size,
                   precision_recall=FLAGS.precision_recall, overwrite=FLAGS.overwrite,
-                  save_images=FLAGS.save_images, show_progress=FLAGS.progress)
+                  save_images=FLAGS.save_images, max_batches=FLAGS.max_batches,
+                  show_progress=FLAGS.progress)

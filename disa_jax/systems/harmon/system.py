@@ -246,4 +246,5 @@ SYSTEM = System(
   converter='disa_jax.systems.harmon.convert',
   flops=flops,
   flag_names=('prompt', 'prompts_file', 'tokenizer'),
+  condition_text=prompts,
 )

@@ -12,6 +12,14 @@ scaled counts). Compile time is measured separately (first call); timed runs exc
 one JSON object: seconds per image per run, DiSA/baseline speedup next to the FLOP-model
 prediction and the DiSA README ratio, JAX/PyTorch time ratio and their max relative output
 difference, compile counts. The PyTorch reference is `reference/xar.py` (repo root).
+
+`disa-bench --config=configs/xar/b.py[:cpu|:tiny]` runs `benchmark_config` instead (`disa_bench`):
+the config's model (checkpoint or random weights) through the engine sampler (`engine.py`,
+per-image keys), runs `label=preset[:upper[:lower]]` (baseline: `label=baseline[:steps]`) or
+`label=50/38/26/15` (default: the official baseline vs the config's DiSA schedule, both at the
+config's cfg), compiled first, timed repeats interleaved across runs (side by side), the min
+reported; FLOP-model TFLOP per image and the predicted speedup, compile counts, and with
+`--phases` a synchronised pass giving each cell's seconds.
 """
 
 from __future__ import annotations
@@ -121,6 +129,125 @@ def run(variant: str, batch: int, *, repeats: int = 1, use_torch: bool = True, s
   return result
 
 
+def parse_runs(text: str | None, config) -> list[tuple[str, tuple[int, ...]]]:
+  """(label, evaluations per cell) per run of `--runs` (None: baseline vs the config's DiSA)."""
+  from disa_jax.systems.xar.system import stage_plan
+
+  def plan(**fields):
+    sub = config.sampling.copy_and_resolve_references()
+    with sub.unlocked():
+      sub.update({'strategy': '', 'steps': '', **fields})
+    return stage_plan(sub).steps
+
+  if not text:
+    return [('baseline', plan(preset='baseline')), ('disa', plan(preset='disa'))]
+  usage = ('expected label=baseline[:steps], label=disa[:upper[:lower]] or label=50/38/26/15')
+  out = []
+  for item in text.split(','):
+    label, eq, body = item.partition('=')
+    if not eq or not label or not body:
+      raise UserError(f'bad xAR run {item!r}; {usage}')
+    if '/' in body or body.isdigit():
+      out.append((label, plan(steps=body.replace('/', ','))))
+      continue
+    preset, *counts = body.split(':')
+    preset = {'mar': 'baseline'}.get(preset, preset)
+    if preset not in ('baseline', 'disa') or len(counts) > (1 if preset == 'baseline' else 2):
+      raise UserError(f'bad xAR run {item!r}; {usage}')
+    try:
+      ints = [int(c) for c in counts]
+    except ValueError:
+      raise UserError(f'bad xAR run {item!r}: step counts must be integers') from None
+    fields = {'preset': preset}
+    if ints and preset == 'baseline':
+      fields['baseline_steps'] = ints[0]
+    elif ints:
+      fields.update(upper_steps=ints[0], lower_steps=ints[-1])
+    out.append((label, plan(**fields)))
+  return out
+
+
+def benchmark_config(config, *, runs: str | None = None, batch_size: int = 4, repeats: int = 1,
+                     phases: bool = False, seed: int = 0, cfg: float | None = None,
+                     log=print) -> dict:
+  """Baseline vs DiSA (or `runs`) through the engine sampler on the config's model, side by
+  side in one process (`disa-bench` for xAR configs)."""
+  from disa_jax.engine.runner import build_model
+  from disa_jax.systems.xar.engine import XAREngineSampler
+  from disa_jax.systems.xar.system import model_config, validate
+
+  validate(config)
+  specs = parse_runs(runs, config)                 # schedule errors before loading
+  c = float(config.sampling.cfg if cfg is None else cfg)
+  arch = model_config(config)
+  model, source = build_model(config, seed=seed)
+  sampler = XAREngineSampler(model, cfg=c,
+                             matmul_precision=config.runtime.get('matmul_precision') or None)
+  labels = np.arange(batch_size) % arch.class_num
+  key = jax.random.key(seed)
+  result = {'system': 'xar', 'config': config.get('name', ''), 'model': source,
+            'batch_size': batch_size, 'cfg': c, 'backend': jax.default_backend(),
+            'device_kind': jax.devices()[0].device_kind, 'repeats': repeats, 'runs': []}
+  rows = []
+  for label, steps in specs:
+    plan = sampler.plan(batch_size, steps=steps, cfg=c)
+    before = sampler.compile_count
+    compile_s = sampler.compile(plan)
+    sampler.generate(labels, key, steps=steps, cfg=c)          # first run (allocations)
+    fl = run_flops(arch, steps)
+    rows.append({'label': label, 'cfg': c, 'steps_requested': list(steps),
+                 'steps_actual': list(steps), 'compile_s': round(compile_s, 3),
+                 'compilations': sampler.compile_count - before,
+                 'evaluations': fl['evaluations'],
+                 'head_token_steps_per_image': plan.token_steps(),
+                 'tflop_per_image': float(f'{fl["total"] / 1e12:.4g}'), 'walls': []})
+    log(f'[{label}] steps per cell {list(steps)}, cfg {c}: compiled in {compile_s:.1f} s')
+  for r in range(repeats):                       # interleaved: side by side on a noisy host
+    for row, (label, steps) in zip(rows, specs, strict=True):
+      sampler.generate(labels, key, steps=steps, cfg=c)
+      row['walls'].append(sampler.last_stats.wall_s)
+      log(f'[{label}] run {r + 1}/{repeats}: {row["walls"][-1]:.3f} s')
+  for row, (label, steps) in zip(rows, specs, strict=True):
+    wall = min(row.pop('walls'))
+    row.update(wall_s=round(wall, 4), s_per_image=round(wall / batch_size, 5),
+               images_per_s=round(batch_size / wall, 4))
+    if phases:
+      sampler.generate(labels, key, steps=steps, cfg=c, timed=True)
+      row['phases'] = {'cell_s': [round(t, 4) for t in sampler.last_stats.cell_s]}
+      log(f'[{label}] seconds per cell: {row["phases"]["cell_s"]}')
+  base = rows[0]
+  for row in rows:
+    row['speedup'] = round(base['wall_s'] / row['wall_s'], 4)
+    row['flop_speedup'] = round(base['tflop_per_image'] / row['tflop_per_image'], 4)
+  result['runs'] = rows
+  result['compile_count'] = sampler.compile_count
+  result['speedup_paper_readme'] = PAPER_SPEEDUP
+  return result
+
+
+def format_table(result: dict) -> str:
+  """A fixed-width table of a `benchmark_config` result."""
+  header = ['run', 'steps per cell', 'cfg', 's/img', 'img/s', 'compiles', 'TFLOP/img', 'speedup',
+            'FLOP pred.']
+  has_ph = any('phases' in r for r in result['runs'])
+  if has_ph:
+    header.append('s per cell')
+  rows = []
+  for r in result['runs']:
+    cells = [r['label'], '/'.join(map(str, r['steps_requested'])), r['cfg'],
+             f'{r["s_per_image"]:.4f}', f'{r["images_per_s"]:.3f}', r['compilations'],
+             f'{r["tflop_per_image"]:.4g}', f'{r["speedup"]:.2f}x', f'{r["flop_speedup"]:.2f}x']
+    if has_ph:
+      cells.append('/'.join(f'{t:.3f}' for t in r.get('phases', {}).get('cell_s', [])) or '-')
+    rows.append([str(x) for x in cells])
+  widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
+  line = lambda cells: '  '.join(c.rjust(w) for c, w in zip(cells, widths, strict=True))  # noqa
+  title = (f'{result["config"]} | {result["model"]} | batch {result["batch_size"]} | '
+           f'{result["backend"]} ({result["device_kind"]}) | DiSA README speedup '
+           f'{result["speedup_paper_readme"]}x')
+  return '\n'.join([title, line(header), *map(line, rows)])
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--variant', default='B', help='B, L or H (official shapes, random weights)')
@@ -147,3 +274,5 @@ def main(argv=None) -> int:
 
 if __name__ == '__main__':
   sys.exit(main())
+
+disa_bench = benchmark_config   # disa-bench's entry for xAR (cli/bench._system_bench)

@@ -125,13 +125,14 @@ def variant(name: str) -> XARConfig:
 
 
 def parse_config_arg(arg: str | None) -> dict:
-  """'cpu' / 'tiny' (the text after ':' in --config=configs/xar/b.py:cpu)."""
-  out = {'cpu': False, 'tiny': False}
+  """'cpu' / 'tiny' / 'tiny,digits' (the text after ':' in --config=configs/xar/b.py:cpu);
+  'digits' trains on the bundled digits cache (1-channel 16x16 pixel tokens, 10 classes)."""
+  out = {'cpu': False, 'tiny': False, 'digits': False}
   for item in (arg or '').split(','):
     if not item:
       continue
     if item not in out:
-      raise UserError(f'unknown xAR config argument {item!r}; use cpu or tiny')
+      raise UserError(f'unknown xAR config argument {item!r}; use cpu, tiny or digits')
     out[item] = True
   return out
 
@@ -145,10 +146,13 @@ def xar_config(name: str, arg: str | None = None):
   key = variant_key(name)
   official = OFFICIAL_SAMPLING[key]
   arch = TINY if opts['tiny'] else CPU if opts['cpu'] else VARIANTS[key]
+  if opts['digits']:
+    arch = dataclasses.replace(arch, token_dim=1, class_num=10)
   small = opts['cpu'] or opts['tiny']
   c = ml_collections.ConfigDict()
   c.system = 'xar'
-  c.name = f'xar_{key.lower()}' + ('-tiny' if opts['tiny'] else '-cpu' if opts['cpu'] else '')
+  c.name = f'xar_{key.lower()}' + ('-tiny' if opts['tiny'] else '-cpu' if opts['cpu'] else '') \
+    + ('-digits' if opts['digits'] else '')
   c.variant = key
   c.model = ml_collections.ConfigDict(arch.to_dict())
   c.checkpoint = ''                 # directory written by `disa-convert xar`
@@ -182,4 +186,19 @@ def xar_config(name: str, arg: str | None = None):
   t.vae = ''                        # directory written by `disa-convert vae`
   t.scale = 0.2325                  # latent = tokens / 0.2325 before decoding
   c.tokenizer = t
+  from disa_jax.config import data_config, train_config
+
+  # Training (`disa-train`, `systems/xar/train.py`): AdamW betas 0.9 / 0.96 and blr 5e-5 of the
+  # xAR README / engine; the rest (wd 0.02, clip 3.0, EMA 0.9999, warmup) is the shared recipe.
+  c.train = train_config(b2=0.96, blr=5e-5)
+  c.train.label_drop_prob = 0.1
+  c.data = data_config(latent_scale=0.2325)
+  if opts['digits']:
+    from disa_jax.data.digits import TOKEN_SCALE
+
+    t.update(kind='none', scale=TOKEN_SCALE)
+    c.data.update(kind='digits', cache_dir='~/.cache/disa_jax/digits_cache', flip_prob=0.0,
+                  latent_scale=TOKEN_SCALE)
+    c.train.update(batch_size=16, num_steps=20, blr=0.016, warmup_steps=2,
+                   lr_schedule='constant', log_every=5, checkpoint_every=10, ema_rate=0.995)
   return c
