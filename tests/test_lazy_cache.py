@@ -270,3 +270,25 @@ def test_cached_sampler_via_constructor_and_override(model):
   # a second cached call compiles nothing new
   a.generate(np.array([2]), jax.random.key(2), steps=STEPS, cfg=2.0, orders=orders)
   assert sum(a.last_stats.compiles.values()) == 0
+
+
+def test_config_and_flag_checks(model):
+  from disa_jax.cli import flags as cli_flags
+  from disa_jax.systems.mar import system
+  from disa_jax.systems.mar.variants import digits_config
+
+  config = digits_config()
+  with config.unlocked():
+    config.sampling.batch_size = 8   # the tests' 8 host devices
+    config.sampling.cache = 'lazymar:interval=3'
+  assert system.make_sampler(model, config, None).cache.interval == 3
+  cli_flags.validate_sampling(config)
+  with config.unlocked():
+    config.sampling.cache = 'lazymar:every=3'
+  with pytest.raises(UserError, match='bad item'):
+    cli_flags.validate_sampling(config)
+  with config.unlocked():
+    config.sampling.cache = 'lazymar'
+    config.system = 'flowar'
+  with pytest.raises(UserError, match='MAR only'):
+    cli_flags.validate_sampling(config)

@@ -125,6 +125,8 @@ def _run(argv):
       config.tokenizer.vae = FLAGS.vae
     if FLAGS.temperature is not None:
       config.sampling.temperature = FLAGS.temperature
+    if FLAGS.cache is not None:
+      config.sampling.cache = FLAGS.cache
   batch_size = DEFAULT_BATCH_SIZE if FLAGS.batch_size is None else FLAGS.batch_size
   seed = 0 if FLAGS.seed is None else FLAGS.seed
   if _system_bench(config, batch_size=batch_size, seed=seed):
