@@ -75,6 +75,7 @@ def sampling_config(**overrides) -> ml_collections.ConfigDict:
   c.temperature = 1.0
   c.solver = 'ddpm'          # head solver: ddpm (official) | ddim | dpmpp_2m (docs/solvers.md)
   c.eta = 0.0                # DDIM noise scale (0 = deterministic)
+  c.cache = ''               # MAR backbone cache: '' / none | lazymar[:k=v,...] (docs/caching.md)
   c.num_images = 8
   c.batch_size = 8           # global batch (split over devices and hosts)
   c.classes = ''             # comma-separated class ids cycled over the images ('' = all)

@@ -39,6 +39,8 @@ def run_bench(config, disa_bench, format_table) -> dict:
       config.tokenizer.vae = FLAGS.vae
     if FLAGS.temperature is not None:
       config.sampling.temperature = FLAGS.temperature
+    if 'cache' in FLAGS and FLAGS.cache is not None:
+      config.sampling.cache = FLAGS.cache
   batch_size = DEFAULT_BATCH_SIZE if FLAGS.batch_size is None else FLAGS.batch_size
   seed = 0 if FLAGS.seed is None else FLAGS.seed
   if batch_size < 1 or FLAGS.repeats < 1:

@@ -39,7 +39,7 @@ FLAGS = flags.FLAGS
 
 SAMPLING_FLAGS = ('num_images', 'batch_size', 'classes', 'seed', 'preset', 'strategy',
                   'upper_steps', 'lower_steps', 'steps', 'num_iter', 'cfg', 'cfg_schedule',
-                  'temperature', 'max_timestep')
+                  'temperature', 'max_timestep', 'cache')
 
 
 def _defined(name: str) -> bool:
@@ -107,6 +107,8 @@ def define_guidance():
   flags.DEFINE_float('cfg', None, 'Classifier-free guidance scale (finite, >= 0; 1.0 = off).')
   flags.DEFINE_enum('cfg_schedule', None, ['linear', 'constant'], 'CFG schedule.')
   flags.DEFINE_float('temperature', None, 'Solver-noise temperature (finite, > 0).')
+  flags.DEFINE_string('cache', None, 'MAR backbone feature cache: none | lazymar[:interval=9,'
+                      'start=5,layer=3,margin=15,keep_bucket=16,ratio_scale=1] (docs/caching.md).')
   rule_validator('cfg', 'sampling', 'cfg')
   rule_validator('temperature', 'sampling', 'temperature')
 
@@ -279,6 +281,8 @@ def validate_sampling(config) -> None:
   if vae and not os.path.exists(os.path.expanduser(vae)):
     raise UserError(f'VAE directory {vae} does not exist')
   system = system_of(config)
+  if s.get('cache', '') not in ('', 'none') and system.name != 'mar':
+    raise UserError(f'--cache applies to MAR only (this config is {system.name}); drop it')
   if system.validate is not None:
     system.validate(config)
   if 'runtime' in config:      # before any compile: a batch the devices do not divide

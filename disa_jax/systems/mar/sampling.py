@@ -173,6 +173,7 @@ class RunStats:
   backbone_s: float = 0.0
   head_s: float = 0.0
   compiles: dict = dataclasses.field(default_factory=dict)
+  cache: dict | None = None   # the backbone cache's report (lazy.LazyBackbone.report)
 
   def as_dict(self) -> dict:
     d = {'wall_s': round(self.wall_s, 4), 'compile_s': round(self.compile_s, 4),
@@ -180,6 +181,8 @@ class RunStats:
     if self.backbone_s or self.head_s:
       d.update(backbone_s=round(self.backbone_s, 4), head_s=round(self.head_s, 4))
     d.update(self.plan.report())
+    if self.cache is not None:
+      d['cache'] = self.cache
     return d
 
 
@@ -205,13 +208,19 @@ class Sampler:
     modulation_budget: bytes of adaLN modulations the head may precompute per call
       (`diffusion.ddpm.MODULATION_BUDGET_BYTES`; 0 forces the per-step path that large
       batches take; a static argument of the head executables, so part of their cache key).
+    cache: backbone feature cache, None / 'none' or 'lazymar[:k=v,...]' (`lazy.py`,
+      docs/caching.md); `generate(cache=...)` overrides it per call.
   """
 
   def __init__(self, model, *, mesh: Mesh | None = None, enc_bucket: int = 0,
                max_head_waste: float = 0.05, matmul_precision: str | None = None,
                solver: str = 'ddpm', eta: float = 0.0, head_steps: str = 'exact',
-               compile_threads: int = 1, modulation_budget: int = MODULATION_BUDGET_BYTES):
+               compile_threads: int = 1, modulation_budget: int = MODULATION_BUDGET_BYTES,
+               cache=None):
     check_solver(solver, eta)
+    from disa_jax.systems.mar.lazy import parse_cache
+    self.cache = parse_cache(cache)
+    self.last_lazy = None   # the LazyBackbone of the last cached generate call
     if head_steps not in ('exact', 'traced'):
       raise ValueError(f'head_steps must be exact or traced, got {head_steps!r}')
     self.solver, self.eta, self.head_steps = solver, float(eta), head_steps
@@ -312,7 +321,8 @@ class Sampler:
     return exe(*args)
 
   def compile(self, plan: SamplingPlan, *, explicit_noise: bool = False,
-              solver: str | None = None, eta: float | None = None) -> float:
+              solver: str | None = None, eta: float | None = None,
+              backbone: bool = True) -> float:
     """Compiles every bucket of `plan` now and runs each once on placeholder inputs (so that
     first-run costs stay out of timed sampling); returns the seconds spent compiling."""
     before = sum(self.compile_log.values())
@@ -324,6 +334,7 @@ class Sampler:
                                                                           seq_len=seq))
     tokens = self._batch(np.zeros((b, seq, ch), np.float32))
     jobs = self._compile_jobs(plan, explicit_noise, solver, eta, tokens, orders, class_vec, keys)
+    jobs = [job for job in jobs if backbone or job[0] != 'backbone']   # cached runs: lazy.py
     if self.compile_threads > 1:   # wall time: the per-bucket log sums overlapping threads
       init_s = sum(self.compile_log.values()) - before
       t0 = time.perf_counter()
@@ -389,6 +400,7 @@ class Sampler:
     on_backbone: Callable | None = None,
     solver: str | None = None,
     eta: float | None = None,
+    cache=None,
   ):
     """Generates tokens [B, L, C] for `labels` [B] (ints; -1 = unconditional).
 
@@ -400,7 +412,8 @@ class Sampler:
     `on_backbone(ar_step, z, pred_pos, pred_valid)` sees each step's decoder conditions
     z [B, (2,) n_query, Dd] (cond, uncond under CFG) before the head runs (for analysis).
     Compilation happens before sampling starts and is reported as `last_stats.compile_s`.
-    `solver` / `eta` override the sampler's head solver for this call.
+    `solver` / `eta` override the sampler's head solver for this call; `cache` its backbone
+    cache ('none' turns a sampler's cache off).
     """
     if solver is not None or eta is not None:
       check_solver(self.solver if solver is None else solver, self.eta if eta is None else eta)
@@ -415,8 +428,11 @@ class Sampler:
     seq, ch = self.config.seq_len, self.config.token_embed_dim
     before = collections.Counter(self.trace_counts)
     stats = RunStats(plan=plan)
+    from disa_jax.systems.mar.lazy import LazyBackbone, parse_cache
+    lazy_cfg = self.cache if cache is None else parse_cache(cache)
+    lazy = None if lazy_cfg is None else LazyBackbone(self, plan, lazy_cfg)
     stats.compile_s = self.compile(plan, explicit_noise=noise is not None, solver=solver,
-                                   eta=eta)
+                                   eta=eta, backbone=lazy is None)
     t_start = time.perf_counter()
     labels_arr = self._batch(np.asarray(labels, np.int32))
     ids = np.arange(b) if image_ids is None else np.asarray(image_ids)
@@ -427,13 +443,19 @@ class Sampler:
     if orders is not None:
       gen_orders = self._batch(np.asarray(orders, np.int32))
     tokens = self._batch(np.zeros((b, seq, ch), np.float32))
+    if lazy is not None:
+      stats.compile_s += lazy.compile(tokens, gen_orders, class_vec)
+      t_start = time.perf_counter()
     for s in plan.steps:
       t0 = time.perf_counter()
-      z, pred_pos, pred_valid = self._run(
-        'backbone',
-        (st, tokens, gen_orders, class_vec, jnp.int32(s.m_cur), jnp.int32(s.n_pred)),
-        dict(graphdef=gd, visible_pad=s.visible_pad, n_query=plan.n_query,
-             use_cfg=plan.use_cfg))
+      if lazy is not None:
+        z, pred_pos, pred_valid = lazy.step(s, tokens, gen_orders, class_vec)
+      else:
+        z, pred_pos, pred_valid = self._run(
+          'backbone',
+          (st, tokens, gen_orders, class_vec, jnp.int32(s.m_cur), jnp.int32(s.n_pred)),
+          dict(graphdef=gd, visible_pad=s.visible_pad, n_query=plan.n_query,
+               use_cfg=plan.use_cfg))
       if on_backbone is not None:
         on_backbone(s, z, pred_pos, pred_valid)
       if timed:
@@ -460,7 +482,12 @@ class Sampler:
     jax.block_until_ready(tokens)
     stats.wall_s = time.perf_counter() - t_start
     stats.compiles = {k: self.trace_counts[k] - before[k] for k in ('init', 'backbone', 'head')}
+    if lazy is not None:
+      stats.compiles.update({k: self.trace_counts[k] - before[k]
+                             for k in ('lazy_refresh', 'lazy_step')})
+      stats.cache = lazy.report()
     self.last_stats = stats
+    self.last_lazy = lazy
     return tokens
 
   def _explicit_noise(self, noise, s, b, ch):

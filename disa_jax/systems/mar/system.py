@@ -62,7 +62,8 @@ def make_sampler(model, config, mesh):
                  matmul_precision=rt.matmul_precision or None,
                  solver=config.sampling.get('solver', 'ddpm'),
                  eta=config.sampling.get('eta', 0.0),
-                 head_steps=rt.get('head_steps', 'exact'))
+                 head_steps=rt.get('head_steps', 'exact'),
+                 cache=config.sampling.get('cache', '') or None)
 
 
 def parse_classes(text: str) -> list[int]:
@@ -129,6 +130,9 @@ def validate(config) -> None:
                     f'{", ".join(SOLVERS)}')
   if not (math.isfinite(eta) and eta >= 0):
     raise UserError(f'--config.sampling.eta must be finite and >= 0, got {eta}')
+  from disa_jax.systems.mar.lazy import parse_cache
+
+  parse_cache(config.sampling.get('cache', ''))   # CacheSpecError (a UserError) if bad
   head_steps = config.runtime.get('head_steps', 'exact')
   if head_steps not in ('exact', 'traced'):
     raise UserError(f'--config.runtime.head_steps must be exact or traced, got {head_steps!r}')

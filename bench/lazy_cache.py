@@ -1,0 +1,175 @@
+"""LazyMAR caching x DiSA, side by side in one process: speed (and quality on the digits model).
+
+  # speed at MAR-B shapes (random weights), batch 4, CFG 2.9, 16 AR steps, CPU:
+  nice python bench/lazy_cache.py --model=mar_base --num_iter=16 --batch=4 \
+      --runs=disa,disa+cache --json=outputs/lazy_mar_base.json
+  # quality on the bundled digits model (accuracy / Frechet distance as disa-demo):
+  nice python bench/lazy_cache.py --model=digits --num_images=200 --seeds=0,1 \
+      --runs=mar,mar+cache,disa,disa+cache
+
+Runs: `mar` = the original schedule (--mar_steps at every AR step, no clamp), `disa` = DiSA
+linear --disa_upper -> --disa_lower with the 950 clamp; `+cache` adds `--cache` (default
+lazymar). Every run of one invocation uses the same weights, labels, seeds, generation orders
+and noise; compilation happens before the timed part and is reported separately; each run is
+timed --repeats times (the minimum is reported) with the backbone / head split measured in a
+separate synchronised pass. Prints a table and (with --json) writes the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from disa_jax.diffusion.gaussian import DISA_MAX_TIMESTEP  # noqa: E402
+from disa_jax.schedules import resolve_steps  # noqa: E402
+from disa_jax.systems.mar.sampling import Sampler  # noqa: E402
+
+
+def build(args):
+  if args.model == 'digits':
+    from disa_jax.checkpoint import load_mar
+    from disa_jax.systems.mar.variants import digits_config
+
+    config = digits_config()
+    model = load_mar(config.checkpoint, overrides={'attn_splits': 0})
+    return model, config.sampling.cfg, config.tokenizer.scale
+  from flax import nnx
+
+  from disa_jax.systems.mar.model import MAR, MARConfig
+  from disa_jax.systems.mar.variants import MAR_VARIANTS, PAPER_CFG
+
+  model = MAR(MARConfig(**MAR_VARIANTS[args.model]), rngs=nnx.Rngs(0))
+  return model, PAPER_CFG[args.model], None
+
+
+def schedules(args):
+  return {
+    'mar': resolve_steps(num_iter=args.num_iter, preset='mar', upper=args.mar_steps,
+                         lower=args.mar_steps),
+    'disa': resolve_steps(num_iter=args.num_iter, preset='disa', strategy='linear',
+                          upper=args.disa_upper, lower=args.disa_lower,
+                          max_timestep=DISA_MAX_TIMESTEP),
+  }
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--model', default='mar_base', help='mar_base | mar_large | digits')
+  p.add_argument('--num_iter', type=int, default=None, help='AR steps (default: model config)')
+  p.add_argument('--batch', type=int, default=4)
+  p.add_argument('--num_images', type=int, default=None, help='default: one batch')
+  p.add_argument('--seeds', default='0')
+  p.add_argument('--runs', default='disa,disa+cache')
+  p.add_argument('--cache', default='lazymar')
+  p.add_argument('--mar_steps', type=int, default=100)
+  p.add_argument('--disa_upper', type=int, default=50)
+  p.add_argument('--disa_lower', type=int, default=5)
+  p.add_argument('--cfg', type=float, default=None)
+  p.add_argument('--solver', default='ddpm')
+  p.add_argument('--repeats', type=int, default=1)
+  p.add_argument('--json', default='')
+  args = p.parse_args(argv)
+  model, default_cfg, scale = build(args)
+  cfg = default_cfg if args.cfg is None else args.cfg
+  if args.num_iter is None:
+    args.num_iter = 16 if args.model == 'digits' else 64
+  num_images = args.num_images or args.batch
+  scheds = schedules(args)
+  runs = [r for r in args.runs.split(',') if r]
+  for r in runs:
+    if r.removesuffix('+cache') not in scheds:
+      p.error(f'unknown run {r!r}; use mar, disa, mar+cache, disa+cache')
+  sampler = Sampler(model, solver=args.solver)
+  labels = np.arange(num_images) % model.config.class_num
+  seeds = [int(s) for s in args.seeds.split(',')]
+  quality = None
+  if args.model == 'digits':
+    from disa_jax.eval.digits_quality import DigitsQuality
+    from disa_jax.tokenizers.image import PixelTokenizer
+
+    quality, tok = DigitsQuality(), PixelTokenizer(model.config, scale=scale)
+  result = {'model': args.model, 'backend': jax.default_backend(), 'batch': args.batch,
+            'num_images': num_images, 'num_iter': args.num_iter, 'cfg': cfg,
+            'solver': args.solver, 'cache': args.cache, 'seeds': seeds,
+            'cpu_count': os.cpu_count(), 'load_avg': os.getloadavg()[0], 'runs': {}}
+  images = {}
+  for r in runs:
+    plan = scheds[r.removesuffix('+cache')]
+    cache = args.cache if r.endswith('+cache') else 'none'
+    kw = dict(steps=plan.steps, max_timestep=plan.max_timestep, cfg=cfg, cache=cache)
+    row = {'sample_s': 0.0, 'compile_s': 0.0}
+    out = {s: [] for s in seeds}
+    for seed in seeds:
+      for lo in range(0, num_images, args.batch):
+        ids = np.arange(lo, min(lo + args.batch, num_images))
+        best = None
+        for _ in range(args.repeats):
+          tokens = sampler.generate(labels[ids], jax.random.key(seed), image_ids=ids, **kw)
+          jax.block_until_ready(tokens)
+          st = sampler.last_stats
+          best = st.wall_s if best is None else min(best, st.wall_s)
+          row['compile_s'] += st.compile_s
+        row['sample_s'] += best
+        out[seed].append(np.asarray(tokens))
+    if args.model != 'digits':   # backbone / head split: one synchronised pass
+      sampler.generate(labels[:args.batch], jax.random.key(seeds[0]), timed=True, **kw)
+      row['backbone_s'] = sampler.last_stats.backbone_s
+      row['head_s'] = sampler.last_stats.head_s
+    row['ms_per_image'] = 1000 * row['sample_s'] / (num_images * len(seeds))
+    row['compiles'] = sampler.last_stats.compiles
+    if sampler.last_stats.cache:
+      row['refresh_steps'] = sampler.last_stats.cache['refresh_steps']
+      row['kept_rows'] = sampler.last_stats.cache['kept_rows']
+    result['runs'][r] = row
+    images[r] = out
+  if quality is not None:   # scored after all timed sampling
+    for r in runs:
+      per_seed = []
+      for seed in seeds:
+        imgs = tok.decode(np.concatenate(images[r][seed]))
+        per_seed.append(quality.evaluate(imgs, labels))
+      row = result['runs'][r]
+      for k in ('accuracy', 'fd'):
+        vals = [q[k] for q in per_seed]
+        row[k] = float(np.mean(vals))
+        row[k + '_per_seed'] = vals
+  base = result['runs'][runs[0]]['sample_s']
+  for row in result['runs'].values():
+    row['speedup_vs_first'] = base / row['sample_s']
+  print(format_table(result))
+  if args.json:
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    tmp = args.json + '.partial'
+    with open(tmp, 'w') as f:
+      json.dump(result, f, indent=1, default=float)
+    os.replace(tmp, args.json)
+  return result
+
+
+def format_table(result) -> str:
+  lines = [f"{result['model']} batch {result['batch']} x {result['num_images']} images, "
+           f"{result['num_iter']} AR steps, cfg {result['cfg']}, {result['solver']}, "
+           f"backend {result['backend']}, seeds {result['seeds']}, "
+           f"load avg {result['load_avg']:.1f}"]
+  head = f"{'run':<12}{'sample s':>10}{'ms/img':>10}{'speedup':>9}{'backbone s':>12}" \
+         f"{'head s':>9}{'acc':>8}{'FD':>9}{'compile s':>11}"
+  lines.append(head)
+  for name, r in result['runs'].items():
+    def f(k, fmt, r=r):
+      return format(r[k], fmt) if k in r else '-'
+    lines.append(f"{name:<12}{r['sample_s']:>10.2f}{r['ms_per_image']:>10.1f}"
+                 f"{r['speedup_vs_first']:>8.2f}x{f('backbone_s', '.2f'):>12}"
+                 f"{f('head_s', '.2f'):>9}{f('accuracy', '.3f'):>8}{f('fd', '.2f'):>9}"
+                 f"{r['compile_s']:>11.1f}")
+  return '\n'.join(lines)
+
+
+if __name__ == '__main__':
+  main()
