@@ -58,7 +58,7 @@ def test_parse_cache():
       parse_cache(bad)
 
 
-@pytest.mark.parametrize('cfg', [1.0, 2.5])
+@pytest.mark.parametrize('cfg', [pytest.param(1.0, marks=pytest.mark.slow), 2.5])
 def test_refresh_every_step_equals_uncached(model, cfg):
   orders = np.stack([np.random.default_rng(i).permutation(16) for i in range(3)])
   labels = np.array([1, 2, 3])
