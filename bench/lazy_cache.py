@@ -11,8 +11,8 @@ Runs: `mar` = the original schedule (--mar_steps at every AR step, no clamp), `d
 linear --disa_upper -> --disa_lower with the 950 clamp; `+cache` adds `--cache` (default
 lazymar). Every run of one invocation uses the same weights, labels, seeds, generation orders
 and noise; compilation happens before the timed part and is reported separately; each run is
-timed --repeats times (the minimum is reported) with the backbone / head split measured in a
-separate synchronised pass. Prints a table and (with --json) writes the result.
+timed --repeats times (the minimum is reported); --split adds a synchronised pass that times
+the backbone and the head separately. Prints a table and (with --json) writes the result.
 """
 
 from __future__ import annotations
@@ -74,6 +74,9 @@ def main(argv=None):
   p.add_argument('--cfg', type=float, default=None)
   p.add_argument('--solver', default='ddpm')
   p.add_argument('--repeats', type=int, default=1)
+  p.add_argument('--flops_only', action='store_true',
+                 help='print the counted FLOPs of the runs (no sampling, no compile)')
+  p.add_argument('--split', action='store_true', help='also time backbone / head separately')
   p.add_argument('--json', default='')
   args = p.parse_args(argv)
   model, default_cfg, scale = build(args)
@@ -86,6 +89,8 @@ def main(argv=None):
   for r in runs:
     if r.removesuffix('+cache') not in scheds:
       p.error(f'unknown run {r!r}; use mar, disa, mar+cache, disa+cache')
+  if args.flops_only:
+    return print_flops(model.config, scheds, runs, args, cfg)
   sampler = Sampler(model, solver=args.solver)
   labels = np.arange(num_images) % model.config.class_num
   seeds = [int(s) for s in args.seeds.split(',')]
@@ -118,7 +123,7 @@ def main(argv=None):
           row['compile_s'] += st.compile_s
         row['sample_s'] += best
         out[seed].append(np.asarray(tokens))
-    if args.model != 'digits':   # backbone / head split: one synchronised pass
+    if args.split:   # backbone / head split: one more, synchronised pass
       sampler.generate(labels[:args.batch], jax.random.key(seeds[0]), timed=True, **kw)
       row['backbone_s'] = sampler.last_stats.backbone_s
       row['head_s'] = sampler.last_stats.head_s
@@ -151,6 +156,33 @@ def main(argv=None):
       json.dump(result, f, indent=1, default=float)
     os.replace(tmp, args.json)
   return result
+
+
+def print_flops(model_config, scheds, runs, args, cfg) -> dict:
+  """Counted FLOPs per image (G) of each run: backbone, head, total, and the ratio to the
+  first run (`lazy.plan_flops`, `flops.plan_flops`)."""
+  from disa_jax.systems.mar.lazy import parse_cache, plan_flops
+  from disa_jax.systems.mar.plan import make_plan
+
+  out = {}
+  for r in runs:
+    sch = scheds[r.removesuffix('+cache')]
+    plan = make_plan(model_config, batch_size=args.batch, steps=sch.steps,
+                     max_timestep=sch.max_timestep, cfg=cfg,
+                     enc_bucket=max(1, model_config.seq_len // 16))
+    f = plan_flops(model_config, plan, parse_cache(args.cache),
+                   enc_bucket=max(1, model_config.seq_len // 16))
+    bb = f['backbone_cached'] if r.endswith('+cache') else f['backbone_uncached']
+    out[r] = {'backbone_gflop': bb / 1e9, 'head_gflop': f['head'] / 1e9,
+              'total_gflop': (bb + f['head']) / 1e9}
+  first = out[runs[0]]['total_gflop']
+  print(f"counted GFLOP per image, {args.model}, {args.num_iter} AR steps, cfg {cfg}, "
+        f"cache {args.cache}")
+  print(f"{'run':<12}{'backbone':>10}{'head':>9}{'total':>9}{'speedup':>9}")
+  for r, v in out.items():
+    print(f"{r:<12}{v['backbone_gflop']:>10.0f}{v['head_gflop']:>9.0f}{v['total_gflop']:>9.0f}"
+          f"{first / v['total_gflop']:>8.2f}x")
+  return out
 
 
 def format_table(result) -> str:

@@ -58,7 +58,7 @@ def test_parse_cache():
       parse_cache(bad)
 
 
-@pytest.mark.parametrize('cfg', [1.0, 2.5])
+@pytest.mark.parametrize('cfg', [pytest.param(1.0, marks=pytest.mark.slow), 2.5])
 def test_refresh_every_step_equals_uncached(model, cfg):
   orders = np.stack([np.random.default_rng(i).permutation(16) for i in range(3)])
   labels = np.array([1, 2, 3])
@@ -292,3 +292,22 @@ def test_config_and_flag_checks(model):
     config.system = 'flowar'
   with pytest.raises(UserError, match='MAR only'):
     cli_flags.validate_sampling(config)
+
+
+def test_counted_flops():
+  from disa_jax.schedules import resolve_steps
+  from disa_jax.systems.mar.lazy import plan_flops
+  from disa_jax.systems.mar.plan import make_plan
+  from disa_jax.systems.mar.variants import MAR_VARIANTS
+
+  c = MARConfig(**MAR_VARIANTS['mar_base'])
+  r = resolve_steps(num_iter=64, preset='disa', strategy='linear', upper=50, lower=5,
+                    max_timestep=950)
+  plan = make_plan(c, batch_size=4, steps=r.steps, max_timestep=950, cfg=2.9)
+  every = plan_flops(c, plan, parse_cache('lazymar:interval=1'))
+  assert every['refresh_steps'] == 64
+  # all refresh: the full last decoder block (for the CFG difference) costs a little more
+  assert 0.93 < every['backbone_ratio'] <= 1.0
+  lazy = plan_flops(c, plan, parse_cache('lazymar'))
+  assert lazy['refresh_steps'] == 12                  # 0-4, 5, 14, 23, 32, 41, 50, 59
+  assert 2.2 < lazy['backbone_ratio'] < 2.7 and lazy['total_ratio'] > 2.0

@@ -417,3 +417,52 @@ class LazyBackbone:
     if not st.refresh:
       self.kept[st.index] = out[4]
     return out[:3]
+
+
+# ------------------------------------------------------------------------------------------
+# Counted FLOPs (the model of `systems/mar/flops.py`, per image, both CFG branches)
+
+
+def _cached_block_flops(rows_q: int, rows_kv: int, dim: int, mlp_ratio: float) -> float:
+  """A block whose q/k/v/proj/MLP run on rows_q rows, attending to rows_kv keys (the other
+  keys/values cached)."""
+  from disa_jax.systems.mar.flops import block_flops
+
+  return (block_flops(rows_q, rows_q, dim, mlp_ratio) - 4 * rows_q * rows_q * dim
+          + 4 * rows_q * rows_kv * dim)
+
+
+def plan_flops(model_config, plan, lazy: LazyConfig, *, enc_bucket: int = 16) -> dict:
+  """Backbone FLOPs per image of a cached run (padded rows as run) next to the uncached
+  backbone of the same plan (`flops.backbone_flops` with the partial last block); the head's
+  FLOPs are unchanged by the cache (`flops.plan_flops`)."""
+  from disa_jax.systems.mar.flops import backbone_flops
+  from disa_jax.systems.mar.flops import plan_flops as head_plan_flops
+
+  c = model_config
+  lz = lazy.resolved(plan.num_iter, c.decoder_depth)
+  steps = lazy_plan(plan, c, lz, enc_bucket=enc_bucket)
+  nb, n_all = c.buffer_size, c.buffer_size + c.seq_len
+  de, dd, r = c.encoder_embed_dim, c.decoder_embed_dim, c.mlp_ratio
+  branches = 2 if plan.use_cfg else 1
+  uncached = cached = 0.0
+  for s, st in zip(plan.steps, steps, strict=True):
+    full = backbone_flops(c, s.visible_pad, n_query=plan.n_query) * branches
+    uncached += full
+    if st.refresh:
+      cached += backbone_flops(c, s.visible_pad) * branches
+      continue
+    q = nb + st.new_pad
+    f = 2 * st.new_pad * c.token_embed_dim * de + 2 * q * de * dd
+    f += c.encoder_depth * _cached_block_flops(q, nb + s.visible_pad, de, r)
+    f += lz.layer * _cached_block_flops(n_all, n_all, dd, r)
+    hidden = int(dd * r)
+    f += (2 * n_all * dd * 3 * dd + 4 * n_all * n_all * dd + 2 * n_all * dd * dd
+          + 4 * st.keep * dd * hidden)                      # selection layer: MLP on kept rows
+    f += (c.decoder_depth - lz.layer - 1) * _cached_block_flops(st.keep, n_all, dd, r)
+    cached += f
+  head = head_plan_flops(c, plan, official=False)['head']
+  return {'backbone_uncached': uncached, 'backbone_cached': cached, 'head': head,
+          'backbone_ratio': uncached / cached,
+          'total_ratio': (uncached + head) / (cached + head),
+          'refresh_steps': sum(st.refresh for st in steps), 'num_iter': plan.num_iter}
