@@ -425,3 +425,14 @@ class FileSet:
   def write(self, name: str, ext: str):
     with atomic_file(self.path(name, ext)) as tmp:
       yield tmp
+
+
+def prepare_workdir(final: str, partial: str, fp: dict, overwrite: bool) -> bool:
+  """`ResumableDir.prepare` for a caller that holds the paths itself (no lock taken here):
+  creates or validates `partial` = `<final>.partial`; True when continuing an earlier run."""
+  import jax
+
+  rd = ResumableDir.__new__(ResumableDir)
+  rd.final, rd.path, rd.overwrite = final, partial, overwrite
+  rd.is_main = jax.process_index() == 0
+  return rd.prepare(fp)
