@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from disa_jax import sharding as shd
 from disa_jax.diffusion.flow import flowar_euler_plan, num_evaluations
 from disa_jax.errors import UserError
 from disa_jax.systems.flowar.sampling import FlowARSampler, scale_cfg
@@ -122,14 +123,16 @@ def _check_inert(max_timestep=None, cfg_schedule='linear', temperature=1.0) -> N
 
 
 class FlowAREngineSampler:
-  """FlowAR sampler for the shared engine (see the module docstring). Single device: the
-  engine's `mesh` is not used (`self.mesh = None`, so batches are not sharded)."""
+  """FlowAR sampler for the shared engine (see the module docstring). With the engine's
+  `mesh` the batch is data-parallel over its data axis as in `FlowARSampler` (rows, noise, KV
+  cache and tokens sharded along the batch, parameters replicated); `self.mesh` lets the
+  shared runner check the batch size against it."""
 
   def __init__(self, model, *, cfg: float = 1.0, guidance: float = 1.0,
-               matmul_precision: str | None = None):
-    self.inner = FlowARSampler(model)
+               matmul_precision: str | None = None, mesh=None):
+    self.inner = FlowARSampler(model, mesh=mesh)
     self.config = model.cfg
-    self.mesh = None
+    self.mesh = mesh
     self.default_cfg, self.default_guidance = float(cfg), float(guidance)
     self.matmul_precision = matmul_precision or None
     self.compile_log: dict = {}
@@ -173,7 +176,7 @@ class FlowAREngineSampler:
     if exe is None:
       t0 = time.perf_counter()
       with self._precision():
-        lowered = self.inner._scale_fn(s).lower(*args, batch=plan.batch_size)
+        lowered = self.inner._scale_fn(s).lower(*args, plan.batch_size)
         exe = (lowered.compile(), lowered.out_info)
       self.compile_log[key] = time.perf_counter() - t0
       self._exes[key] = exe
@@ -212,7 +215,11 @@ class FlowAREngineSampler:
         return jnp.concatenate([cond, jax.vmap(one, (0, None))(ids, 1)])
 
       t0 = time.perf_counter()
-      exe = jax.jit(draw).lower(jax.random.key(0), jnp.zeros((batch,), jnp.uint32)).compile()
+      mesh = self.mesh
+      kw = {} if mesh is None else dict(
+        in_shardings=(shd.replicated(mesh), shd.batch_sharded(mesh)),
+        out_shardings=shd.batch_sharded(mesh))
+      exe = jax.jit(draw, **kw).lower(jax.random.key(0), jnp.zeros((batch,), jnp.uint32)).compile()
       self.compile_log[k] = time.perf_counter() - t0
       self._exes[k] = exe
     return exe
@@ -243,6 +250,7 @@ class FlowAREngineSampler:
     (5 arrays (R, n_s, 16)) replaces every draw (parity); `progress(s)` after each scale.
     """
     b = int(np.shape(labels)[0])
+    self.inner.check_batch(b)
     plan = self.plan(b, steps=steps, cfg=cfg, guidance=guidance, max_timestep=max_timestep,
                      cfg_schedule=cfg_schedule, temperature=temperature)
     stats = FlowARRunStats(plan=plan)
@@ -252,12 +260,13 @@ class FlowAREngineSampler:
     if labels.size and (labels.min() < 0 or labels.max() >= self.config.class_num):
       raise UserError(f'class labels must be in [0, {self.config.class_num}), got '
                       f'{sorted(set(labels.tolist()))[:8]}')
-    ids = jnp.asarray(np.arange(b) if image_ids is None else np.asarray(image_ids), jnp.uint32)
+    ids = self.inner.rows_sharded(
+      jnp.asarray(np.arange(b) if image_ids is None else np.asarray(image_ids), jnp.uint32))
     t_start = time.perf_counter()
     st = self.inner.start(labels, plan.cfg)
     sample = None
     for s in range(len(plan.scales)):
-      draw = (jnp.asarray(noise[s], jnp.float32) if noise is not None
+      draw = (self.inner.rows_sharded(jnp.asarray(noise[s], jnp.float32)) if noise is not None
               else self._noise_exe(s, plan.rows, b)(key, ids))
       if timed:
         stats.trunk_s += self._trunk_time(st, s)

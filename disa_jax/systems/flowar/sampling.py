@@ -18,6 +18,13 @@ Each scale is one jitted function (trunk step + `lax.fori_loop` Euler + next-sca
 static shape is (scale, evaluations, rows), the per-step times/taus/guided flags and cfg_s are
 traced inputs. A FlowAR-S DiSA run therefore traces at most 5 functions per batch size.
 
+Data parallel: with a `mesh` (`disa_jax.sharding.make_mesh`, as MAR's sampler) every per-row
+array (tokens, cond, noise, the KV cache, the samples) is sharded over the mesh's data axis along
+rows, parameters and the Euler plan are replicated; each scale function is jitted with these
+in/out shardings. Under CFG the rows are [class half; null half], so a device's rows are not
+always pairs: the guided combine reads across devices (XLA inserts the collectives; results are
+the same as on one device). The batch B must be a multiple of the data-parallel devices.
+
 Parity hook: `noise` replaces every random draw: a sequence of 5 arrays (R, n_s, 16) or a callable
 noise(s, shape) -> array.
 
@@ -43,7 +50,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
+from disa_jax import sharding as shd
 from disa_jax.diffusion.flow import cfg_combine, euler_solve, flowar_euler_plan
 from disa_jax.errors import UserError
 from disa_jax.systems.flowar.model import FlowAR
@@ -87,18 +96,41 @@ class FlowARSampler:
   """Compiled FlowAR sampler for one model; `generate` runs the scale loop.
 
   `traces` counts traces per (scale, evaluations, rows, batch) key (each trace = one compile);
-  `compile_count` is their sum.
+  `compile_count` is their sum. `mesh`: optional device mesh; rows sharded over its data axis,
+  parameters replicated (module docstring).
   """
 
-  def __init__(self, model: FlowAR):
+  def __init__(self, model: FlowAR, *, mesh: Mesh | None = None):
     self.cfg = model.cfg
-    self.graphdef, self.state = nnx.split(model)
+    self.mesh = mesh
+    self.graphdef, state = nnx.split(model)
+    self.state = state if mesh is None else shd.put(state, shd.replicated(mesh))
     self.traces: Counter = Counter()
     self._fns: dict = {}
 
   @property
   def compile_count(self) -> int:
     return sum(self.traces.values())
+
+  def rows_sharded(self, x):
+    """`x` (leading axis = rows/batch) sharded over the mesh's data axis (as is without one)."""
+    if self.mesh is None:
+      return jnp.asarray(x)
+    return shd.put(jnp.asarray(x), shd.batch_sharded(self.mesh))
+
+  def check_batch(self, batch: int) -> None:
+    n = shd.data_size(self.mesh)
+    if batch % n:
+      raise UserError(f'batch size {batch} must be a multiple of the {n} data-parallel devices; '
+                      'change the batch size (or runtime.num_devices)')
+
+  def jit_shardings(self) -> dict:
+    """in/out shardings of a scale function (empty without a mesh): state, plan and cfg_s
+    replicated; tokens, cond, KV cache, noise and all outputs sharded along rows."""
+    if self.mesh is None:
+      return {}
+    rep, bat = shd.replicated(self.mesh), shd.batch_sharded(self.mesh)
+    return dict(in_shardings=(rep, bat, bat, bat, bat, rep, rep), out_shardings=bat)
 
   def _scale_fn(self, s: int):
     if s in self._fns:
@@ -132,7 +164,7 @@ class FlowARSampler:
         u = jnp.concatenate([u, u])
       return sample, model.embed_tokens(u), cache
 
-    fn = jax.jit(run, static_argnames=('batch',))
+    fn = jax.jit(run, static_argnums=(7,), **self.jit_shardings())   # 7: batch
     self._fns[s] = fn
     return fn
 
@@ -140,11 +172,12 @@ class FlowARSampler:
     """The state before scale 0 for integer `labels` (B,)."""
     labels = jnp.asarray(labels, jnp.int32)
     batch = labels.shape[0]
+    self.check_batch(batch)
     model = nnx.merge(self.graphdef, self.state)
     if cfg != 1.0:
       labels = jnp.concatenate([labels, jnp.full((batch,), self.cfg.null_class, jnp.int32)])
-    cond = model.class_embedding(labels)
-    return FlowARSamplingState(scale=0, tokens=cond[:, None, :], cond=cond, cache=None,
+    cond = self.rows_sharded(model.class_embedding(labels))
+    return FlowARSamplingState(scale=0, tokens=self.rows_sharded(cond[:, None, :]), cond=cond, cache=None,
                                samples=[], batch=batch, rows=int(labels.shape[0]))
 
   def step(self, st: FlowARSamplingState, *, num_steps: int, cfg: float, guidance: float,
@@ -159,8 +192,8 @@ class FlowARSampler:
       raise UserError(f'injected noise for scale {s} has shape {tuple(noise.shape)}, expected '
                       f'{want} (rows, tokens, channels)')
     sample, tokens, cache = self._scale_fn(s)(
-      self.state, st.tokens, st.cond, st.cache, jnp.asarray(noise, jnp.float32),
-      plan.arrays(), jnp.float32(cfg_s), batch=st.batch)
+      self.state, st.tokens, st.cond, st.cache,
+      self.rows_sharded(jnp.asarray(noise, jnp.float32)), plan.arrays(), jnp.float32(cfg_s), st.batch)
     return dataclasses.replace(st, scale=s + 1, tokens=tokens, cache=cache,
                                samples=[*st.samples, sample])
 
@@ -192,7 +225,7 @@ class FlowARSampler:
 
 
 def generate(model: FlowAR, labels, *, steps: Sequence[int], cfg: float = 1.0,
-             guidance: float = 1.0, key=None, noise=None):
-  """One-shot convenience: `FlowARSampler(model).generate(...)`."""
-  return FlowARSampler(model).generate(labels, steps=steps, cfg=cfg, guidance=guidance, key=key,
+             guidance: float = 1.0, key=None, noise=None, mesh: Mesh | None = None):
+  """One-shot convenience: `FlowARSampler(model, mesh=mesh).generate(...)`."""
+  return FlowARSampler(model, mesh=mesh).generate(labels, steps=steps, cfg=cfg, guidance=guidance, key=key,
                                        noise=noise)

@@ -75,9 +75,8 @@ def stage_plan(sampling):
 def make_sampler(model, config, mesh):
   from disa_jax.systems.flowar.engine import FlowAREngineSampler
 
-  del mesh
   s = config.sampling
-  return FlowAREngineSampler(model, cfg=s.cfg, guidance=s.guidance,
+  return FlowAREngineSampler(model, cfg=s.cfg, guidance=s.guidance, mesh=mesh,
                              matmul_precision=config.runtime.get('matmul_precision') or None)
 
 

@@ -179,7 +179,7 @@ def xar_config(name: str, arg: str | None = None):
   r = ml_collections.ConfigDict()
   r.matmul_precision = ''           # '' backend default, or 'highest' (parity runs)
   r.compilation_cache = '~/.cache/disa_jax/xla'
-  r.num_devices = 1                 # the xAR sampler runs on one device
+  r.num_devices = 0                 # 0 = all devices (batch data parallel over them)
   c.runtime = r
   t = ml_collections.ConfigDict()
   t.kind = 'none' if small else 'kl16'

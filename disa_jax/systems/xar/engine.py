@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from disa_jax import sharding as shd
 from disa_jax.errors import UserError
 from disa_jax.systems.xar.model import cell_order
 from disa_jax.systems.xar.sampling import XARSampler, cell_cfg
@@ -107,12 +108,15 @@ def check_inert(max_timestep=None, cfg_schedule='linear', temperature=1.0) -> No
 
 
 class XAREngineSampler:
-  """xAR sampler for the shared engine (module docstring). Single device (`mesh` None)."""
+  """xAR sampler for the shared engine (module docstring). With the engine's `mesh` the batch
+  is data-parallel over its data axis as in `XARSampler` (noise draws, cells, KV cache and
+  tokens sharded along the batch); `self.mesh` lets the shared runner check batch sizes."""
 
-  def __init__(self, model, *, cfg: float = 1.0, matmul_precision: str | None = None):
-    self.inner = XARSampler(model)
+  def __init__(self, model, *, cfg: float = 1.0, matmul_precision: str | None = None,
+               mesh=None):
+    self.inner = XARSampler(model, mesh=mesh)
     self.config = model.cfg
-    self.mesh = None
+    self.mesh = mesh
     self.default_cfg = float(cfg)
     self.matmul_precision = matmul_precision or None
     self.compile_log: dict = {}
@@ -155,13 +159,16 @@ class XAREngineSampler:
         initial, steps = jax.vmap(one)(ids)
         return initial, jnp.swapaxes(steps, 0, 1)
 
-      fn = self._draw_fns[(s, n)] = jax.jit(draw)
+      kw = {} if self.mesh is None else dict(
+        in_shardings=(shd.replicated(self.mesh), self.inner._sharding(0)),
+        out_shardings=(self.inner._sharding(0), self.inner._sharding(1)))
+      fn = self._draw_fns[(s, n)] = jax.jit(draw, **kw)
     return fn
 
   def draws(self, key, image_ids, steps: Sequence[int]) -> list:
     """Every cell's (initial, step noise) of images `image_ids` under `key` (the parity hook's
     format of `XARSampler.generate(noise=...)`)."""
-    ids = jnp.asarray(np.asarray(image_ids), jnp.uint32)
+    ids = self.inner.batch_sharded(jnp.asarray(np.asarray(image_ids), jnp.uint32))
     return [self._draw_fn(s, int(n))(key, ids) for s, n in enumerate(steps)]
 
   def compile(self, plan: XARRunPlan) -> float:
@@ -196,6 +203,7 @@ class XAREngineSampler:
     (XARSampler's injected draws) replaces them; `timed` records each cell's time
     (synchronised); `progress(s)` after each cell."""
     b = int(np.shape(labels)[0])
+    self.inner.check_batch(b)
     plan = self.plan(b, steps=steps, cfg=cfg, max_timestep=max_timestep,
                      cfg_schedule=cfg_schedule, temperature=temperature)
     labels = np.asarray(labels, np.int32)

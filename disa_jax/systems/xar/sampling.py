@@ -18,6 +18,15 @@ per-step t, dt, tau, noise scale and cfg_s are traced inputs; the step count is 
 Implementation detail: the deterministic last step uses the same loop body with a noise
 scale of exactly 0 (x + 0 xi = x), so the velocity is traced twice per cell, not three times.
 
+Data parallel: with a `mesh` (`disa_jax.sharding.make_mesh`, as MAR's sampler) the batch is
+sharded over the mesh's data axis: x, the previous cell, the samples, the initial noise and the
+CFG rows [y; null] (labels, KV cache) along their leading axis, the per-step noise
+(steps, B, 64, 16) along its batch axis 1; parameters, the plan and cfg_s are replicated; each
+cell function is jitted with these in/out shardings. The 2B network rows are [x; x], so the
+class / null halves of one image sit on different devices when B is split and the guided drift
+combines them through XLA-inserted collectives (results equal the one-device run). The batch B
+must be a multiple of the data-parallel devices.
+
 Parity hook: `noise` replaces every random draw: a sequence of 4 pairs (initial (B, 64, 16),
 steps (n_s - 1, B, 64, 16)) in the official draw order, or a callable noise(s, n_s) -> pair.
 
@@ -36,7 +45,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
 
+from disa_jax import sharding as shd
 from disa_jax.diffusion.flow import euler_maruyama_grid, linear_path_drift, time_to_tau
 from disa_jax.errors import UserError
 from disa_jax.systems.xar.model import XAR, to_raster
@@ -113,18 +124,46 @@ class XARSampler:
   """Compiled xAR sampler for one model; `generate` runs the cell loop.
 
   `traces` counts traces per (cell, evaluations, batch) (each trace = one compile);
-  `compile_count` is their sum.
+  `compile_count` is their sum. `mesh`: optional device mesh; the batch is sharded over its
+  data axis, parameters replicated (module docstring).
   """
 
-  def __init__(self, model: XAR):
+  def __init__(self, model: XAR, *, mesh: Mesh | None = None):
     self.cfg = model.cfg
-    self.graphdef, self.state = nnx.split(model)
+    self.mesh = mesh
+    self.graphdef, state = nnx.split(model)
+    self.state = state if mesh is None else shd.put(state, shd.replicated(mesh))
     self.traces: Counter = Counter()
     self._fns: dict = {}
 
   @property
   def compile_count(self) -> int:
     return sum(self.traces.values())
+
+  def check_batch(self, batch: int) -> None:
+    n = shd.data_size(self.mesh)
+    if batch % n:
+      raise UserError(f'batch size {batch} must be a multiple of the {n} data-parallel devices; '
+                      'change the batch size (or runtime.num_devices)')
+
+  def batch_sharded(self, x, axis: int = 0):
+    """`x` sharded over the mesh's data axis along `axis` (as is without a mesh)."""
+    x = jnp.asarray(x)
+    if self.mesh is None:
+      return x
+    return shd.put(x, self._sharding(axis))
+
+  def _sharding(self, axis: int) -> NamedSharding:
+    spec = (None,) * axis + (shd.batch_sharded(self.mesh).spec[0],)
+    return NamedSharding(self.mesh, jax.P(*spec))
+
+  def jit_shardings(self) -> dict:
+    """in/out shardings of a cell function (empty without a mesh)."""
+    if self.mesh is None:
+      return {}
+    rep, bat, steps = shd.replicated(self.mesh), self._sharding(0), self._sharding(1)
+    #             state ctx  x    labels cache plan noise  cfg_s
+    return dict(in_shardings=(rep, bat, bat, bat, bat, rep, steps, rep), out_shardings=bat)
 
   def _cell_fn(self, s: int):
     if s in self._fns:
@@ -167,7 +206,7 @@ class XARSampler:
       x = jax.lax.fori_loop(1, t.shape[0], body, x)
       return x, cache
 
-    fn = jax.jit(run, static_argnames=('batch',))
+    fn = jax.jit(run, static_argnums=(8,), **self.jit_shardings())   # 8: batch
     self._fns[s] = fn
     return fn
 
@@ -175,7 +214,9 @@ class XARSampler:
     """The state before cell 0 for integer `labels` (B,)."""
     labels = jnp.asarray(labels, jnp.int32)
     batch = int(labels.shape[0])
-    both = jnp.concatenate([labels, jnp.full((batch,), self.cfg.null_class, jnp.int32)])
+    self.check_batch(batch)
+    both = self.batch_sharded(
+      jnp.concatenate([labels, jnp.full((batch,), self.cfg.null_class, jnp.int32)]))
     return XARSamplingState(cell=0, labels=both, cache=None, samples=[], batch=batch)
 
   def step(self, st: XARSamplingState, *, num_steps: int, cfg: float, initial,
@@ -191,13 +232,13 @@ class XARSampler:
     if tuple(step_noise.shape) != (num_steps - 1, *shape):
       raise UserError(f'injected step noise of cell {s} has shape {tuple(step_noise.shape)}, '
                       f'expected {(num_steps - 1, *shape)} (steps - 1, batch, tokens, channels)')
-    noise = jnp.concatenate([jnp.asarray(step_noise, jnp.float32),
-                             jnp.zeros((1, *shape), jnp.float32)])
-    ctx = st.samples[-1] if st.samples else jnp.zeros(shape, jnp.float32)
-    x, cache = self._cell_fn(s)(self.state, ctx, jnp.asarray(initial, jnp.float32), st.labels,
-                                st.cache, plan.arrays(), noise,
-                                jnp.float32(cell_cfg(cfg, s, self.cfg.num_cells)),
-                                batch=st.batch)
+    noise = self.batch_sharded(jnp.concatenate([jnp.asarray(step_noise, jnp.float32),
+                                                jnp.zeros((1, *shape), jnp.float32)]), axis=1)
+    ctx = st.samples[-1] if st.samples else self.batch_sharded(jnp.zeros(shape, jnp.float32))
+    x, cache = self._cell_fn(s)(self.state, ctx,
+                                self.batch_sharded(jnp.asarray(initial, jnp.float32)),
+                                st.labels, st.cache, plan.arrays(), noise,
+                                jnp.float32(cell_cfg(cfg, s, self.cfg.num_cells)), st.batch)
     return dataclasses.replace(st, cell=s + 1, cache=cache, samples=[*st.samples, x])
 
   def draws(self, key, s: int, num_steps: int, batch: int):
@@ -235,6 +276,6 @@ class XARSampler:
 
 
 def generate(model: XAR, labels, *, steps: Sequence[int], cfg: float = 1.0, key=None,
-             noise=None):
-  """One-shot convenience: `XARSampler(model).generate(...)`."""
-  return XARSampler(model).generate(labels, steps=steps, cfg=cfg, key=key, noise=noise)
+             noise=None, mesh: Mesh | None = None):
+  """One-shot convenience: `XARSampler(model, mesh=mesh).generate(...)`."""
+  return XARSampler(model, mesh=mesh).generate(labels, steps=steps, cfg=cfg, key=key, noise=noise)

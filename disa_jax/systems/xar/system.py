@@ -61,12 +61,10 @@ def stage_plan(sampling):
 
 
 def make_sampler(model, config, mesh):
-  """`engine.XAREngineSampler` (one device; per-image randomness)."""
+  """`engine.XAREngineSampler` (data parallel over `mesh`; per-image randomness)."""
   from disa_jax.systems.xar.engine import XAREngineSampler
 
-  if mesh is not None and getattr(mesh, 'size', 1) > 1:
-    raise UserError('xAR sampling runs on one device; set --config.runtime.num_devices=1')
-  return XAREngineSampler(model, cfg=config.sampling.cfg,
+  return XAREngineSampler(model, cfg=config.sampling.cfg, mesh=mesh,
                           matmul_precision=config.runtime.get('matmul_precision') or None)
 
 
