@@ -275,4 +275,4 @@ def main(argv=None) -> int:
 if __name__ == '__main__':
   sys.exit(main())
 
-disa_bench = benchmark_config   # disa-bench's entry for xAR (cli/bench._system_bench)
+disa_bench = benchmark_config   # disa-bench's entry for xAR (systems/xar/commands.bench_command)
