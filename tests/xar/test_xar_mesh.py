@@ -32,6 +32,7 @@ def _spans_all(x, mesh) -> bool:
           and x.addressable_shards[0].data.shape[0] == x.shape[0] // 8)
 
 
+@pytest.mark.slow   # ~40-90 s cold on 2 cores: compiles the 1- and 8-device programs
 def test_engine_sampler_on_8_devices_equals_one_device(model):
   assert jax.device_count() == 8
   mesh = shd.make_mesh(8)
