@@ -24,6 +24,7 @@ they need), `digits` (the bundled model's classifier score), `none` (timing only
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 
@@ -32,8 +33,6 @@ from absl import flags
 from disa_jax import integrity
 from disa_jax.cli import common
 from disa_jax.cli import flags as cli_flags
-from disa_jax.eval.workdir import barrier as _barrier
-from disa_jax.eval.workdir import prepare_workdir as _prepare_workdir
 
 _CONFIG = cli_flags.define_config()
 cli_flags.define_model()
