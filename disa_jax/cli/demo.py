@@ -1,6 +1,7 @@
-"""disa-demo: the original MAR schedule vs DiSA on the bundled MNIST model, side by side.
+"""disa-demo: the original MAR schedule vs DiSA on a bundled model, side by side.
 
   disa-demo                                   # 100 images (10 per class), seed 0
+  disa-demo --bundled=mnist                   # the MNIST model, once it is shipped
   disa-demo --num-images=200 --seed=3 --out=outputs/demo3 --overwrite
 
 All schedules sample the same classes with the same seed (same generation orders and
@@ -9,8 +10,9 @@ every AR step (--mar-steps, default 100, no timestep clamp); MAR+clamp = the sam
 DiSA's timestep clamp at 950; DiSA = linear --disa-upper -> --disa-lower (50 -> 5) with the
 950 clamp. Speedups are relative to MAR. Compilation is reported separately (it happens in
 the first call of each step plan); ms/image is sampling only. Quality comes from the
-embedded MNIST classifier (`disa_jax.eval.mnist_quality`): accuracy w.r.t. the requested
-class and the Frechet distance to the 500 held-out real digits in its feature space.
+embedded classifier of the model's dataset (`disa_jax.eval.digits_quality`,
+`disa_jax.eval.mnist_quality`): accuracy w.r.t. the requested class and the Frechet distance
+to the held-out real digits in its feature space.
 
 Writes <out>/grid.png (one labelled panel per schedule, one row per class, digits upscaled
 2x) and <out>/metrics.json. A progress bar (stderr) follows the AR steps while sampling.
@@ -32,16 +34,19 @@ from absl import flags
 from disa_jax.cli import common
 from disa_jax.cli import flags as cli_flags
 
+FLAGS = flags.FLAGS
 cli_flags.define_model()
 cli_flags.define_out()           # default outputs/demo
 cli_flags.define_sampling()
 cli_flags.define_mar_steps()     # one count here, default 100
 flags.DEFINE_integer('disa_upper', 50, 'DiSA: steps at the first AR step.')
 flags.DEFINE_integer('disa_lower', 5, 'DiSA: steps at the last AR step.')
-flags.DEFINE_bool('progress', True, 'Show a progress bar while sampling.')
+if 'progress' not in FLAGS:   # the same flag as disa-sample's (one process may import both)
+  flags.DEFINE_bool('progress', True, 'Show a progress bar while sampling.')
+flags.DEFINE_enum('bundled', None, ['mnist', 'digits'],
+                  'Which bundled model to run (default: DEFAULT_BUNDLED).')
 cli_flags.rule_validator('disa_upper', 'sampling', 'upper_steps')
 cli_flags.rule_validator('disa_lower', 'sampling', 'lower_steps')
-FLAGS = flags.FLAGS
 
 # Shared sampling flags the demo does not use (it runs its own three schedules).
 _UNUSED = ('classes', 'preset', 'strategy', 'upper_steps', 'lower_steps', 'steps',
@@ -70,6 +75,20 @@ def other_system_rows(labels, args, quality) -> dict:
   return rows
 
 
+# The bundled models the demo can run: name -> (config function in
+# disa_jax.systems.mar.variants, quality metric in disa_jax.eval.quality).
+BUNDLED = {'mnist': ('mnist_config', 'mnist'), 'digits': ('digits_config', 'digits')}
+# The sklearn-digits model stays the default until the MNIST model (configs/mar/mnist.py) is
+# trained and shipped in disa_jax/assets/mnist_mar (issue 16; see docs/benchmarks.md).
+DEFAULT_BUNDLED = 'digits'
+
+
+def bundled_config(name: str):
+  from disa_jax.systems.mar import variants
+
+  return getattr(variants, BUNDLED[name][0])()
+
+
 @dataclasses.dataclass
 class DemoArgs:
   """The demo's options (`disa-demo` flags)."""
@@ -85,6 +104,7 @@ class DemoArgs:
   out: str = 'outputs/demo'
   overwrite: bool = False
   progress: bool = True
+  bundled: str = DEFAULT_BUNDLED
 
 
 def args_from_flags() -> DemoArgs:
@@ -106,7 +126,7 @@ def args_from_flags() -> DemoArgs:
     batch_size=d.batch_size if FLAGS.batch_size is None else FLAGS.batch_size,
     seed=d.seed if FLAGS.seed is None else FLAGS.seed, num_iter=FLAGS.num_iter, cfg=FLAGS.cfg,
     mar_steps=mar_steps, disa_upper=FLAGS.disa_upper, disa_lower=FLAGS.disa_lower,
-    progress=FLAGS.progress)
+    progress=FLAGS.progress, bundled=FLAGS.bundled or d.bundled)
 
 
 def demo(args, print_fn=print) -> dict:
@@ -115,13 +135,12 @@ def demo(args, print_fn=print) -> dict:
   from disa_jax.checkpoint import load_mar
   from disa_jax.diffusion.gaussian import DISA_MAX_TIMESTEP
   from disa_jax.engine import runner
-  from disa_jax.eval.mnist_quality import MnistQuality
+  from disa_jax.eval.quality import get_quality_metric
   from disa_jax.io.output import OutputDir, write_json
   from disa_jax.schedules import resolve_steps
-  from disa_jax.systems.mar.variants import mnist_config
   from disa_jax.tokenizers.image import PixelTokenizer, make_grid
 
-  config = mnist_config()
+  config = bundled_config(args.bundled)
   s = config.sampling
   num_iter = s.num_iter if args.num_iter is None else args.num_iter
   cfg = s.cfg if args.cfg is None else args.cfg
@@ -149,7 +168,7 @@ def demo(args, print_fn=print) -> dict:
       raise common.CliError(f'--num-iter must be in [1, {model.config.seq_len}] for this model, '
                             f'got {num_iter}')
     tok = PixelTokenizer(model.config, scale=config.tokenizer.scale)
-    quality = MnistQuality()
+    quality = get_quality_metric(BUNDLED[args.bundled][1])
     mesh = runner.make_mesh(config)
     runner.check_batch_size(args.batch_size, mesh, '--batch-size')
     sampler = runner.make_sampler(model, config, mesh)
@@ -218,8 +237,8 @@ def _progress(total: int, name: str, enabled: bool):
 
 
 def panel_title(name: str, r: dict) -> str:
-  return (f'{name}: {_steps_text(r)} diffusion steps, acc {r["accuracy"]:.2f}, '
-          f'FD {r["fd"]:.1f}, {r["ms_per_image"]:.0f} ms/img')
+  return (f'{name}: {_steps_text(r)} steps\n'
+          f'acc {r["accuracy"]:.2f}  FD {r["fd"]:.1f}  {r["ms_per_image"]:.0f} ms/img')
 
 
 UPSCALE = 2
@@ -235,6 +254,9 @@ def _write_grid(path, images, labels, make_grid, titles=None):
                       ncol=min(per_class, 10))
             for imgs in images.values()]
   h = max(x.shape[0] for x in panels)
+  width = max(260, *(p.shape[1] for p in panels))   # room for the two title lines
+  panels = [np.pad(p, ((0, 0), (0, width - p.shape[1]), (0, 0)), constant_values=255)
+            for p in panels]
   bar = np.full((h, 12, 3), 128, np.uint8)
   parts = []
   for i, panel in enumerate(panels):
@@ -242,7 +264,7 @@ def _write_grid(path, images, labels, make_grid, titles=None):
       parts.append(bar)
     parts.append(np.pad(panel, ((0, h - panel.shape[0]), (0, 0), (0, 0)), constant_values=255))
   body = np.concatenate(parts, axis=1)
-  title_h = 28
+  title_h = 44
   canvas = Image.new('RGB', (body.shape[1], body.shape[0] + title_h), 'white')
   canvas.paste(Image.fromarray(body), (0, title_h))
   draw = ImageDraw.Draw(canvas)
@@ -252,7 +274,8 @@ def _write_grid(path, images, labels, make_grid, titles=None):
     font = ImageFont.load_default()
   x = 0
   for i, (name, panel) in enumerate(zip(images, panels, strict=True)):
-    draw.text((x + 4, 6), (titles or {}).get(name, name), fill='black', font=font)
+    draw.multiline_text((x + 4, 4), (titles or {}).get(name, name), fill='black', font=font,
+                        spacing=4)
     x += panel.shape[1] + (12 if i < len(panels) - 1 else 0)
   canvas.save(path)
 
@@ -292,12 +315,10 @@ def format_table(summary: dict) -> str:
 
 
 def _run(argv):
-  from disa_jax.systems.mar.variants import mnist_config
-
   if len(argv) > 1:
     raise common.CliError(f'unexpected argument {argv[1]!r} (disa-demo takes only flags)')
   args = args_from_flags()
-  common.setup_runtime(mnist_config())
+  common.setup_runtime(bundled_config(args.bundled))
   demo(args)
 
 

@@ -1,6 +1,6 @@
 """disa-sample: generate images with MAR + DiSA (or the original MAR schedule).
 
-  disa-sample --num-images=20 --out=outputs/mnist      # the bundled MNIST model
+  disa-sample --num-images=20 --out=outputs/digits     # the bundled digits model
   disa-sample --config=configs/mar_base.py:cpu --num-images=8 --out=outputs/demo
   disa-sample --config=configs/mar_base.py --checkpoint=ckpt/mar_base --vae=ckpt/kl16 \\
       --classes=207,360,387 --num-images=12 --preset=disa --out=outputs/mar_b_disa
@@ -24,7 +24,7 @@ from disa_jax.cli import flags as cli_flags
 
 _CONFIG = cli_flags.define_config(
   'Config file, e.g. configs/mar/base.py or configs/mar/base.py:cpu (default: the bundled '
-  'MNIST model, configs/mar/mnist.py).')
+  'digits model, configs/mar/digits.py).')
 cli_flags.define_model()
 cli_flags.define_output()
 cli_flags.define_sampling()
@@ -168,10 +168,10 @@ def _metrics(config, plan, sampler, totals, load_s, decode_s, source, mesh):
 def _run(argv):
   del argv
   config = common.config_value(_CONFIG)
-  if config is None:  # the bundled MNIST model (works from an installed package)
-    from disa_jax.systems.mar.variants import mnist_config
+  if config is None:  # the bundled digits model (works from an installed package)
+    from disa_jax.systems.mar.variants import digits_config
 
-    config = mnist_config()
+    config = digits_config()
   own = cli_flags.system_command(config, 'sample')
   if own is not None:          # a system with its own command body (D-AR)
     common.setup_runtime(config)

@@ -119,7 +119,7 @@ def mnist_config(*, tiny: bool = False) -> ml_collections.ConfigDict:
                        latent_scale=MNIST_TOKEN_SCALE)
   # The official constant lr after a linear warmup (so a run's first N steps do not depend on
   # num_steps), peak 6e-4 (blr 2.4e-3 at batch 64), EMA 0.995 (~200-step window).
-  c.train = train_config(batch_size=64, num_steps=3000, blr=2.4e-3, warmup_steps=100,
+  c.train = train_config(batch_size=64, num_steps=2000, blr=2.4e-3, warmup_steps=100,
                          lr_schedule='constant', ema_rate=0.995, log_every=25,
                          checkpoint_every=100, keep_checkpoints=40)
   if tiny:
