@@ -41,8 +41,7 @@ cli_flags.define_sampling()
 cli_flags.define_mar_steps()     # one count here, default 100
 flags.DEFINE_integer('disa_upper', 50, 'DiSA: steps at the first AR step.')
 flags.DEFINE_integer('disa_lower', 5, 'DiSA: steps at the last AR step.')
-if 'progress' not in FLAGS:   # the same flag as disa-sample's (one process may import both)
-  flags.DEFINE_bool('progress', True, 'Show a progress bar while sampling.')
+cli_flags.define_progress()
 flags.DEFINE_enum('bundled', None, ['mnist', 'digits'],
                   'Which bundled model to run (default: DEFAULT_BUNDLED).')
 cli_flags.rule_validator('disa_upper', 'sampling', 'upper_steps')
