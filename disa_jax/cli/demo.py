@@ -152,6 +152,11 @@ def demo(args, print_fn=print) -> dict:
   if args.num_images < 2:
     raise common.CliError(f'--num-images must be >= 2, got {args.num_images}')
   ckpt = args.checkpoint or config.checkpoint
+  if not args.checkpoint and not os.path.isdir(ckpt):
+    raise common.CliError(
+      f'the bundled {args.bundled} model is not in this package ({ckpt}); train it with '
+      f'disa-train --config=configs/mar/{args.bundled}.py --workdir=runs/{args.bundled} '
+      f'--export={ckpt}, or pass --checkpoint=DIR')
   runs = {
     'MAR': resolve_steps(num_iter=num_iter, preset='mar', upper=args.mar_steps,
                          lower=args.mar_steps),
