@@ -167,7 +167,8 @@ def mar_config(variant: str, *, cpu: bool = False, tiny: bool = False) -> ml_col
 
 _MAR_NAMES = ('MAR_VARIANTS', 'PAPER_CFG', 'PAPER_DISA_CFG', 'PAPER_BATCH', 'CPU_MODEL',
               'TINY_MODEL', 'DIGITS_MODEL', 'DIGITS_TOKEN_SCALE', 'bundled_digits_checkpoint',
-              'digits_config')
+              'digits_config', 'MNIST_MODEL', 'MNIST_TOKEN_SCALE', 'bundled_mnist_checkpoint',
+              'mnist_config')
 
 
 def __getattr__(name):   # names that moved to disa_jax.systems.mar.variants

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 
@@ -99,4 +100,18 @@ def test_demo_bad_input(tmp_path):
                       f'--out={tmp_path / "x"}'], capture_output=True, text=True, env=_env(),
                      timeout=300)
   assert r.returncode == 2 and r.stderr.startswith('error: --num-images must be >= 2')
+  assert not (tmp_path / 'x').exists()
+
+
+def test_demo_missing_bundled_model_is_one_line(tmp_path):
+  from disa_jax.cli import demo
+
+  if os.path.isdir(demo.bundled_config('mnist').checkpoint):
+    pytest.skip('the MNIST model is shipped: nothing to refuse')
+  r = subprocess.run([sys.executable, '-m', 'disa_jax.cli.demo', '--bundled=mnist',
+                      f'--out={tmp_path / "x"}'], capture_output=True, text=True, env=_env(),
+                     timeout=300)
+  assert r.returncode == 2, r.stderr
+  assert r.stderr.startswith('error: the bundled mnist model is not in this package')
+  assert 'disa-train --config=configs/mar/mnist.py' in r.stderr
   assert not (tmp_path / 'x').exists()

@@ -1,22 +1,30 @@
-"""disa-demo: the original MAR schedule vs DiSA on the bundled digits model, side by side.
+"""disa-demo: the original MAR schedule vs DiSA on a bundled model, side by side.
 
   disa-demo                                   # 100 images (10 per class), seed 0
+  disa-demo --bundled=mnist                   # the MNIST model, once it is shipped
   disa-demo --num-images=200 --seed=3 --out=outputs/demo3 --overwrite
 
 All schedules sample the same classes with the same seed (same generation orders and
 initial noise per image): MAR = the original schedule, a fixed number of diffusion steps at
 every AR step (--mar-steps, default 100, no timestep clamp); MAR+clamp = the same steps with
 DiSA's timestep clamp at 950; DiSA = linear --disa-upper -> --disa-lower (50 -> 5) with the
-950 clamp. Speedups are relative to MAR. Compilation runs first and is reported separately; the timed
-part is sampling only. Quality comes from the embedded digits classifier
-(`disa_jax.eval.digits_quality`): accuracy w.r.t. the requested class and the Frechet
-distance to held-out real digits in its feature space.
+950 clamp. Speedups are relative to MAR. Compilation is reported separately (it happens in
+the first call of each step plan); ms/image is sampling only. Quality comes from the
+embedded classifier of the model's dataset (`disa_jax.eval.digits_quality`,
+`disa_jax.eval.mnist_quality`): accuracy w.r.t. the requested class and the Frechet distance
+to the held-out real digits in its feature space.
 
-Writes <out>/grid.png (one panel per schedule, one row per class) and <out>/metrics.json.
+Writes <out>/grid.png (one labelled panel per schedule, one row per class, digits upscaled
+2x) and <out>/metrics.json. A progress bar (stderr) follows the AR steps while sampling.
+
+Other systems: `OTHER_SYSTEMS` is the hook for FlowAR / xAR rows. When such a system ships a
+bundled model (its own issue), it adds an entry there with a function returning its
+schedules' images and timings; entries whose bundled model is missing are skipped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 
@@ -26,19 +34,58 @@ from absl import flags
 from disa_jax.cli import common
 from disa_jax.cli import flags as cli_flags
 
+FLAGS = flags.FLAGS
 cli_flags.define_model()
 cli_flags.define_out()           # default outputs/demo
 cli_flags.define_sampling()
 cli_flags.define_mar_steps()     # one count here, default 100
 flags.DEFINE_integer('disa_upper', 50, 'DiSA: steps at the first AR step.')
 flags.DEFINE_integer('disa_lower', 5, 'DiSA: steps at the last AR step.')
+cli_flags.define_progress()
+flags.DEFINE_enum('bundled', None, ['mnist', 'digits'],
+                  'Which bundled model to run (default: DEFAULT_BUNDLED).')
 cli_flags.rule_validator('disa_upper', 'sampling', 'upper_steps')
 cli_flags.rule_validator('disa_lower', 'sampling', 'lower_steps')
-FLAGS = flags.FLAGS
 
 # Shared sampling flags the demo does not use (it runs its own three schedules).
 _UNUSED = ('classes', 'preset', 'strategy', 'upper_steps', 'lower_steps', 'steps',
            'cfg_schedule', 'temperature', 'max_timestep')
+
+
+# The hook for other systems' rows and panels (FlowAR, xAR; empty until they ship bundled
+# models). Each entry maps a system name to 'module:function'; the function is called as
+# f(labels, args, quality) and returns None when the system has no bundled model, else
+# {schedule name: (images uint8 [N, 32, 32, 3], result dict)} with the keys of MAR's results
+# (steps_requested, max_timestep, head_token_steps_per_image, compile_s, sample_s,
+# ms_per_image, accuracy, fd) and 'speedup' w.r.t. that system's own original schedule.
+OTHER_SYSTEMS: dict[str, str] = {}
+
+
+def other_system_rows(labels, args, quality) -> dict:
+  """{schedule name: (images, result)} of every system in OTHER_SYSTEMS with a bundled model."""
+  import importlib
+
+  rows = {}
+  for system, target in OTHER_SYSTEMS.items():
+    module, fn = target.split(':')
+    got = getattr(importlib.import_module(module), fn)(labels, args, quality)
+    if got:
+      rows.update({f'{system} {name}': v for name, v in got.items()})
+  return rows
+
+
+# The bundled models the demo can run: name -> (config function in
+# disa_jax.systems.mar.variants, quality metric in disa_jax.eval.quality).
+BUNDLED = {'mnist': ('mnist_config', 'mnist'), 'digits': ('digits_config', 'digits')}
+# The sklearn-digits model stays the default until the MNIST model (configs/mar/mnist.py) is
+# trained and shipped in disa_jax/assets/mnist_mar (issue 16; see docs/benchmarks.md).
+DEFAULT_BUNDLED = 'digits'
+
+
+def bundled_config(name: str):
+  from disa_jax.systems.mar import variants
+
+  return getattr(variants, BUNDLED[name][0])()
 
 
 @dataclasses.dataclass
@@ -55,6 +102,8 @@ class DemoArgs:
   disa_lower: int = 5
   out: str = 'outputs/demo'
   overwrite: bool = False
+  progress: bool = True
+  bundled: str = DEFAULT_BUNDLED
 
 
 def args_from_flags() -> DemoArgs:
@@ -75,7 +124,8 @@ def args_from_flags() -> DemoArgs:
     num_images=d.num_images if FLAGS.num_images is None else FLAGS.num_images,
     batch_size=d.batch_size if FLAGS.batch_size is None else FLAGS.batch_size,
     seed=d.seed if FLAGS.seed is None else FLAGS.seed, num_iter=FLAGS.num_iter, cfg=FLAGS.cfg,
-    mar_steps=mar_steps, disa_upper=FLAGS.disa_upper, disa_lower=FLAGS.disa_lower)
+    mar_steps=mar_steps, disa_upper=FLAGS.disa_upper, disa_lower=FLAGS.disa_lower,
+    progress=FLAGS.progress, bundled=FLAGS.bundled or d.bundled)
 
 
 def demo(args, print_fn=print) -> dict:
@@ -84,13 +134,12 @@ def demo(args, print_fn=print) -> dict:
   from disa_jax.checkpoint import load_mar
   from disa_jax.diffusion.gaussian import DISA_MAX_TIMESTEP
   from disa_jax.engine import runner
-  from disa_jax.eval.digits_quality import DigitsQuality
+  from disa_jax.eval.quality import get_quality_metric
   from disa_jax.io.output import OutputDir, write_json
   from disa_jax.schedules import resolve_steps
-  from disa_jax.systems.mar.variants import digits_config
   from disa_jax.tokenizers.image import PixelTokenizer, make_grid
 
-  config = digits_config()
+  config = bundled_config(args.bundled)
   s = config.sampling
   num_iter = s.num_iter if args.num_iter is None else args.num_iter
   cfg = s.cfg if args.cfg is None else args.cfg
@@ -103,6 +152,11 @@ def demo(args, print_fn=print) -> dict:
   if args.num_images < 2:
     raise common.CliError(f'--num-images must be >= 2, got {args.num_images}')
   ckpt = args.checkpoint or config.checkpoint
+  if not args.checkpoint and not os.path.isdir(ckpt):
+    raise common.CliError(
+      f'the bundled {args.bundled} model is not in this package ({ckpt}); train it with '
+      f'disa-train --config=configs/mar/{args.bundled}.py --workdir=runs/{args.bundled} '
+      f'--export={ckpt}, or pass --checkpoint=DIR')
   runs = {
     'MAR': resolve_steps(num_iter=num_iter, preset='mar', upper=args.mar_steps,
                          lower=args.mar_steps),
@@ -118,7 +172,7 @@ def demo(args, print_fn=print) -> dict:
       raise common.CliError(f'--num-iter must be in [1, {model.config.seq_len}] for this model, '
                             f'got {num_iter}')
     tok = PixelTokenizer(model.config, scale=config.tokenizer.scale)
-    quality = DigitsQuality()
+    quality = get_quality_metric(BUNDLED[args.bundled][1])
     mesh = runner.make_mesh(config)
     runner.check_batch_size(args.batch_size, mesh, '--batch-size')
     sampler = runner.make_sampler(model, config, mesh)
@@ -128,16 +182,19 @@ def demo(args, print_fn=print) -> dict:
     for name, plan in runs.items():
       compile_s = sample_s = 0.0
       out = []
-      for lo in range(0, args.num_images, args.batch_size):
-        ids = np.arange(lo, min(lo + args.batch_size, args.num_images))
-        tokens = runner.generate_checked(sampler, labels[ids], key, steps=plan.steps,
-                                  max_timestep=plan.max_timestep, cfg=cfg,
-                                  cfg_schedule=s.cfg_schedule, temperature=s.temperature,
-                                  image_ids=ids)
-        st = sampler.last_stats
-        compile_s += st.compile_s
-        sample_s += st.wall_s
-        out.append(tok.decode(tokens))
+      batches = range(0, args.num_images, args.batch_size)
+      with _progress(len(batches) * num_iter, name, args.progress) as bar:
+        for lo in batches:
+          ids = np.arange(lo, min(lo + args.batch_size, args.num_images))
+          tokens = runner.generate_checked(sampler, labels[ids], key, steps=plan.steps,
+                                           max_timestep=plan.max_timestep, cfg=cfg,
+                                           cfg_schedule=s.cfg_schedule,
+                                           temperature=s.temperature, image_ids=ids,
+                                           progress=lambda _k: bar.update(1))
+          st = sampler.last_stats
+          compile_s += st.compile_s
+          sample_s += st.wall_s
+          out.append(tok.decode(tokens))
       images[name] = np.concatenate(out)
       report = st.plan.report()
       results[name] = {
@@ -153,7 +210,10 @@ def demo(args, print_fn=print) -> dict:
     base = results['MAR']['sample_s']
     for r in results.values():
       r['speedup'] = base / r['sample_s'] if r['sample_s'] > 0 else None
-    _write_grid(os.path.join(od.path, 'grid.png'), images, labels, make_grid)
+    for name, (imgs, r) in other_system_rows(labels, args, quality).items():
+      images[name], results[name] = imgs, r
+    _write_grid(os.path.join(od.path, 'grid.png'), images, labels, make_grid,
+                titles={n: panel_title(n, r) for n, r in results.items()})
     summary = {'checkpoint': str(ckpt), 'num_images': args.num_images, 'seed': args.seed,
                'num_iter': num_iter, 'cfg': cfg, 'cfg_schedule': s.cfg_schedule,
                'backend': jax.default_backend(), 'runs': results}
@@ -163,40 +223,89 @@ def demo(args, print_fn=print) -> dict:
   return summary
 
 
-def _write_grid(path, images, labels, make_grid):
-  """One panel per schedule (rows = classes), separated by grey bars."""
-  from PIL import Image
+class _NoBar:
+  def update(self, n=1):
+    pass
+
+
+@contextlib.contextmanager
+def _progress(total: int, name: str, enabled: bool):
+  """A tqdm bar over AR steps on stderr (nothing when disabled)."""
+  if not enabled:
+    yield _NoBar()
+    return
+  from tqdm import tqdm
+
+  with tqdm(total=total, desc=f'sampling {name}', unit='AR step', leave=False) as bar:
+    yield bar
+
+
+def panel_title(name: str, r: dict) -> str:
+  return (f'{name}: {_steps_text(r)} steps\n'
+          f'acc {r["accuracy"]:.2f}  FD {r["fd"]:.1f}  {r["ms_per_image"]:.0f} ms/img')
+
+
+UPSCALE = 2
+
+
+def _write_grid(path, images, labels, make_grid, titles=None):
+  """One labelled panel per schedule (rows = classes, digits upscaled), side by side."""
+  from PIL import Image, ImageDraw, ImageFont
 
   order = np.argsort(labels, kind='stable')
   per_class = int(np.bincount(labels).max())
-  panels = [make_grid(imgs[order].repeat(2, axis=1).repeat(2, axis=2), ncol=min(per_class, 10))
+  panels = [make_grid(imgs[order].repeat(UPSCALE, axis=1).repeat(UPSCALE, axis=2),
+                      ncol=min(per_class, 10))
             for imgs in images.values()]
   h = max(x.shape[0] for x in panels)
-  bar = np.full((h, 8, 3), 128, np.uint8)
+  width = max(260, *(p.shape[1] for p in panels))   # room for the two title lines
+  panels = [np.pad(p, ((0, 0), (0, width - p.shape[1]), (0, 0)), constant_values=255)
+            for p in panels]
+  bar = np.full((h, 12, 3), 128, np.uint8)
   parts = []
   for i, panel in enumerate(panels):
     if i:
       parts.append(bar)
     parts.append(np.pad(panel, ((0, h - panel.shape[0]), (0, 0), (0, 0)), constant_values=255))
-  Image.fromarray(np.concatenate(parts, axis=1)).save(path)
+  body = np.concatenate(parts, axis=1)
+  title_h = 44
+  canvas = Image.new('RGB', (body.shape[1], body.shape[0] + title_h), 'white')
+  canvas.paste(Image.fromarray(body), (0, title_h))
+  draw = ImageDraw.Draw(canvas)
+  try:
+    font = ImageFont.load_default(size=14)
+  except TypeError:  # Pillow without FreeType sizes
+    font = ImageFont.load_default()
+  x = 0
+  for i, (name, panel) in enumerate(zip(images, panels, strict=True)):
+    draw.multiline_text((x + 4, 4), (titles or {}).get(name, name), fill='black', font=font,
+                        spacing=4)
+    x += panel.shape[1] + (12 if i < len(panels) - 1 else 0)
+  canvas.save(path)
+
+
+def _steps_text(r: dict) -> str:
+  st = r['steps_requested']
+  steps = f'{st[0]}' if len(set(st)) == 1 else f'{st[0]}->{st[-1]}'
+  if r['max_timestep'] is not None:
+    steps += f' (clamp {r["max_timestep"]})'
+  return steps
 
 
 def format_table(summary: dict) -> str:
-  rows = [('schedule', 'diffusion steps', 'ms/image', 'speedup', 'accuracy', 'FD', 'compile s')]
+  rows = [('schedule', 'diffusion steps', 'ms/image', 'speedup', 'accuracy', 'FD', 'compile s',
+           'head token-steps')]
   for name, r in summary['runs'].items():
-    st = r['steps_requested']
-    steps = f'{st[0]}' if len(set(st)) == 1 else f'{st[0]}->{st[-1]}'
-    if r['max_timestep'] is not None:
-      steps += f' (clamp {r["max_timestep"]})'
-    rows.append((name, steps, f'{r["ms_per_image"]:.1f}', f'{r["speedup"]:.2f}x',
-                 f'{r["accuracy"]:.3f}', f'{r["fd"]:.2f}', f'{r["compile_s"]:.1f}'))
+    rows.append((name, _steps_text(r), f'{r["ms_per_image"]:.1f}', f'{r["speedup"]:.2f}x',
+                 f'{r["accuracy"]:.3f}', f'{r["fd"]:.2f}', f'{r["compile_s"]:.1f}',
+                 f'{r["head_token_steps_per_image"]}'))
   widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
   runs = summary['runs']
   note = ''
   if 'MAR+clamp' in runs and runs['MAR']['accuracy'] < runs['MAR+clamp']['accuracy'] - 0.1:
     note = ('note: without the clamp the first diffusion step starts at t=999 (abar 2.4e-9), '
-            'where x0 = (x - sqrt(1-abar) eps) / sqrt(abar) amplifies eps errors ~2e4 times; this '
-            'small, briefly trained head is not precise enough there, the clamp of DiSA avoids it.')
+            'where the posterior mean moves ~300x the head\'s eps error; this head is not '
+            'precise enough there (see docs/benchmarks.md), the clamp of DiSA avoids it.')
   lines = [f'{summary["num_images"]} images, seed {summary["seed"]}, K={summary["num_iter"]} '
            f'AR steps, cfg {summary["cfg"]} ({summary["cfg_schedule"]}), '
            f'{summary["backend"]} (compile time excluded from ms/image)']
@@ -210,12 +319,10 @@ def format_table(summary: dict) -> str:
 
 
 def _run(argv):
-  from disa_jax.systems.mar.variants import digits_config
-
   if len(argv) > 1:
     raise common.CliError(f'unexpected argument {argv[1]!r} (disa-demo takes only flags)')
   args = args_from_flags()
-  common.setup_runtime(digits_config())
+  common.setup_runtime(bundled_config(args.bundled))
   demo(args)
 
 

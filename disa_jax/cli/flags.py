@@ -85,7 +85,13 @@ def define_output():
                     'disa-eval: off unless given).')
   flags.DEFINE_bool('save_tokens', False, 'Also write tokens.npy when there is an image decoder '
                     '(always written without one).')
-  flags.DEFINE_bool('progress', True, 'Show a progress bar.')
+  define_progress()
+
+
+def define_progress():
+  """--progress (disa-sample's outputs, disa-demo)."""
+  if not _defined('progress'):
+    flags.DEFINE_bool('progress', True, 'Show a progress bar.')
 
 
 def define_batch():

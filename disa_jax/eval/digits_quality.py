@@ -23,25 +23,28 @@ DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / 'assets' / 'digits_cl
 LAYERS = (128, 64)
 
 
-def _prepare(images) -> np.ndarray:
-  """uint8 [N, 16, 16, 3|1] (or [N, 16, 16]) -> float32 [N, 256] in [-1, 1]."""
+def _prepare(images, size: int = 16, name: str = 'digits') -> np.ndarray:
+  """uint8 [N, size, size, 3|1] (or [N, size, size]) -> float32 [N, size^2] in [-1, 1]."""
   x = np.asarray(images)
   if x.ndim == 4:
     x = x.astype(np.float32).mean(axis=-1)
-  if x.ndim != 3 or x.shape[1:] != (16, 16):
-    raise ValueError(f'digits quality needs images [N, 16, 16, 3] uint8, got {x.shape}')
+  if x.ndim != 3 or x.shape[1:] != (size, size):
+    raise ValueError(f'{name} quality needs images [N, {size}, {size}, 3] uint8, got {x.shape}')
   return (x.astype(np.float32) / 255.0 * 2.0 - 1.0).reshape(len(x), -1)
 
 
-def train_classifier(out: str | Path = DEFAULT_WEIGHTS, seed: int = 0) -> dict:
-  """Trains the classifier on the training split (scikit-learn MLP) and writes the npz."""
+def train_classifier(out: str | Path = DEFAULT_WEIGHTS, seed: int = 0, *, dataset=None,
+                     layers=LAYERS, size: int = 16) -> dict:
+  """Trains the classifier on `dataset`'s training split (scikit-learn MLP; default the
+  digits) and writes the npz."""
   from sklearn.neural_network import MLPClassifier
 
-  from disa_jax.data.digits import load_split_uint8
+  if dataset is None:
+    from disa_jax.data import digits as dataset
 
-  x, y = load_split_uint8('train')
-  clf = MLPClassifier(hidden_layer_sizes=LAYERS, alpha=1e-3, max_iter=400, random_state=seed)
-  clf.fit(_prepare(x), y)
+  x, y = dataset.load_split_uint8('train')
+  clf = MLPClassifier(hidden_layer_sizes=layers, alpha=1e-3, max_iter=400, random_state=seed)
+  clf.fit(_prepare(x, size), y)
   weights = {}
   for i, (w, b) in enumerate(zip(clf.coefs_, clf.intercepts_, strict=True)):
     weights[f'w{i}'] = w.astype(np.float32)
@@ -51,13 +54,16 @@ def train_classifier(out: str | Path = DEFAULT_WEIGHTS, seed: int = 0) -> dict:
 
 
 class DigitsClassifier:
-  def __init__(self, path: str | Path = DEFAULT_WEIGHTS):
+  """ReLU MLP from the npz; features = the last hidden layer."""
+
+  def __init__(self, path: str | Path = DEFAULT_WEIGHTS, size: int = 16, name: str = 'digits'):
+    self.size, self.name = size, name
     with np.load(path, allow_pickle=False) as f:
       n = len([k for k in f.files if k.startswith('w')])
       self.layers = [(f[f'w{i}'], f[f'b{i}']) for i in range(n)]
 
   def features_and_logits(self, images):
-    h = _prepare(images)
+    h = _prepare(images, self.size, self.name)
     for w, b in self.layers[:-1]:
       h = np.maximum(h @ w + b, 0.0)
     w, b = self.layers[-1]
@@ -71,13 +77,20 @@ class DigitsQuality:
   primary = 'fd'
   higher_is_better = False
 
-  def __init__(self, weights: str | Path | None = None):
-    from disa_jax.data.digits import load_split_uint8
+  size = 16
+  default_weights = DEFAULT_WEIGHTS
 
-    self.classifier = DigitsClassifier(weights or DEFAULT_WEIGHTS)
-    real, _ = load_split_uint8('heldout')
+  def __init__(self, weights: str | Path | None = None):
+    self.classifier = DigitsClassifier(weights or self.default_weights, self.size, self.name)
+    real, _ = self._dataset().load_split_uint8('heldout')
     feats, _ = self.classifier.features_and_logits(real)
     self.real_mu, self.real_sigma = feature_stats(feats)
+
+  @staticmethod
+  def _dataset():
+    from disa_jax.data import digits
+
+    return digits
 
   def evaluate(self, images, labels) -> dict[str, float]:
     labels = np.asarray(labels)

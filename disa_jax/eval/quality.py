@@ -7,7 +7,8 @@ A metric is an object with
   higher_is_better: bool               # for `primary`
   evaluate(images, labels) -> dict     # images uint8 [N, H, W, 3], labels int [N]
 and is created by `get_quality_metric(name, **kwargs)`:
-  'digits'     -> disa_jax.eval.digits_quality.DigitsQuality   (bundled model; no weights)
+  'digits'     -> disa_jax.eval.digits_quality.DigitsQuality   (sklearn digits; no weights)
+  'mnist'      -> disa_jax.eval.mnist_quality.MnistQuality     (bundled model; no weights)
   'inception'  -> disa_jax.eval.metrics.InceptionQuality       (needs converted Inception
                   weights and reference statistics)
 """
@@ -21,6 +22,7 @@ import numpy as np
 
 REGISTRY = {
   'digits': 'disa_jax.eval.digits_quality:DigitsQuality',
+  'mnist': 'disa_jax.eval.mnist_quality:MnistQuality',
   'inception': 'disa_jax.eval.metrics:InceptionQuality',
 }
 

@@ -56,7 +56,7 @@ class RunResult:
 # ------------------------------------------------------------------------------------------
 # Data
 def resolve_data(config, model_cfg: MARConfig) -> tuple[Path, float]:
-  """(cache directory, latent scale) for `config.data`; builds the digits cache if needed."""
+  """(cache directory, latent scale) for `config.data`; builds the mnist/digits cache if needed."""
   from disa_jax.data import records
 
   d = config.data
@@ -64,13 +64,17 @@ def resolve_data(config, model_cfg: MARConfig) -> tuple[Path, float]:
     from disa_jax.data import digits
 
     cache = digits.ensure_cache(d.cache_dir)
+  elif d.kind == 'mnist':
+    from disa_jax.data import mnist
+
+    cache = mnist.ensure_cache(d.cache_dir)
   elif d.kind == 'cache':
     if not d.cache_dir:
       raise TrainingError('config.data.cache_dir is empty; build a cache with `disa-cache` '
                           'and pass --config.data.cache_dir=DIR')
     cache = Path(d.cache_dir).expanduser()
   else:
-    raise TrainingError(f'config.data.kind must be digits or cache, got {d.kind!r}')
+    raise TrainingError(f'config.data.kind must be mnist, digits or cache, got {d.kind!r}')
   meta = records.read_meta(cache)
   if isinstance(model_cfg, MARConfig):
     grid = model_cfg.img_size // model_cfg.vae_stride

@@ -113,3 +113,48 @@ def imagenet_config(variant: str, *, cpu: bool = False, tiny: bool = False
                    checkpoint_every=50)
   c.lock()
   return c
+
+
+# The bundled default model: a small class-conditional MAR on 5,000 real MNIST digits
+# (`disa_jax.data.mnist`): 32x32 pixels, 4x4 patches -> 64 tokens of 16 values (KL-16's channel
+# count), buffer 16 (the official 64 of 256 tokens), the official diffusion_batch_mul 4.
+MNIST_MODEL = dict(encoder_embed_dim=128, encoder_depth=2, encoder_num_heads=4,
+                   decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4,
+                   diffloss_d=2, diffloss_w=256, img_size=32, vae_stride=1, patch_size=4,
+                   vae_embed_dim=1, buffer_size=16, class_num=10, diffusion_batch_mul=4,
+                   attn_dropout=0.0, proj_dropout=0.0)
+MNIST_TOKEN_SCALE = 1.8
+
+
+def bundled_mnist_checkpoint() -> str:
+  """Path of the MNIST model shipped inside the package (the CLIs' default)."""
+  from pathlib import Path
+
+  return str(Path(__file__).resolve().parents[2] / 'assets' / 'mnist_mar')
+
+
+def mnist_config(*, tiny: bool = False) -> ml_collections.ConfigDict:
+  """Config of the bundled MNIST model (default of disa-sample / disa-demo; its recipe)."""
+  c = base_config('mar', 'mnist' + ('-tiny' if tiny else ''))
+  model = dict(MNIST_MODEL)
+  if tiny:  # unit-test size
+    model.update(encoder_embed_dim=32, encoder_depth=1, encoder_num_heads=2,
+                 decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2, diffloss_d=1,
+                 diffloss_w=32, diffusion_batch_mul=1)
+  c.model = model_config(**model)
+  c.checkpoint = '' if tiny else bundled_mnist_checkpoint()
+  c.tokenizer = tokenizer_config(kind='pixels', scale=MNIST_TOKEN_SCALE)
+  c.sampling = sampling_config(num_iter=16, cfg=2.0, num_images=20, batch_size=20)
+  c.runtime = runtime_config()
+  c.data = data_config(kind='mnist', cache_dir='~/.cache/disa_jax/mnist_cache', flip_prob=0.0,
+                       latent_scale=MNIST_TOKEN_SCALE)
+  # The official constant lr after a linear warmup (so a run's first N steps do not depend on
+  # num_steps), peak 6e-4 (blr 2.4e-3 at batch 64), EMA 0.995 (~200-step window).
+  c.train = train_config(batch_size=64, num_steps=2000, blr=2.4e-3, warmup_steps=100,
+                         lr_schedule='constant', ema_rate=0.995, log_every=25,
+                         checkpoint_every=100, keep_checkpoints=40)
+  if tiny:
+    c.train.update(batch_size=16, num_steps=20, blr=0.016, warmup_steps=2,
+                   lr_schedule='constant', log_every=5, checkpoint_every=10)
+  c.lock()
+  return c
