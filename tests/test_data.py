@@ -162,15 +162,21 @@ def test_folder_source_labels_are_sorted_class_dirs(tmp_path):
   assert src[0]['image'].shape == (20, 30, 3)
 
 
-def test_cache_cli_errors(tmp_path, capsys):
-  from disa_jax.cli import cache as cache_cli
+def test_cache_cli_errors(tmp_path):
+  """disa-cache (absl, the shared error path): one `error:` line, exit 2, nothing written."""
+  import subprocess
+  import sys
 
-  with pytest.raises(SystemExit) as e:
-    cache_cli.run(['--source=folder', f'--out={tmp_path / "c"}', f'--vae={tmp_path}'])
-  assert e.value.code == 2
-  assert 'error: --source=folder needs --folder=ROOT' in capsys.readouterr().err
-  with pytest.raises(SystemExit) as e:
-    cache_cli.run(['--source=folder', f'--folder={tmp_path}', '--splits=train',
-                   f'--out={tmp_path / "c"}', f'--vae={tmp_path}'])
-  assert e.value.code == 2 and 'image folder' in capsys.readouterr().err
+  def cache_cli(*args):
+    r = subprocess.run([sys.executable, '-m', 'disa_jax.cli.cache', *args], capture_output=True,
+                       text=True, cwd=tmp_path, timeout=300)
+    assert r.returncode == 2 and r.stderr.startswith('error: '), r.stderr
+    assert 'Traceback' not in r.stderr, r.stderr
+    return r.stderr
+
+  err = cache_cli('--source=folder', f'--out={tmp_path / "c"}', f'--vae={tmp_path}')
+  assert 'error: --source=folder needs --folder=ROOT' in err
+  err = cache_cli('--source=folder', f'--folder={tmp_path}', '--splits=train',
+                  f'--out={tmp_path / "c"}', f'--vae={tmp_path}')
+  assert 'image folder' in err
   assert not (tmp_path / 'c').exists()

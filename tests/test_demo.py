@@ -59,16 +59,20 @@ def _check_figures_from_written_output(out, m, stdout):
   per_class = int(np.bincount(labels).max())
   ncol = min(per_class, 10)
   nrow = -(-n // ncol)
-  size = (grid.shape[1] - 8 * (len(runs) - 1)) // len(runs)      # panel width (2x upsampled)
-  cell = (size - 2) // ncol - 2
+  from disa_jax.cli.demo import UPSCALE
+
+  cell = UPSCALE * D['img_size']                        # one upscaled digit
+  size = max(260, ncol * (cell + 2) + 2)                # panel width (padded for its title)
+  top = 44                                              # title band above the panels
   quality = DigitsQuality()
   seq = mask_schedule(m['num_iter'], (D['img_size'] // D['vae_stride'] // D['patch_size']) ** 2)
   panels = stdout.split('(panels: ')[1].split(')')[0].split(', ')   # grid order, left to right
   assert sorted(panels) == sorted(runs)
   for p, name in enumerate(panels):
-    run, x0 = runs[name], p * (size + 8)
-    imgs = np.stack([grid[2 + r * (cell + 2):2 + r * (cell + 2) + cell:2,
-                          x0 + 2 + c * (cell + 2):x0 + 2 + c * (cell + 2) + cell:2]
+    run, x0 = runs[name], p * (size + 12)
+    y0 = top + 2
+    imgs = np.stack([grid[y0 + r * (cell + 2):y0 + r * (cell + 2) + cell:UPSCALE,
+                          x0 + 2 + c * (cell + 2):x0 + 2 + c * (cell + 2) + cell:UPSCALE]
                      for r in range(nrow) for c in range(ncol)][:n])
     again = quality.evaluate(imgs, labels[order])
     assert again['accuracy'] == run['accuracy'], name
