@@ -96,3 +96,17 @@ def train_a_few_steps(model, *, init_state, train_step, b2: float, steps: int = 
     assert float(m['finite']) == 1.0
     metrics.append(m)
   return state, metrics
+
+
+def listed_shapes(path, section: str) -> dict[str, tuple[int, ...]]:
+  """{key: torch shape} of one section ('## <section> ...') of a key listing whose lines are
+  'key<TAB>(shape)<TAB>dtype' (tests/data/{flowar,xar}_state_dict_keys.txt)."""
+  keys, on = {}, False
+  for line in path.read_text().splitlines():
+    if line.startswith('## '):
+      on = line.startswith(f'## {section} ')
+      continue
+    if on and '\t' in line:
+      k, shape, _ = line.split('\t')
+      keys[k] = tuple(int(x) for x in shape.strip('()').split(',') if x.strip())
+  return keys

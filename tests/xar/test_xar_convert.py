@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from flow_testlib import check_bad_checkpoint
+from flow_testlib import check_bad_checkpoint, listed_shapes
 from xar_testlib import max_rel_error, state_dict_np, torch_model
 
 from disa_jax.errors import UserError
@@ -23,15 +23,7 @@ from disa_jax.systems.xar.io import load_xar
 
 
 def official_shapes(data_dir, section):
-  keys, on = {}, False
-  for line in (data_dir / 'xar_state_dict_keys.txt').read_text().splitlines():
-    if line.startswith('## '):
-      on = line.startswith(f'## {section} ')
-      continue
-    if on and '\t' in line:
-      k, shape, _ = line.split('\t')
-      keys[k] = tuple(int(x) for x in shape.strip('()').split(',') if x.strip())
-  return keys
+  return listed_shapes(data_dir / 'xar_state_dict_keys.txt', section)
 
 
 @pytest.mark.parametrize('name', ['B', pytest.param('L', marks=pytest.mark.slow),
