@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flow_testlib import check_bad_checkpoint, listed_shapes
 from flowar_testlib import max_rel_error, state_dict_np, torch_model
 
 from disa_jax.errors import UserError
@@ -22,15 +23,7 @@ from disa_jax.systems.flowar.io import load_flowar
 
 
 def official_shapes(data_dir, section):
-  keys, on = {}, False
-  for line in (data_dir / 'flowar_state_dict_keys.txt').read_text().splitlines():
-    if line.startswith('## '):
-      on = line.startswith(f'## {section} ')
-      continue
-    if on and '\t' in line:
-      k, shape, _ = line.split('\t')
-      keys[k] = tuple(int(x) for x in shape.strip('()').split(',') if x.strip())
-  return keys
+  return listed_shapes(data_dir / 'flowar_state_dict_keys.txt', section)
 
 
 @pytest.mark.parametrize('name', ['S', 'L', pytest.param('H', marks=pytest.mark.slow)])
@@ -83,19 +76,9 @@ def edits(sd):
 
 @pytest.mark.parametrize('case', range(8))
 def test_bad_checkpoints_fail_in_one_line_and_write_nothing(tiny, tmp_path, case):
-  sd = state_dict_np(tiny)
-  name, bad, words = list(edits(sd))[case]
-  with pytest.raises(FlowARConversionError) as e:
-    convert_state(bad)
-  msg = str(e.value)
-  assert '\n' not in msg and words in msg, (name, msg)
-  assert isinstance(e.value, UserError)
-  path = tmp_path / 'bad.pth'
-  torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in bad.items()}, path)
-  with pytest.raises(FlowARConversionError):
-    convert(path, tmp_path / 'out')
-  assert not (tmp_path / 'out').exists()
-  assert [p.name for p in tmp_path.iterdir()] == ['bad.pth']
+  _, bad, words = list(edits(state_dict_np(tiny)))[case]
+  check_bad_checkpoint(bad, words, convert_state=convert_state, convert=convert,
+                       error=FlowARConversionError, tmp_path=tmp_path)
 
 
 def test_not_a_file_and_existing_output(tiny, tmp_path):

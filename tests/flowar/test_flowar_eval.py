@@ -5,28 +5,15 @@ the same command gives the metrics and images of an uninterrupted one; continuin
 
 import json
 import os
-import subprocess
-import sys
 
+import eval_helpers
 import numpy as np
 import pytest
+from eval_helpers import pngs, small_vae_dir
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COMMON = ['--config=configs/flowar/s.py:tiny', '--config.tokenizer.kind=kl16',
           '--metric=custom_metric:MeanBrightness', '--classes=3,5', '--num-images=4',
           '--batch-size=2', '--save-images', '--noprogress']
-
-
-def small_vae_dir(path):
-  """A random KL-16 VAE model directory (reduced width, the official 16x downsampling)."""
-  from flax import nnx
-
-  from disa_jax.checkpoint import save_model
-  from disa_jax.tokenizers.kl16 import AutoencoderKL, VAEConfig
-
-  cfg = VAEConfig(ch=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1, attn_levels=())
-  return save_model(path, AutoencoderKL(cfg, rngs=nnx.Rngs(0)), kind='vae',
-                    model_config=cfg.to_dict())
 
 
 @pytest.fixture(scope='module')
@@ -35,17 +22,7 @@ def vae(tmp_path_factory):
 
 
 def run_eval(*args):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
-             PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, 'tests')]))
-  return subprocess.run([sys.executable, '-m', 'disa_jax.cli.eval', *COMMON, *args],
-                        capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
-
-
-def _pngs(d):
-  from PIL import Image
-
-  names = sorted(os.listdir(d))
-  return names, np.stack([np.asarray(Image.open(d / n)) for n in names])
+  return eval_helpers.run_eval(*COMMON, *args)
 
 
 @pytest.mark.slow      # three evaluations with compiles: ~1-2 min on the shared 2-core machine
@@ -55,7 +32,7 @@ def test_eval_resume_equals_uninterrupted_and_guidance_is_fingerprinted(vae, tmp
   assert r.returncode == 0, r.stderr
   m = json.loads((full / 'metrics.json').read_text())
   assert m['metrics']['num_images'] == 4 and m['steps_actual'] and m['num_iter'] == 5
-  names, images = _pngs(full / 'images')
+  names, images = pngs(full / 'images')
   assert names == [f'{i:06d}.png' for i in range(4)] and images.shape == (4, 256, 256, 3)
   assert np.abs(images[0].astype(int) - images[2]).max() > 0      # both class 3, other noise
   r = run_eval(f'--vae={vae}', f'--out={part}', '--max-batches=1')
@@ -69,7 +46,7 @@ def test_eval_resume_equals_uninterrupted_and_guidance_is_fingerprinted(vae, tmp
   resumed = json.loads((part / 'metrics.json').read_text())
   assert resumed['batches_reused'] == 1 and resumed['batches_run'] == 1
   assert resumed['metrics'] == m['metrics']
-  assert np.array_equal(_pngs(part / 'images')[1], images)
+  assert np.array_equal(pngs(part / 'images')[1], images)
 
 
 def test_fingerprint_covers_every_sampling_setting(tmp_path):

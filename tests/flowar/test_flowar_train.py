@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from flax import nnx
+from flow_testlib import train_a_few_steps
 
 from disa_jax.systems.flowar.train import draw_randomness, flowar_loss, init_state, train_step
 
@@ -72,26 +72,9 @@ def test_loss_matches_direct_computation():
 
 
 def test_a_few_steps_lower_the_loss():
-  import ml_collections
-
-  from disa_jax.train.optim import make_optimizer
-
-  model = _model()
-  tc = ml_collections.ConfigDict(dict(blr=1e-3, lr=0.0, warmup_steps=0, num_steps=20,
-                                      lr_schedule='constant', min_lr=0.0, weight_decay=0.02,
-                                      b1=0.9, b2=0.95, grad_clip=3.0))
-  tx = make_optimizer(tc, 256)
-  graphdef, _ = nnx.split(model)
-  state = init_state(model, tx, seed=0)
-  rng = np.random.default_rng(1)
-  mean = jnp.asarray(rng.standard_normal((4, 16, 16, 16)).astype(np.float32) * 4)
-  batch = {'mean': mean, 'logvar': jnp.full_like(mean, -30.0), 'label': jnp.arange(4)}
-  step = jax.jit(lambda s, b: train_step(s, b, graphdef=graphdef, tx=tx, ema_rate=0.9))
-  losses = []
-  for _ in range(12):
-    state, m = step(state, batch)
-    assert float(m['finite']) == 1.0
-    losses.append(float(m['loss']))
+  state, metrics = train_a_few_steps(_model(), init_state=init_state, train_step=train_step,
+                                     b2=0.95)
+  losses = [float(m['loss']) for m in metrics]
   assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
   assert int(state.step) == 12
   moved = jax.tree.leaves(jax.tree.map(lambda e, p: jnp.abs(e - p).max(), state.ema,

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from flow_testlib import train_a_few_steps
 
 from disa_jax.systems.xar.config import TINY, xar_config
 from disa_jax.systems.xar.model import XAR, cell_order
@@ -76,26 +77,10 @@ def test_randomness_one_noise_level_per_cell():
 
 
 def test_a_few_steps_lower_the_loss():
-  import ml_collections
-
-  from disa_jax.train.optim import make_optimizer
-
-  model = _model()
-  tc = ml_collections.ConfigDict(dict(blr=1e-3, lr=0.0, warmup_steps=0, num_steps=20,
-                                      lr_schedule='constant', min_lr=0.0, weight_decay=0.02,
-                                      b1=0.9, b2=0.96, grad_clip=3.0))
-  tx = make_optimizer(tc, 256)
-  graphdef, _ = nnx.split(model)
-  state = init_state(model, tx, seed=0)
-  rng = np.random.default_rng(1)
-  mean = jnp.asarray(rng.standard_normal((4, 16, 16, 16)).astype(np.float32) * 4)
-  batch = {'mean': mean, 'logvar': jnp.full_like(mean, -30.0), 'label': jnp.arange(4)}
-  step = jax.jit(lambda s, b: train_step(s, b, graphdef=graphdef, tx=tx, ema_rate=0.9))
-  losses = []
-  for _ in range(12):
-    state, m = step(state, batch)
-    assert float(m['finite']) == 1.0 and 'loss_cell3' in m
-    losses.append(float(m['loss']))
+  state, metrics = train_a_few_steps(_model(), init_state=init_state, train_step=train_step,
+                                     b2=0.96)
+  losses = [float(m['loss']) for m in metrics]
+  assert all('loss_cell3' in m for m in metrics)
   assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
   assert int(state.step) == 12
 

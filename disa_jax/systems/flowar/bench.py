@@ -23,15 +23,21 @@ scale into trunk and the rest (flow-head Euler solve + next-scale input).
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import time
 
 import jax
 import numpy as np
 
 from disa_jax.errors import UserError
+from disa_jax.systems.common.bench import (
+  add_speedups,
+  compare_with_reference,
+  fixed_width_table,
+  reference_parser,
+  run_reference_main,
+  time_interleaved,
+  torch_reference,
+)
 from disa_jax.systems.flowar.config import OFFICIAL_SAMPLING, VARIANTS, variant_key
 from disa_jax.systems.flowar.convert import convert_state
 from disa_jax.systems.flowar.flops import run_flops
@@ -41,17 +47,6 @@ from disa_jax.systems.flowar.steps import preset_steps
 PAPER_SPEEDUP = {'S': 1.5, 'L': 1.5, 'H': 2.5}      # DiSA README (wall clock, GPU)
 
 
-def _reference():
-  try:
-    import torch
-
-    from reference.flowar import FlowARRef
-  except ImportError as e:
-    raise UserError(f'the PyTorch comparison needs torch and the repo root on sys.path ({e}); '
-                    'run from the repository root or pass --no-torch') from None
-  return torch, FlowARRef
-
-
 def run(variant: str, batch: int, *, repeats: int = 1, use_torch: bool = True,
         seed: int = 0, arch=None) -> dict:
   """The benchmark as a dict; `arch` replaces the variant's official shapes (tests)."""
@@ -59,7 +54,7 @@ def run(variant: str, batch: int, *, repeats: int = 1, use_torch: bool = True,
   arch = VARIANTS[key] if arch is None else arch
   settings = OFFICIAL_SAMPLING[key]
   cfg_scale = settings.disa_cfg or settings.cfg
-  torch, FlowARRef = _reference()
+  torch, FlowARRef = torch_reference('flowar', 'FlowARRef')
   torch.manual_seed(seed)
   ref = FlowARRef(**arch.to_dict()).eval()
   sd = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
@@ -76,54 +71,27 @@ def run(variant: str, batch: int, *, repeats: int = 1, use_torch: bool = True,
   result = {'variant': f'FlowAR-{key}', 'batch': batch, 'cfg': cfg_scale,
             'guidance': settings.guidance, 'device': jax.devices()[0].device_kind,
             'repeats': repeats, 'runs': {}}
-  outs, times = {}, {name: [] for name in schedules}
 
-  def sample(steps):
+  def sample(name, steps):
     return jax.block_until_ready(sampler.generate(labels, steps=steps, cfg=cfg_scale,
                                                   guidance=settings.guidance, noise=noise))
 
-  for name, steps in schedules.items():          # first calls: compile + one run
-    t0 = time.perf_counter()
-    sample(steps)
-    first = time.perf_counter() - t0
-    print(f'jax {name}: first call {first:.1f} s', file=sys.stderr, flush=True)
+  def run_fields(steps):
     fl = run_flops(arch, steps, cfg_scale=cfg_scale)
-    result['runs'][name] = {
-      'steps': steps, 'jax_first_call_s': first, 'tflop_per_image': fl['total'] / 1e12,
-      'head_flop_share': fl['head'] / fl['total']}
-  for _ in range(repeats):                       # timed runs, schedules interleaved
-    for name, steps in schedules.items():
-      t0 = time.perf_counter()
-      outs[name] = np.asarray(sample(steps))
-      times[name].append(time.perf_counter() - t0)
-      print(f'jax {name}: {times[name][-1]:.1f} s', file=sys.stderr, flush=True)
-  for name in schedules:
-    result['runs'][name]['jax_s_per_image'] = min(times[name]) / batch
-  result['compile_count'] = sampler.compile_count
-  if use_torch:
-    labels_t = torch.as_tensor(labels)
-    noise_t = [torch.from_numpy(n) for n in noise]
-    for name, steps in schedules.items():
-      t_times = []
-      for _ in range(repeats):
-        t0 = time.perf_counter()
-        with torch.no_grad():
-          out = ref.sample_tokens(labels_t, cfg=cfg_scale, guidance=settings.guidance,
-                                  noise=noise_t, steps=steps).numpy()
-        t_times.append(time.perf_counter() - t0)
-      print(f'torch {name}: {min(t_times):.1f} s', file=sys.stderr, flush=True)
-      r = result['runs'][name]
-      r['torch_s_per_image'] = min(t_times) / batch
-      r['jax_over_torch_time'] = r['jax_s_per_image'] / r['torch_s_per_image']
-      r['max_rel_diff_jax_vs_torch'] = float(np.abs(outs[name] - out).max()
-                                             / np.abs(out).max())
-  b, d = result['runs']['baseline'], result['runs']['disa']
-  result['speedup_measured'] = b['jax_s_per_image'] / d['jax_s_per_image']
-  result['speedup_flop_model'] = b['tflop_per_image'] / d['tflop_per_image']
-  result['speedup_paper_readme'] = PAPER_SPEEDUP[key]
-  if use_torch:
-    result['speedup_measured_torch'] = b['torch_s_per_image'] / d['torch_s_per_image']
-  return result
+    return {'tflop_per_image': fl['total'] / 1e12, 'head_flop_share': fl['head'] / fl['total']}
+
+  labels_t, noise_t = torch.as_tensor(labels), [torch.from_numpy(n) for n in noise]
+
+  def torch_sample(name, steps):
+    with torch.no_grad():
+      return ref.sample_tokens(labels_t, cfg=cfg_scale, guidance=settings.guidance,
+                               noise=noise_t, steps=steps).numpy()
+
+  return compare_with_reference(result, schedules, sample=sample, run_fields=run_fields,
+                                batch=batch, repeats=repeats,
+                                compile_count=lambda: sampler.compile_count,
+                                torch_sample=torch_sample if use_torch else None,
+                                paper_speedup=PAPER_SPEEDUP[key])
 
 
 def parse_runs(text: str | None, config) -> list[tuple[str, tuple[int, ...], float]]:
@@ -199,29 +167,23 @@ def benchmark_config(config, *, runs: str | None = None, batch_size: int = 4, re
                  'compilations': sum(1 for k in sampler.compile_log if k not in before
                                      and k[0] == 'scale'),
                  'head_token_steps_per_image': plan.head_token_steps(),
-                 'tflop_per_image': {k: float(f'{v / 1e12:.4g}') for k, v in fl.items()},
-                 'walls': []})
+                 'tflop_per_image': {k: float(f'{v / 1e12:.4g}') for k, v in fl.items()}})
     log(f'[{label}] steps {list(steps)} (evaluations {list(plan.evals)}), cfg {c}: compiled '
         f'in {compile_s:.1f} s')
-  for r in range(repeats):                       # interleaved: side by side on a noisy host
+
+  def generate(i):
+    _, steps, c = specs[i]
+    sampler.generate(labels, key, steps=steps, cfg=c)
+    return sampler.last_stats.wall_s
+
+  time_interleaved(rows, generate, repeats=repeats, batch_size=batch_size, log=log)
+  if phases:
     for row, (label, steps, c) in zip(rows, specs, strict=True):
-      sampler.generate(labels, key, steps=steps, cfg=c)
-      row['walls'].append(sampler.last_stats.wall_s)
-      log(f'[{label}] run {r + 1}/{repeats}: {row["walls"][-1]:.3f} s')
-  for row, (label, steps, c) in zip(rows, specs, strict=True):
-    wall = min(row.pop('walls'))
-    row.update(wall_s=round(wall, 4), s_per_image=round(wall / batch_size, 5),
-               images_per_s=round(batch_size / wall, 4))
-    if phases:
       sampler.generate(labels, key, steps=steps, cfg=c, timed=True)
       st = sampler.last_stats
       row['phases'] = {'trunk_s': round(st.trunk_s, 4), 'head_s': round(st.head_s, 4)}
       log(f'[{label}] phases: trunk {st.trunk_s:.3f} s, head + next-scale {st.head_s:.3f} s')
-  base = rows[0]
-  for row in rows:
-    row['speedup'] = round(base['wall_s'] / row['wall_s'], 4)
-    row['flop_speedup'] = round(base['tflop_per_image']['total'] / row['tflop_per_image']['total'],
-                                4)
+  add_speedups(rows, lambda row: row['tflop_per_image']['total'])
   result['runs'] = rows
   result['compile_count'] = sampler.inner.compile_count
   key_v = config.get('variant', '')
@@ -247,35 +209,19 @@ def format_table(result: dict) -> str:
     if has_ph:
       ph = r.get('phases', {})
       cells += [ph.get('trunk_s', '-'), ph.get('head_s', '-')]
-    rows.append([str(c) for c in cells])
-  widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
-  line = lambda cells: '  '.join(c.rjust(w) for c, w in zip(cells, widths, strict=True))  # noqa
+    rows.append(cells)
   title = (f'{result["config"]} | {result["model"]} | batch {result["batch_size"]} | guidance '
            f'{result["guidance"]} | {result["backend"]} ({result["device_kind"]})')
   if 'speedup_paper_readme' in result:
     title += f' | DiSA README speedup {result["speedup_paper_readme"]}x'
-  return '\n'.join([title, line(header), *map(line, rows)])
+  return fixed_width_table(title, header, rows)
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument('--variant', default='S', help='S, L or H (official shapes, random weights)')
-  p.add_argument('--batch', type=int, default=4)
-  p.add_argument('--repeats', type=int, default=1)
-  p.add_argument('--no-torch', action='store_true', help='skip the PyTorch reference runs')
-  p.add_argument('--json', default='', help='also write the result to this file')
-  a = p.parse_args(argv)
-  try:
-    res = run(a.variant, a.batch, repeats=a.repeats, use_torch=not a.no_torch)
-  except UserError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  text = json.dumps(res, indent=2)
-  print(text)
-  if a.json:
-    with open(a.json, 'w') as f:
-      f.write(text + '\n')
-  return 0
+  p = reference_parser(__doc__.splitlines()[0], default_variant='S',
+                       variant_help='S, L or H (official shapes, random weights)')
+  return run_reference_main(
+    p, argv, lambda a: run(a.variant, a.batch, repeats=a.repeats, use_torch=not a.no_torch))
 
 
 if __name__ == '__main__':

@@ -17,6 +17,8 @@ import dataclasses
 
 from disa_jax.errors import UserError
 from disa_jax.layers.mlp import gated_hidden
+from disa_jax.systems.common import config as common_config
+from disa_jax.systems.common.config import dataclass_from_dict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,12 +85,7 @@ class FlowARConfig:
 
   @classmethod
   def from_dict(cls, d: dict) -> FlowARConfig:
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise UserError(f'unknown FlowAR config fields {unknown}; expected a subset of '
-                      f'{sorted(names)}')
-    return cls(**d)
+    return dataclass_from_dict(cls, d, 'FlowAR')
 
 
 VARIANTS = {
@@ -128,11 +125,8 @@ OFFICIAL_SAMPLING = {
 
 def variant_key(name: str) -> str:
   """'S' / 'L' / 'H' from 's', 'FlowAR-L', 'flowar_huge', ..."""
-  key = name.upper().removeprefix('FLOWAR-').removeprefix('FLOWAR_')
-  key = {'SMALL': 'S', 'LARGE': 'L', 'HUGE': 'H'}.get(key, key)
-  if key not in VARIANTS:
-    raise UserError(f'unknown FlowAR variant {name!r}; choose S, L or H')
-  return key
+  return common_config.variant_key(name, label='FlowAR', long_names={'SMALL': 'S', 'LARGE': 'L', 'HUGE': 'H'},
+                                   known=tuple(VARIANTS))
 
 
 def variant(name: str) -> FlowARConfig:
@@ -146,16 +140,8 @@ CPU = FlowARConfig(width=64, encoder_depth=2, decoder_depth=2, heads=4, head_wid
 
 
 def parse_config_arg(arg: str | None) -> dict:
-  """'cpu' / 'tiny' / 'tiny,digits' (the text after ':' in --config=configs/flowar/s.py:cpu);
-  'digits' trains on the bundled digits cache (1-channel 16x16 pixel tokens, 10 classes)."""
-  out = {'cpu': False, 'tiny': False, 'digits': False}
-  for item in (arg or '').split(','):
-    if not item:
-      continue
-    if item not in out:
-      raise UserError(f'unknown FlowAR config argument {item!r}; use cpu, tiny or digits')
-    out[item] = True
-  return out
+  """'cpu' / 'tiny' / 'tiny,digits' (the text after ':' in --config=configs/flowar/...py:cpu)."""
+  return common_config.parse_config_arg(arg, 'FlowAR')
 
 
 def flowar_config(name: str, arg: str | None = None):
@@ -175,8 +161,7 @@ def flowar_config(name: str, arg: str | None = None):
     arch = dataclasses.replace(arch, token_dim=1, class_num=10)
   c = ml_collections.ConfigDict()
   c.system = 'flowar'
-  c.name = f'flowar_{key.lower()}' + ('-tiny' if opts['tiny'] else '-cpu' if opts['cpu'] else '') \
-    + ('-digits' if opts['digits'] else '')
+  c.name = common_config.config_name('flowar', key, opts)
   c.variant = key
   c.model = ml_collections.ConfigDict(arch.to_dict())
   c.checkpoint = ''                 # directory written by `disa-convert flowar`
@@ -198,29 +183,7 @@ def flowar_config(name: str, arg: str | None = None):
   if opts['tiny']:
     s.update(upper_steps=6, lower_steps=2, cfg=2.0, baseline_cfg=2.0)
   c.sampling = s
-  r = ml_collections.ConfigDict()
-  r.matmul_precision = ''           # '' backend default, or 'highest' (parity runs)
-  r.compilation_cache = '~/.cache/disa_jax/xla'
-  r.num_devices = 0
-  c.runtime = r
-  t = ml_collections.ConfigDict()
-  t.kind = 'none' if (opts['cpu'] or opts['tiny']) else 'kl16'
-  t.vae = ''                        # directory written by `disa-convert vae`
-  t.scale = 0.2325                  # latent = tokens / 0.2325 before decoding
-  c.tokenizer = t
-  from disa_jax.config import data_config, train_config
-
   # Training (`disa-train`): the official recipe of main_flowar.py (AdamW 0.9 / 0.95, wd 0.02,
   # blr 1e-4, cosine to 1e-5 after warmup, clip 3.0, EMA 0.9999) and label drop 0.1.
-  c.train = train_config(lr_schedule='cosine', min_lr=1e-5)
-  c.train.label_drop_prob = 0.1
-  c.data = data_config(latent_scale=0.2325)
-  if opts['digits']:
-    from disa_jax.data.digits import TOKEN_SCALE
-
-    t.update(kind='none', scale=TOKEN_SCALE)
-    c.data.update(kind='digits', cache_dir='~/.cache/disa_jax/digits_cache', flip_prob=0.0,
-                  latent_scale=TOKEN_SCALE)
-    c.train.update(batch_size=16, num_steps=20, blr=0.016, warmup_steps=2,
-                   lr_schedule='constant', log_every=5, checkpoint_every=10, ema_rate=0.995)
+  common_config.add_common_sections(c, opts, train_overrides=dict(lr_schedule='cosine', min_lr=1e-5))
   return c

@@ -12,6 +12,7 @@ non-finite values are errors (`FlowARConversionError`, one line); buffers must e
 recomputed here (mask exactly, RoPE frequencies to 1e-6). Linear weights are transposed into
 (in, out) kernels; nothing is written unless everything matches (`disa_jax.checkpoint`'s atomic
 model directory).
+The checks run in `systems/common/convert.BufferedConverter`; the key rules above stay here.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
-from disa_jax.checkpoint import CheckpointError
-from disa_jax.convert.mapping import ConversionError, check_state_dict, convert_state_dict
+from disa_jax.convert.mapping import ConversionError
 from disa_jax.convert.state_dict import count_indexed, need, read_official_state_dict
 from disa_jax.errors import UserError
 from disa_jax.layers.rope import rope_freqs
+from disa_jax.systems.common.convert import BufferedConverter
 from disa_jax.systems.flowar.config import FlowARConfig
 from disa_jax.systems.flowar.model import FlowAR, block_causal_mask
 
@@ -107,73 +108,32 @@ def expected_buffers(cfg: FlowARConfig) -> dict[str, np.ndarray]:
   return expected
 
 
-def _check_buffer_shapes(shapes: Mapping[str, tuple], expected: Mapping[str, np.ndarray]):
-  have = {k for k in shapes if _is_buffer(k)}
-  missing = sorted(set(expected) - have)
-  extra = sorted(have - set(expected))
-  if missing:
-    _fail(f'checkpoint does not match the FlowAR model: {len(missing)} missing buffer(s): '
-          f'{", ".join(missing[:6])}')
-  if extra:
-    _fail(f'checkpoint does not match the FlowAR model: {len(extra)} unexpected key(s): '
-          f'{", ".join(extra[:6])}')
-  for k, want in expected.items():
-    if tuple(shapes[k]) != want.shape:
-      _fail(f'checkpoint does not match the FlowAR model: {k} has shape {tuple(shapes[k])}, '
-            f'expected {want.shape}')
-
-
-def _check_buffer_values(sd: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray]):
-  for k, want in expected.items():
-    got = np.asarray(sd[k])
-    ok = (np.array_equal(got, want) if k == 'mask'
+def _buffer_matches(key: str, got: np.ndarray, want: np.ndarray) -> bool:
+  """The mask exactly, RoPE frequencies to 1e-6 relative."""
+  return (np.array_equal(got, want) if key == 'mask'
           else np.allclose(got, want, rtol=1e-6, atol=0))
-    if not ok:
-      _fail(f'buffer {k} differs from the value FlowAR computes; the file is not an official '
-            'FlowAR checkpoint (or was edited)')
+
+
+CONVERTER = BufferedConverter(label='FlowAR', kind='flowar', model_cls=FlowAR, fail=_fail,
+                              infer_config=infer_config, is_buffer=_is_buffer,
+                              expected_buffers=expected_buffers,
+                              buffer_matches=_buffer_matches)
 
 
 def check_shapes(shapes: Mapping[str, tuple]) -> FlowARConfig:
   """Shape-only dry run of the conversion (nothing allocated): the inferred config after the
   same strict key / shape validation (used for the full-size S / L / H key listings)."""
-  shapes = {k: tuple(v) for k, v in shapes.items()}
-  cfg = infer_config(shapes)
-  _check_buffer_shapes(shapes, expected_buffers(cfg))
-  abstract = nnx.state(nnx.eval_shape(lambda: FlowAR(cfg, rngs=nnx.Rngs(0))))
-  try:
-    check_state_dict({k: v for k, v in shapes.items() if not _is_buffer(k)}, abstract,
-                     what='FlowAR model')
-  except ConversionError as e:
-    _fail(str(e).replace('\n', ' '))
-  return cfg
+  return CONVERTER.check_shapes(shapes)
 
 
 def check_values(sd: Mapping[str, np.ndarray]):
   """dtype (floating) and finiteness of every parameter (buffers: mask may hold -inf)."""
-  for k, v in sd.items():
-    v = np.asarray(v)
-    if not np.issubdtype(v.dtype, np.floating):
-      _fail(f'checkpoint key {k} has dtype {v.dtype}; FlowAR weights must be floating point '
-            '(float32 as saved officially)')
-    if k != 'mask' and not np.all(np.isfinite(v)):
-      _fail(f'checkpoint key {k} contains non-finite values (NaN/inf); the file is corrupt')
+  CONVERTER.check_values(sd)
 
 
 def convert_state(sd: Mapping[str, np.ndarray]) -> tuple[FlowARConfig, object, object]:
   """(config, graphdef, filled nnx state) from an official state dict; strict."""
-  shapes = {k: tuple(np.shape(v)) for k, v in sd.items()}
-  check_values(sd)
-  cfg = infer_config(shapes)
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: FlowAR(cfg, rngs=nnx.Rngs(0))))
-  expected = expected_buffers(cfg)
-  _check_buffer_shapes(shapes, expected)
-  _check_buffer_values(sd, expected)
-  params = {k: np.asarray(v, np.float32) for k, v in sd.items() if not _is_buffer(k)}
-  try:
-    state = convert_state_dict(params, abstract, what='FlowAR model')
-  except ConversionError as e:
-    _fail(str(e).replace('\n', ' '))
-  return cfg, graphdef, state
+  return CONVERTER.convert_state(sd)
 
 
 def load_converted(path) -> FlowAR:
@@ -185,20 +145,9 @@ def load_converted(path) -> FlowAR:
 def convert(torch_checkpoint, out, *, overwrite: bool = False, variant: str | None = None,
             weights: str = 'ema') -> Path:
   """`disa-convert flowar`: weights file -> model directory `out` (written atomically)."""
-  from disa_jax.convert.source import check_output
+  from disa_jax.systems.flowar.config import variant as official
   from disa_jax.systems.flowar.io import save_flowar
 
-  try:
-    out = check_output(out, overwrite)
-  except CheckpointError as e:
-    raise FlowARConversionError(str(e)) from None
-  cfg, graphdef, state = convert_state(read_state_dict(torch_checkpoint, weights=weights))
-  if variant is not None:
-    from disa_jax.systems.flowar.config import variant as official
-    want = official(variant)
-    if want != cfg:
-      _fail(f'checkpoint shapes give {cfg}, not FlowAR-{variant.upper()}; drop --variant or '
-            'pass the matching file')
-  meta = {'source': str(Path(torch_checkpoint).expanduser().absolute()),
-          'converted_by': 'disa-convert flowar'}
-  return save_flowar(out, nnx.merge(graphdef, state), meta=meta, overwrite=overwrite)
+  return CONVERTER.convert(torch_checkpoint, out, overwrite=overwrite, variant=variant,
+                           state_dict=lambda: read_state_dict(torch_checkpoint, weights=weights),
+                           official=official, save=save_flowar, error=FlowARConversionError)

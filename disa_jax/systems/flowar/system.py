@@ -13,10 +13,9 @@ from __future__ import annotations
 import math
 import types
 
-import numpy as np
-
 from disa_jax.errors import UserError
 from disa_jax.systems.base import System
+from disa_jax.systems.common.labels import class_condition_hooks
 
 PRESET_ALIASES = {'mar': 'baseline'}
 
@@ -80,17 +79,7 @@ def make_sampler(model, config, mesh):
                              matmul_precision=config.runtime.get('matmul_precision') or None)
 
 
-def conditions(config, num_images: int, *, order: str = 'cycle') -> np.ndarray:
-  """Class id of every image (`config.sampling.classes` cycled, or all classes)."""
-  from disa_jax.engine.runner import class_labels
-  from disa_jax.systems.mar.system import parse_classes
-
-  return class_labels(num_images, parse_classes(config.sampling.classes),
-                      model_config(config).class_num, order=order)
-
-
-def condition_count(config) -> int:
-  return model_config(config).class_num
+conditions, condition_count = class_condition_hooks(model_config)
 
 
 def latent_layout(cfg):

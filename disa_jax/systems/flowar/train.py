@@ -15,30 +15,24 @@ latents x (B, 16, 16, 16) NHWC (= VAE sample * 0.2325) and labels y (B,):
 Recipe (shared with MAR's `disa_jax.train.optim`): AdamW betas (0.9, 0.95), weight decay 0.02 on
 everything but 1-D parameters and biases, lr = blr * batch / 256 (blr 1e-4), linear warmup then
 cosine to min_lr (or constant), global-norm clip 3.0, EMA 0.9999 after every update, fp32.
+The step itself (EMA, skipping non-finite updates) is `systems/common/train.flow_train_step`.
 Difference: the official trunk applies attention / projection dropout 0.1 during training;
 this model has no dropout layers (documented, not emulated).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
+from disa_jax.systems.common.train import FlowTrainer, TrainState, flow_train_step, init_state
+from disa_jax.systems.flowar.config import FlowARConfig
+from disa_jax.systems.flowar.model import FlowAR
 from disa_jax.systems.flowar.next_scale import area_matrix, next_scale_input
 
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any
-  ema: Any
-  opt_state: Any
-  rng: jax.Array           # uint32 key data
+__all__ = ['TrainState', 'Trainer', 'draw_randomness', 'flowar_loss', 'init_state', 'scale_targets',
+           'train_step']
 
 
 def scale_targets(latents, scales) -> list:
@@ -88,71 +82,24 @@ def draw_randomness(key, batch: int, cfg) -> dict:
           'drop': jax.random.uniform(k_d, (batch,))}
 
 
-def init_state(model, tx, seed: int) -> TrainState:
-  params = nnx.state(model, nnx.Param)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    ema=jax.tree.map(jnp.copy, params), opt_state=tx.init(params),
-                    rng=jax.random.key_data(jax.random.key(seed)))
-
-
 def train_step(state: TrainState, batch, *, graphdef, tx: optax.GradientTransformation,
                ema_rate: float, latent_scale: float = 0.2325, label_drop_prob: float = 0.1):
   """One update. batch = {'mean', 'logvar' (B, 16, 16, 16) NHWC moments, 'label' (B,)}.
   A non-finite loss or gradient leaves the state unchanged (`finite` = 0 in the metrics)."""
-  from disa_jax.train.step import ema_update, sample_latents
-
-  key = jax.random.wrap_key_data(state.rng)
-  key, k_lat, k_loss = jax.random.split(key, 3)
-  lat = sample_latents(batch['mean'], batch['logvar'], k_lat, latent_scale)
-  b = lat.shape[0]
-
-  def loss_fn(params):
-    model = nnx.merge(graphdef, params)
-    r = draw_randomness(k_loss, b, model.cfg)
-    loss, per = flowar_loss(model, lat, batch['label'], label_drop_prob=label_drop_prob, **r)
-    return loss, per
-
-  (loss, per), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  gnorm = optax.tree.norm(grads)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  new = TrainState(step=state.step + 1, params=params, ema=ema_update(state.ema, params, ema_rate),
-                   opt_state=opt_state, rng=jax.random.key_data(key))
-  finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
-  new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
-  new = new.replace(rng=jax.random.key_data(key))
-  metrics = {f'loss_scale{s}': per[s] for s in range(per.shape[0])}
-  return new, {'loss': loss, **metrics, 'grad_norm': gnorm, 'finite': finite.astype(jnp.float32)}
+  return flow_train_step(state, batch, graphdef=graphdef, tx=tx, ema_rate=ema_rate,
+                         latent_scale=latent_scale, label_drop_prob=label_drop_prob,
+                         loss=flowar_loss, draw_randomness=draw_randomness,
+                         stage_metric='loss_scale')
 
 
-class Trainer:
+class Trainer(FlowTrainer):
   """What `disa_jax.train.loop` needs to train FlowAR (see `loop.MARTrainer`)."""
 
   kind = 'flowar'
+  model_cls = FlowAR
+  config_cls = FlowARConfig
+  train_step = staticmethod(train_step)
 
-  def __init__(self, config):
-    from disa_jax.systems.flowar.config import FlowARConfig
-    from disa_jax.systems.flowar.model import FlowAR
-
-    self.model_cfg = FlowARConfig.from_dict(dict(config.model))
-    side = self.model_cfg.scales[-1]
-    self.data_shape = (side, side, self.model_cfg.token_dim)   # cached moments (NHWC)
-    self.label_drop_prob = config.train.get('label_drop_prob', 0.1)
-    if not (isinstance(self.label_drop_prob, int | float) and 0 <= self.label_drop_prob <= 1):
-      from disa_jax.errors import UserError
-
-      raise UserError('--config.train.label_drop_prob must be a number in [0, 1] (official '
-                      f'0.1), got {self.label_drop_prob!r}')
-    self.graphdef, _ = nnx.split(nnx.eval_shape(lambda: FlowAR(self.model_cfg,
-                                                                 rngs=nnx.Rngs(0))))
-
-  def init_state(self, tx, seed: int) -> TrainState:
-    from disa_jax.systems.flowar.model import FlowAR
-
-    return init_state(FlowAR(self.model_cfg, rngs=nnx.Rngs(seed)), tx, seed + 1)
-
-  def step_fn(self, *, tx, ema_rate: float, latent_scale: float):
-    import functools
-
-    return functools.partial(train_step, graphdef=self.graphdef, tx=tx, ema_rate=ema_rate,
-                             latent_scale=latent_scale, label_drop_prob=self.label_drop_prob)
+  @staticmethod
+  def data_side(cfg) -> int:
+    return cfg.scales[-1]

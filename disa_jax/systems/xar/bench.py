@@ -24,15 +24,21 @@ reported; FLOP-model TFLOP per image and the predicted speedup, compile counts, 
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import time
 
 import jax
 import numpy as np
 
 from disa_jax.errors import UserError
+from disa_jax.systems.common.bench import (
+  add_speedups,
+  compare_with_reference,
+  fixed_width_table,
+  reference_parser,
+  run_reference_main,
+  time_interleaved,
+  torch_reference,
+)
 from disa_jax.systems.xar.config import OFFICIAL_SAMPLING, VARIANTS, variant_key
 from disa_jax.systems.xar.convert import convert_state
 from disa_jax.systems.xar.flops import run_flops
@@ -42,24 +48,13 @@ from disa_jax.systems.xar.steps import preset_steps
 PAPER_SPEEDUP = 1.6          # DiSA README, xAR (wall clock, GPU)
 
 
-def _reference():
-  try:
-    import torch
-
-    from reference.xar import XARRef
-  except ImportError as e:
-    raise UserError(f'the PyTorch comparison needs torch and the repo root on sys.path ({e}); '
-                    'run from the repository root or pass --no-torch') from None
-  return torch, XARRef
-
-
 def run(variant: str, batch: int, *, repeats: int = 1, use_torch: bool = True, seed: int = 0,
         steps_scale: float = 1.0, arch=None) -> dict:
   """The benchmark as a dict; `arch` replaces the variant's official shapes (tests)."""
   key = variant_key(variant)
   arch = VARIANTS[key] if arch is None else arch
   cfg_scale = OFFICIAL_SAMPLING[key].cfg
-  torch, XARRef = _reference()
+  torch, XARRef = torch_reference('xar', 'XARRef')
   torch.manual_seed(seed)
   ref = XARRef(**arch.to_dict()).eval()
   from flax import nnx
@@ -80,53 +75,27 @@ def run(variant: str, batch: int, *, repeats: int = 1, use_torch: bool = True, s
   result = {'variant': f'xAR-{key}', 'batch': batch, 'cfg': cfg_scale,
             'device': jax.devices()[0].device_kind, 'repeats': repeats,
             'steps_scale': steps_scale, 'runs': {}}
-  outs, times = {}, {name: [] for name in schedules}
 
-  def sample(name):
-    _, tokens = sampler.generate(labels, steps=schedules[name], cfg=cfg_scale,
-                                 noise=noises[name], return_tokens=True)
+  def sample(name, steps):
+    _, tokens = sampler.generate(labels, steps=steps, cfg=cfg_scale, noise=noises[name],
+                                 return_tokens=True)
     return jax.block_until_ready(tokens)
 
-  for name, steps in schedules.items():          # first calls: compile + one run
-    t0 = time.perf_counter()
-    sample(name)
-    first = time.perf_counter() - t0
-    print(f'jax {name}: first call {first:.1f} s', file=sys.stderr, flush=True)
+  def run_fields(steps):
     fl = run_flops(arch, steps)
-    result['runs'][name] = {'steps': steps, 'jax_first_call_s': first,
-                            'tflop_per_image': fl['total'] / 1e12,
-                            'evaluations': fl['evaluations']}
-  for _ in range(repeats):                       # timed runs, schedules interleaved
-    for name in schedules:
-      t0 = time.perf_counter()
-      outs[name] = np.asarray(sample(name))
-      times[name].append(time.perf_counter() - t0)
-      print(f'jax {name}: {times[name][-1]:.1f} s', file=sys.stderr, flush=True)
-  for name in schedules:
-    result['runs'][name]['jax_s_per_image'] = min(times[name]) / batch
-  result['compile_count'] = sampler.compile_count
-  if use_torch:
-    labels_t = torch.as_tensor(labels)
-    for name, steps in schedules.items():
-      t_times = []
-      for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = ref.sample_tokens(labels_t, cfg_scale, steps, noises[name],
-                                state_dtype=torch.float32).numpy()
-        t_times.append(time.perf_counter() - t0)
-      print(f'torch {name}: {min(t_times):.1f} s', file=sys.stderr, flush=True)
-      r = result['runs'][name]
-      r['torch_s_per_image'] = min(t_times) / batch
-      r['jax_over_torch_time'] = r['jax_s_per_image'] / r['torch_s_per_image']
-      r['max_rel_diff_jax_vs_torch'] = float(np.abs(outs[name] - out).max()
-                                             / np.abs(out).max())
-  b, d = result['runs']['baseline'], result['runs']['disa']
-  result['speedup_measured'] = b['jax_s_per_image'] / d['jax_s_per_image']
-  result['speedup_flop_model'] = b['tflop_per_image'] / d['tflop_per_image']
-  result['speedup_paper_readme'] = PAPER_SPEEDUP
-  if use_torch:
-    result['speedup_measured_torch'] = b['torch_s_per_image'] / d['torch_s_per_image']
-  return result
+    return {'tflop_per_image': fl['total'] / 1e12, 'evaluations': fl['evaluations']}
+
+  labels_t = torch.as_tensor(labels)
+
+  def torch_sample(name, steps):
+    return ref.sample_tokens(labels_t, cfg_scale, steps, noises[name],
+                             state_dtype=torch.float32).numpy()
+
+  return compare_with_reference(result, schedules, sample=sample, run_fields=run_fields,
+                                batch=batch, repeats=repeats,
+                                compile_count=lambda: sampler.compile_count,
+                                torch_sample=torch_sample if use_torch else None,
+                                paper_speedup=PAPER_SPEEDUP)
 
 
 def parse_runs(text: str | None, config) -> list[tuple[str, tuple[int, ...]]]:
@@ -200,25 +169,20 @@ def benchmark_config(config, *, runs: str | None = None, batch_size: int = 4, re
                  'compilations': sampler.compile_count - before,
                  'evaluations': fl['evaluations'],
                  'head_token_steps_per_image': plan.token_steps(),
-                 'tflop_per_image': float(f'{fl["total"] / 1e12:.4g}'), 'walls': []})
+                 'tflop_per_image': float(f'{fl["total"] / 1e12:.4g}')})
     log(f'[{label}] steps per cell {list(steps)}, cfg {c}: compiled in {compile_s:.1f} s')
-  for r in range(repeats):                       # interleaved: side by side on a noisy host
+
+  def generate(i):
+    sampler.generate(labels, key, steps=specs[i][1], cfg=c)
+    return sampler.last_stats.wall_s
+
+  time_interleaved(rows, generate, repeats=repeats, batch_size=batch_size, log=log)
+  if phases:
     for row, (label, steps) in zip(rows, specs, strict=True):
-      sampler.generate(labels, key, steps=steps, cfg=c)
-      row['walls'].append(sampler.last_stats.wall_s)
-      log(f'[{label}] run {r + 1}/{repeats}: {row["walls"][-1]:.3f} s')
-  for row, (label, steps) in zip(rows, specs, strict=True):
-    wall = min(row.pop('walls'))
-    row.update(wall_s=round(wall, 4), s_per_image=round(wall / batch_size, 5),
-               images_per_s=round(batch_size / wall, 4))
-    if phases:
       sampler.generate(labels, key, steps=steps, cfg=c, timed=True)
       row['phases'] = {'cell_s': [round(t, 4) for t in sampler.last_stats.cell_s]}
       log(f'[{label}] seconds per cell: {row["phases"]["cell_s"]}')
-  base = rows[0]
-  for row in rows:
-    row['speedup'] = round(base['wall_s'] / row['wall_s'], 4)
-    row['flop_speedup'] = round(base['tflop_per_image'] / row['tflop_per_image'], 4)
+  add_speedups(rows, lambda row: row['tflop_per_image'])
   result['runs'] = rows
   result['compile_count'] = sampler.compile_count
   result['speedup_paper_readme'] = PAPER_SPEEDUP
@@ -239,37 +203,21 @@ def format_table(result: dict) -> str:
              f'{r["tflop_per_image"]:.4g}', f'{r["speedup"]:.2f}x', f'{r["flop_speedup"]:.2f}x']
     if has_ph:
       cells.append('/'.join(f'{t:.3f}' for t in r.get('phases', {}).get('cell_s', [])) or '-')
-    rows.append([str(x) for x in cells])
-  widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
-  line = lambda cells: '  '.join(c.rjust(w) for c, w in zip(cells, widths, strict=True))  # noqa
+    rows.append(cells)
   title = (f'{result["config"]} | {result["model"]} | batch {result["batch_size"]} | '
            f'{result["backend"]} ({result["device_kind"]}) | DiSA README speedup '
            f'{result["speedup_paper_readme"]}x')
-  return '\n'.join([title, line(header), *map(line, rows)])
+  return fixed_width_table(title, header, rows)
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument('--variant', default='B', help='B, L or H (official shapes, random weights)')
-  p.add_argument('--batch', type=int, default=4)
-  p.add_argument('--repeats', type=int, default=1)
+  p = reference_parser(__doc__.splitlines()[0], default_variant='B',
+                       variant_help='B, L or H (official shapes, random weights)')
   p.add_argument('--steps-scale', type=float, default=1.0,
                  help='scale every step count (>= 3) for quicker runs')
-  p.add_argument('--no-torch', action='store_true', help='skip the PyTorch reference runs')
-  p.add_argument('--json', default='', help='also write the result to this file')
-  a = p.parse_args(argv)
-  try:
-    res = run(a.variant, a.batch, repeats=a.repeats, use_torch=not a.no_torch,
-              steps_scale=a.steps_scale)
-  except UserError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  text = json.dumps(res, indent=2)
-  print(text)
-  if a.json:
-    with open(a.json, 'w') as f:
-      f.write(text + '\n')
-  return 0
+  return run_reference_main(
+    p, argv, lambda a: run(a.variant, a.batch, repeats=a.repeats, use_torch=not a.no_torch,
+                           steps_scale=a.steps_scale))
 
 
 if __name__ == '__main__':

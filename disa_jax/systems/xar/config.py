@@ -17,6 +17,8 @@ import dataclasses
 
 from disa_jax.errors import UserError
 from disa_jax.layers.mlp import gated_hidden
+from disa_jax.systems.common import config as common_config
+from disa_jax.systems.common.config import dataclass_from_dict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,12 +75,7 @@ class XARConfig:
 
   @classmethod
   def from_dict(cls, d: dict) -> XARConfig:
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise UserError(f'unknown xAR config fields {unknown}; expected a subset of '
-                      f'{sorted(names)}')
-    return cls(**d)
+    return dataclass_from_dict(cls, d, 'xAR')
 
 
 VARIANTS = {
@@ -112,11 +109,8 @@ OFFICIAL_SAMPLING = {
 
 def variant_key(name: str) -> str:
   """'B' / 'L' / 'H' from 'b', 'xAR-L', 'xar_huge', ..."""
-  key = name.upper().removeprefix('XAR-').removeprefix('XAR_')
-  key = {'BASE': 'B', 'LARGE': 'L', 'HUGE': 'H'}.get(key, key)
-  if key not in VARIANTS:
-    raise UserError(f'unknown xAR variant {name!r}; choose B, L or H')
-  return key
+  return common_config.variant_key(name, label='xAR', long_names={'BASE': 'B', 'LARGE': 'L', 'HUGE': 'H'},
+                                   known=tuple(VARIANTS))
 
 
 def variant(name: str) -> XARConfig:
@@ -125,16 +119,8 @@ def variant(name: str) -> XARConfig:
 
 
 def parse_config_arg(arg: str | None) -> dict:
-  """'cpu' / 'tiny' / 'tiny,digits' (the text after ':' in --config=configs/xar/b.py:cpu);
-  'digits' trains on the bundled digits cache (1-channel 16x16 pixel tokens, 10 classes)."""
-  out = {'cpu': False, 'tiny': False, 'digits': False}
-  for item in (arg or '').split(','):
-    if not item:
-      continue
-    if item not in out:
-      raise UserError(f'unknown xAR config argument {item!r}; use cpu, tiny or digits')
-    out[item] = True
-  return out
+  """'cpu' / 'tiny' / 'tiny,digits' (the text after ':' in --config=configs/xar/...py:cpu)."""
+  return common_config.parse_config_arg(arg, 'xAR')
 
 
 def xar_config(name: str, arg: str | None = None):
@@ -151,8 +137,7 @@ def xar_config(name: str, arg: str | None = None):
   small = opts['cpu'] or opts['tiny']
   c = ml_collections.ConfigDict()
   c.system = 'xar'
-  c.name = f'xar_{key.lower()}' + ('-tiny' if opts['tiny'] else '-cpu' if opts['cpu'] else '') \
-    + ('-digits' if opts['digits'] else '')
+  c.name = common_config.config_name('xar', key, opts)
   c.variant = key
   c.model = ml_collections.ConfigDict(arch.to_dict())
   c.checkpoint = ''                 # directory written by `disa-convert xar`
@@ -176,29 +161,7 @@ def xar_config(name: str, arg: str | None = None):
   if opts['tiny']:
     s.update(upper_steps=6, lower_steps=3, baseline_steps=5, cfg=2.0)
   c.sampling = s
-  r = ml_collections.ConfigDict()
-  r.matmul_precision = ''           # '' backend default, or 'highest' (parity runs)
-  r.compilation_cache = '~/.cache/disa_jax/xla'
-  r.num_devices = 0                 # 0 = all devices (batch data parallel over them)
-  c.runtime = r
-  t = ml_collections.ConfigDict()
-  t.kind = 'none' if small else 'kl16'
-  t.vae = ''                        # directory written by `disa-convert vae`
-  t.scale = 0.2325                  # latent = tokens / 0.2325 before decoding
-  c.tokenizer = t
-  from disa_jax.config import data_config, train_config
-
   # Training (`disa-train`, `systems/xar/train.py`): AdamW betas 0.9 / 0.96 and blr 5e-5 of the
   # xAR README / engine; the rest (wd 0.02, clip 3.0, EMA 0.9999, warmup) is the shared recipe.
-  c.train = train_config(b2=0.96, blr=5e-5)
-  c.train.label_drop_prob = 0.1
-  c.data = data_config(latent_scale=0.2325)
-  if opts['digits']:
-    from disa_jax.data.digits import TOKEN_SCALE
-
-    t.update(kind='none', scale=TOKEN_SCALE)
-    c.data.update(kind='digits', cache_dir='~/.cache/disa_jax/digits_cache', flip_prob=0.0,
-                  latent_scale=TOKEN_SCALE)
-    c.train.update(batch_size=16, num_steps=20, blr=0.016, warmup_steps=2,
-                   lr_schedule='constant', log_every=5, checkpoint_every=10, ema_rate=0.995)
+  common_config.add_common_sections(c, opts, train_overrides=dict(b2=0.96, blr=5e-5))
   return c

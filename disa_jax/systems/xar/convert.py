@@ -12,6 +12,7 @@ values are errors (`XARConversionError`, one line); buffers must equal the value
 here (mask exactly, frequencies to 1e-6 relative, cos / sin tables to 1e-5 absolute). Linear
 weights become (in, out) kernels; nothing is written unless everything matches (the atomic
 model directory of `disa_jax.checkpoint`).
+The checks run in `systems/common/convert.BufferedConverter`; the key rules above stay here.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
-from disa_jax.checkpoint import CheckpointError
-from disa_jax.convert.mapping import ConversionError, check_state_dict, convert_state_dict
+from disa_jax.convert.mapping import ConversionError
 from disa_jax.convert.state_dict import count_indexed, need, read_official_state_dict
 from disa_jax.errors import UserError
 from disa_jax.layers.rope import rope_freqs
+from disa_jax.systems.common.convert import BufferedConverter
 from disa_jax.systems.xar.config import XARConfig
 from disa_jax.systems.xar.model import XAR, cell_causal_mask, cell_rope_table
 
@@ -99,80 +100,35 @@ def expected_buffers(cfg: XARConfig) -> dict[str, np.ndarray]:
   return expected
 
 
-def _check_buffer_shapes(shapes: Mapping[str, tuple], expected: Mapping[str, np.ndarray]):
-  have = {k for k in shapes if _is_buffer(k)}
-  missing = sorted(set(expected) - have)
-  extra = sorted(have - set(expected))
-  if missing:
-    _fail(f'checkpoint does not match the xAR model: {len(missing)} missing buffer(s): '
-          f'{", ".join(missing[:6])}')
-  if extra:
-    _fail(f'checkpoint does not match the xAR model: {len(extra)} unexpected key(s): '
-          f'{", ".join(extra[:6])}')
-  for k, want in expected.items():
-    if tuple(shapes[k]) != want.shape:
-      _fail(f'checkpoint does not match the xAR model: {k} has shape {tuple(shapes[k])}, '
-            f'expected {want.shape}')
+def _buffer_matches(key: str, got: np.ndarray, want: np.ndarray) -> bool:
+  """The mask exactly, frequencies to 1e-6 relative, cos / sin tables to 1e-5 absolute."""
+  if key == 'mask':
+    return np.array_equal(got, want)
+  if key.endswith('.rope.freqs'):
+    return np.allclose(got, want, rtol=1e-6, atol=0)
+  return np.allclose(got, want, rtol=0, atol=1e-5)
 
 
-def _check_buffer_values(sd: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray]):
-  for k, want in expected.items():
-    got = np.asarray(sd[k])
-    if k == 'mask':
-      ok = np.array_equal(got, want)
-    elif k.endswith('.rope.freqs'):
-      ok = np.allclose(got, want, rtol=1e-6, atol=0)
-    else:
-      ok = np.allclose(got, want, rtol=0, atol=1e-5)
-    if not ok:
-      _fail(f'buffer {k} differs from the value xAR computes; the file is not an official xAR '
-            'checkpoint (or was edited)')
-
-
-def _abstract(cfg: XARConfig):
-  return nnx.split(nnx.eval_shape(lambda: XAR(cfg, rngs=nnx.Rngs(0))))
+CONVERTER = BufferedConverter(label='xAR', kind='xar', model_cls=XAR, fail=_fail,
+                              infer_config=infer_config, is_buffer=_is_buffer,
+                              expected_buffers=expected_buffers,
+                              buffer_matches=_buffer_matches)
 
 
 def check_shapes(shapes: Mapping[str, tuple]) -> XARConfig:
   """Shape-only dry run of the conversion (nothing allocated): the inferred config after the
   same strict key / shape validation (used for the full-size B / L / H key listings)."""
-  shapes = {k: tuple(v) for k, v in shapes.items()}
-  cfg = infer_config(shapes)
-  _check_buffer_shapes(shapes, expected_buffers(cfg))
-  try:
-    check_state_dict({k: v for k, v in shapes.items() if not _is_buffer(k)}, _abstract(cfg)[1],
-                     what='xAR model')
-  except ConversionError as e:
-    _fail(str(e).replace('\n', ' '))
-  return cfg
+  return CONVERTER.check_shapes(shapes)
 
 
 def check_values(sd: Mapping[str, np.ndarray]):
   """dtype (floating) and finiteness of every entry (the mask may hold -inf)."""
-  for k, v in sd.items():
-    v = np.asarray(v)
-    if not np.issubdtype(v.dtype, np.floating):
-      _fail(f'checkpoint key {k} has dtype {v.dtype}; xAR weights must be floating point '
-            '(float32 as saved officially)')
-    if k != 'mask' and not np.all(np.isfinite(v)):
-      _fail(f'checkpoint key {k} contains non-finite values (NaN/inf); the file is corrupt')
+  CONVERTER.check_values(sd)
 
 
 def convert_state(sd: Mapping[str, np.ndarray]) -> tuple[XARConfig, object, object]:
   """(config, graphdef, filled nnx state) from an official state dict; strict."""
-  shapes = {k: tuple(np.shape(v)) for k, v in sd.items()}
-  check_values(sd)
-  cfg = infer_config(shapes)
-  graphdef, abstract = _abstract(cfg)
-  expected = expected_buffers(cfg)
-  _check_buffer_shapes(shapes, expected)
-  _check_buffer_values(sd, expected)
-  params = {k: np.asarray(v, np.float32) for k, v in sd.items() if not _is_buffer(k)}
-  try:
-    state = convert_state_dict(params, abstract, what='xAR model')
-  except ConversionError as e:
-    _fail(str(e).replace('\n', ' '))
-  return cfg, graphdef, state
+  return CONVERTER.convert_state(sd)
 
 
 def load_converted(path) -> XAR:
@@ -184,20 +140,9 @@ def load_converted(path) -> XAR:
 def convert(torch_checkpoint, out, *, overwrite: bool = False, variant: str | None = None,
             weights: str = 'ema', **_flags) -> Path:
   """`disa-convert xar`: weights file -> model directory `out` (written atomically)."""
-  from disa_jax.convert.source import check_output
+  from disa_jax.systems.xar.config import variant as official
   from disa_jax.systems.xar.io import save_xar
 
-  try:
-    out = check_output(out, overwrite)
-  except CheckpointError as e:
-    raise XARConversionError(str(e)) from None
-  cfg, graphdef, state = convert_state(read_state_dict(torch_checkpoint, weights))
-  if variant:
-    from disa_jax.systems.xar.config import variant as official
-    want = official(variant)
-    if want != cfg:
-      _fail(f'checkpoint shapes give {cfg}, not xAR-{variant.upper()}; drop --variant or pass '
-            'the matching file')
-  meta = {'source': str(Path(torch_checkpoint).expanduser().absolute()),
-          'converted_by': 'disa-convert xar'}
-  return save_xar(out, nnx.merge(graphdef, state), meta=meta, overwrite=overwrite)
+  return CONVERTER.convert(torch_checkpoint, out, overwrite=overwrite, variant=variant or None,
+                           state_dict=lambda: read_state_dict(torch_checkpoint, weights),
+                           official=official, save=save_xar, error=XARConversionError)

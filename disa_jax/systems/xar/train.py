@@ -11,7 +11,7 @@ and labels y (B,):
   v = XAR.forward_full(x_t, y', tau = trunc(1000 t))   all 4 cells at once, cell-causal mask
   loss = mean over (B, 256, 16) of (v - v*)^2
 The timestep the network sees is trunc(1000 t), the convention of the sampler (`time_to_tau`).
-Recipe: the shared AdamW + EMA step of FlowAR (`systems.flowar.train`: TrainState, EMA, skipping
+Recipe: the shared AdamW + EMA step (`systems/common/train.py`: TrainState, EMA, skipping
 non-finite updates); xAR's optimiser settings are in `configs/xar/*.py` (AdamW betas 0.9 / 0.96,
 blr 5e-5 as the xAR README; the official engine's fp16 autocast is not emulated: fp32 here).
 """
@@ -21,10 +21,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
-from disa_jax.systems.flowar.train import TrainState, init_state
-from disa_jax.systems.xar.model import cell_order
+from disa_jax.systems.common.train import FlowTrainer, TrainState, flow_train_step, init_state
+from disa_jax.systems.xar.config import XARConfig
+from disa_jax.systems.xar.model import XAR, cell_order
 
 __all__ = ['TrainState', 'Trainer', 'draw_randomness', 'init_state', 'train_step', 'xar_loss']
 
@@ -62,57 +62,19 @@ def train_step(state: TrainState, batch, *, graphdef, tx: optax.GradientTransfor
                ema_rate: float, latent_scale: float = 0.2325, label_drop_prob: float = 0.1):
   """One update. batch = {'mean', 'logvar' (B, 16, 16, C) NHWC moments, 'label' (B,)}.
   A non-finite loss or gradient leaves the state unchanged (`finite` = 0 in the metrics)."""
-  from disa_jax.train.step import ema_update, sample_latents
-
-  key = jax.random.wrap_key_data(state.rng)
-  key, k_lat, k_loss = jax.random.split(key, 3)
-  lat = sample_latents(batch['mean'], batch['logvar'], k_lat, latent_scale)
-  b = lat.shape[0]
-
-  def loss_fn(params):
-    model = nnx.merge(graphdef, params)
-    r = draw_randomness(k_loss, b, model.cfg)
-    return xar_loss(model, lat, batch['label'], label_drop_prob=label_drop_prob, **r)
-
-  (loss, per), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  gnorm = optax.tree.norm(grads)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  new = TrainState(step=state.step + 1, params=params, ema=ema_update(state.ema, params, ema_rate),
-                   opt_state=opt_state, rng=jax.random.key_data(key))
-  finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
-  new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
-  new = new.replace(rng=jax.random.key_data(key))
-  metrics = {f'loss_cell{k}': per[k] for k in range(per.shape[0])}
-  return new, {'loss': loss, **metrics, 'grad_norm': gnorm, 'finite': finite.astype(jnp.float32)}
+  return flow_train_step(state, batch, graphdef=graphdef, tx=tx, ema_rate=ema_rate,
+                         latent_scale=latent_scale, label_drop_prob=label_drop_prob,
+                         loss=xar_loss, draw_randomness=draw_randomness, stage_metric='loss_cell')
 
 
-class Trainer:
+class Trainer(FlowTrainer):
   """What `disa_jax.train.loop` needs to train xAR (see `loop.MARTrainer`)."""
 
   kind = 'xar'
+  model_cls = XAR
+  config_cls = XARConfig
+  train_step = staticmethod(train_step)
 
-  def __init__(self, config):
-    from disa_jax.errors import UserError
-    from disa_jax.systems.xar.config import XARConfig
-    from disa_jax.systems.xar.model import XAR
-
-    self.model_cfg = XARConfig.from_dict(dict(config.model))
-    g = self.model_cfg.grid
-    self.data_shape = (g, g, self.model_cfg.token_dim)           # cached moments (NHWC)
-    self.label_drop_prob = config.train.get('label_drop_prob', 0.1)
-    if not (isinstance(self.label_drop_prob, int | float) and 0 <= self.label_drop_prob <= 1):
-      raise UserError('--config.train.label_drop_prob must be a number in [0, 1] (official '
-                      f'0.1), got {self.label_drop_prob!r}')
-    self.graphdef, _ = nnx.split(nnx.eval_shape(lambda: XAR(self.model_cfg, rngs=nnx.Rngs(0))))
-
-  def init_state(self, tx, seed: int) -> TrainState:
-    from disa_jax.systems.xar.model import XAR
-
-    return init_state(XAR(self.model_cfg, rngs=nnx.Rngs(seed)), tx, seed + 1)
-
-  def step_fn(self, *, tx, ema_rate: float, latent_scale: float):
-    import functools
-
-    return functools.partial(train_step, graphdef=self.graphdef, tx=tx, ema_rate=ema_rate,
-                             latent_scale=latent_scale, label_drop_prob=self.label_drop_prob)
+  @staticmethod
+  def data_side(cfg) -> int:
+    return cfg.grid
