@@ -60,7 +60,7 @@ def test_heun_is_second_order_euler_first_order_on_linear_ode():
   heun_ratio = np.array(heun_err[:-1]) / np.array(heun_err[1:])
   euler_ratio = np.array(euler_err[:-1]) / np.array(euler_err[1:])
   # halving the step: error / 4 (second order, the final Euler step included; the ratio
-  # approaches 4 from above: 4.66, 4.30, ... measured), Euler / 2
+  # approaches 4 from above: 4.66, 4.30, 4.15 measured), Euler / 2 (2.05, 2.03, 2.01)
   assert np.all((heun_ratio > 3.6) & (heun_ratio < 4.8)), heun_ratio
   assert 3.7 < heun_ratio[-1] < 4.3, heun_ratio
   assert np.all((euler_ratio > 1.8) & (euler_ratio < 2.2)), euler_ratio
