@@ -22,7 +22,16 @@ configurations are unaffected and the golden tables are tested).
 Euler-Maruyama (xAR): grid linspace(1, 0.04, n) then 0; drift d = v - t * score with
 score = ((t - 1) v - x) / t, i.e. d = (2 - t) v + x; stochastic steps add
 sqrt(2 t_cur) sqrt(|dt|) xi, the last step (0.04 -> 0) is deterministic.
-Heun (second-order, for experiments; the official samplers leave it commented out).
+Heun (FlowAR, `solver='heun'`; not in the official code, issue 17): the same grid; each step
+t_cur -> t_next is the explicit trapezoid rule
+  v0 = v(x, t_cur); x1 = x + dt v0; x <- x + dt (v0 + v(x1, t_next)) / 2
+except the last step (t_next = 0), which is an Euler step (the usual choice, as in EDM's Heun
+sampler: the velocity at t = 0 is not evaluated). Evaluations: 2 N - 1 for an N-step grid (always
+odd; Euler's counts are even or 50, so the two never share a compiled shape by accident). Each
+evaluation is guided by the same rule as Euler, at its own time: the predictor at t_cur, the
+corrector at t_next (low <= t <= high), with the same CFG combine. `heun_solve` runs the 2N - 1
+evaluations as one `lax.fori_loop` (the velocity is traced once) over per-evaluation coefficients
+(`HeunPlan`). `heun_step` is the same rule for one step of a plain velocity field.
 
 State precision: the official state is float64. JAX runs with x64 off, so the solvers keep the
 state in float32; the step sizes dt are computed in float64 host-side and rounded once. The
@@ -59,9 +68,21 @@ def flowar_time_grid(num_steps: int) -> np.ndarray:
                          torch_linspace(0.25, 0.0, num_steps // 2 + 1)])
 
 
-def num_evaluations(num_steps: int) -> int:
-  """Network evaluations of the FlowAR Euler grid: 50 for 50, else 2 * (n // 2)."""
-  return len(flowar_time_grid(num_steps)) - 1
+FLOW_SOLVERS = ('euler', 'heun')
+
+
+def check_flow_solver(solver: str) -> str:
+  """`solver` if it is one of FLOW_SOLVERS, else ValueError naming the choices."""
+  if solver not in FLOW_SOLVERS:
+    raise ValueError(f'unknown flow solver {solver!r}; choose one of {", ".join(FLOW_SOLVERS)}')
+  return solver
+
+
+def num_evaluations(num_steps: int, solver: str = 'euler') -> int:
+  """Network evaluations of the FlowAR grid: Euler 50 for 50, else 2 * (n // 2) (= N steps);
+  Heun 2 N - 1 (two per step, one for the final Euler step)."""
+  steps = len(flowar_time_grid(num_steps)) - 1
+  return steps if check_flow_solver(solver) == 'euler' else 2 * steps - 1
 
 
 def time_to_tau(t) -> np.ndarray:
@@ -107,6 +128,71 @@ def flowar_euler_plan(num_steps: int, cfg: float = 1.0, guidance_high: float = 1
                    guided=guided_flags(grid, cfg, guidance_high, guidance_low))
 
 
+@dataclasses.dataclass(frozen=True)
+class HeunPlan:
+  """Host-side arrays of one Heun solve, one entry per network evaluation (2 N - 1).
+
+  t, tau, guided: the evaluation's time (float32), integer timestep and CFG flag;
+  a, b, c: float32 coefficients of the update after evaluation k with velocity v (v_prev = the
+  previous evaluation's velocity, `x_base` the state at the current grid point, `x_eval` where
+  the next evaluation looks):
+    x_base <- x_base + a v + b v_prev;  x_eval <- x_base + c v
+  predictor (a, b, c) = (0, 0, dt); corrector (dt/2, dt/2, 0); final Euler step (dt, 0, 0).
+  """
+
+  t: np.ndarray
+  tau: np.ndarray
+  guided: np.ndarray
+  a: np.ndarray
+  b: np.ndarray
+  c: np.ndarray
+
+  @property
+  def num_evals(self) -> int:
+    return len(self.t)
+
+  def arrays(self):
+    return tuple(jnp.asarray(v) for v in (self.t, self.tau, self.guided, self.a, self.b, self.c))
+
+
+def heun_plan_from_grid(grid: np.ndarray, cfg: float = 1.0, guidance_high: float = 1.0,
+                        guidance_low: float = 0.0) -> HeunPlan:
+  """Heun over a float64 grid 1 -> ... -> t_N (last step Euler; see the module docstring)."""
+  grid = np.asarray(grid, np.float64)
+  n = len(grid) - 1
+  times, a, b, c = [], [], [], []
+  for i in range(n):
+    dt = grid[i + 1] - grid[i]
+    if i < n - 1:
+      times += [grid[i], grid[i + 1]]
+      a += [0.0, dt / 2]
+      b += [0.0, dt / 2]
+      c += [dt, 0.0]
+    else:
+      times.append(grid[i])
+      a.append(dt)
+      b.append(0.0)
+      c.append(0.0)
+  times = np.asarray(times, np.float64)
+  guided = (cfg > 1.0) & (times <= guidance_high) & (times >= guidance_low)
+  f32 = lambda v: np.asarray(v, np.float64).astype(np.float32)  # noqa: E731
+  return HeunPlan(t=f32(times), tau=time_to_tau(times), guided=guided, a=f32(a), b=f32(b),
+                  c=f32(c))
+
+
+def flowar_heun_plan(num_steps: int, cfg: float = 1.0, guidance_high: float = 1.0,
+                     guidance_low: float = 0.0) -> HeunPlan:
+  """Heun over the FlowAR grid of `num_steps` requested steps (2 N - 1 evaluations)."""
+  return heun_plan_from_grid(flowar_time_grid(num_steps), cfg, guidance_high, guidance_low)
+
+
+def flowar_plan(num_steps: int, cfg: float = 1.0, guidance_high: float = 1.0,
+                guidance_low: float = 0.0, *, solver: str = 'euler'):
+  """`flowar_euler_plan` or `flowar_heun_plan` by `solver`."""
+  build = flowar_euler_plan if check_flow_solver(solver) == 'euler' else flowar_heun_plan
+  return build(num_steps, cfg, guidance_high, guidance_low)
+
+
 def cfg_combine(v_cond, v_uncond, scale):
   """v_u + scale (v_c - v_u)."""
   return v_uncond + scale * (v_cond - v_uncond)
@@ -125,6 +211,29 @@ def euler_solve(velocity, x, plan_arrays):
     return x + dt[i].astype(x.dtype) * v.astype(x.dtype)
 
   return jax.lax.fori_loop(0, t.shape[0], body, x)
+
+
+def heun_solve(velocity, x, plan_arrays):
+  """x after the Heun evaluations of `plan_arrays` = (t, tau, guided, a, b, c) (`HeunPlan`).
+
+  velocity(x, t, tau, guided) -> v as for `euler_solve`; one `lax.fori_loop` over evaluations
+  with carry (x_base, x_eval, v_prev), so `velocity` is traced once.
+  """
+  t, tau, guided, a, b, c = plan_arrays
+
+  def body(i, carry):
+    x_base, x_eval, v_prev = carry
+    v = velocity(x_eval, t[i], tau[i], guided[i]).astype(x.dtype)
+    x_base = x_base + a[i].astype(x.dtype) * v + b[i].astype(x.dtype) * v_prev
+    return x_base, x_base + c[i].astype(x.dtype) * v, v
+
+  x_base, _, _ = jax.lax.fori_loop(0, t.shape[0], body, (x, x, jnp.zeros_like(x)))
+  return x_base
+
+
+def flow_solve(velocity, x, plan_arrays):
+  """`euler_solve` for an EulerPlan's arrays (4), `heun_solve` for a HeunPlan's (6)."""
+  return (euler_solve if len(plan_arrays) == 4 else heun_solve)(velocity, x, plan_arrays)
 
 
 def euler_maruyama_grid(num_steps: int) -> np.ndarray:

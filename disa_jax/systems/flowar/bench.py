@@ -148,12 +148,13 @@ def benchmark_config(config, *, runs: str | None = None, batch_size: int = 4, re
     specs = [(label, steps, float(cfg)) for label, steps, _ in specs]
   arch = model_config(config)
   model, source = build_model(config, seed=seed)
-  sampler = FlowAREngineSampler(model, guidance=config.sampling.guidance,
+  solver = config.sampling.get('solver', 'euler')
+  sampler = FlowAREngineSampler(model, guidance=config.sampling.guidance, solver=solver,
                                 matmul_precision=config.runtime.get('matmul_precision') or None)
   labels = np.arange(batch_size) % arch.class_num
   key = jax.random.key(seed)
   result = {'config': config.get('name', ''), 'model': source, 'batch_size': batch_size,
-            'guidance': config.sampling.guidance, 'backend': jax.default_backend(),
+            'guidance': config.sampling.guidance, 'solver': solver, 'backend': jax.default_backend(),
             'device_kind': jax.devices()[0].device_kind, 'repeats': repeats, 'runs': []}
   rows = []
   for label, steps, c in specs:
@@ -161,7 +162,7 @@ def benchmark_config(config, *, runs: str | None = None, batch_size: int = 4, re
     before = set(sampler.compile_log)
     compile_s = sampler.compile(plan)
     sampler.generate(labels, key, steps=steps, cfg=c)          # first run (allocations)
-    fl = run_flops(arch, steps, cfg_scale=c)
+    fl = run_flops(arch, steps, cfg_scale=c, solver=solver)
     rows.append({'label': label, 'cfg': c, 'steps_requested': list(steps),
                  'steps_actual': list(plan.evals), 'compile_s': round(compile_s, 3),
                  'compilations': sum(1 for k in sampler.compile_log if k not in before
@@ -212,6 +213,8 @@ def format_table(result: dict) -> str:
     rows.append(cells)
   title = (f'{result["config"]} | {result["model"]} | batch {result["batch_size"]} | guidance '
            f'{result["guidance"]} | {result["backend"]} ({result["device_kind"]})')
+  if result.get('solver', 'euler') != 'euler':
+    title += f' | solver {result["solver"]}'
   if 'speedup_paper_readme' in result:
     title += f' | DiSA README speedup {result["speedup_paper_readme"]}x'
   return fixed_width_table(title, header, rows)

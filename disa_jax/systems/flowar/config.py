@@ -176,6 +176,7 @@ def flowar_config(name: str, arg: str | None = None):
   s.guidance = official.guidance    # guided only while t <= guidance
   s.cfg_schedule = 'linear'         # the official ramp over scales (the only one)
   s.temperature = 1.0               # the Euler ODE has no noise temperature (must stay 1.0)
+  s.solver = 'euler'                # flow head ODE solver: 'euler' (official) | 'heun' (2nd order)
   s.num_images = 4 if (opts['cpu'] or opts['tiny']) else 8
   s.batch_size = 4 if (opts['cpu'] or opts['tiny']) else 8
   s.classes = ''

@@ -15,7 +15,8 @@ scale-s noise from k = fold_in(fold_in(fold_in(key, i), s), half), half 0 for it
 and 1 for its null-class row under CFG (the official sampler draws every row independently,
 spec §4), each (n_s, 16) standard normal. `timed=True` adds a synchronised pass of the trunk
 alone per scale (`trunk_s`); the rest of a scale's time (flow head Euler solve, next-scale
-input) is `head_s`.
+input) is `head_s`. `solver` (constructor default, or per plan / generate call): 'euler'
+(official) or 'heun' (2 N - 1 head evaluations for N grid steps; `disa_jax.diffusion.flow`).
 `MAR`-only sampling options the engine passes along (`max_timestep`, `cfg_schedule`,
 `temperature`) are accepted and must be inert (None, 'linear', 1.0): the FlowAR ODE sampler
 has no timestep clamp and no noise temperature, and its CFG ramp over scales is the official
@@ -33,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from disa_jax import sharding as shd
-from disa_jax.diffusion.flow import flowar_euler_plan, num_evaluations
+from disa_jax.diffusion.flow import check_flow_solver, flowar_plan, num_evaluations
 from disa_jax.errors import UserError
 from disa_jax.systems.flowar.sampling import FlowARSampler, scale_cfg
 
@@ -45,9 +46,10 @@ class FlowARPlan:
   batch_size: int
   scales: tuple[int, ...]
   steps: tuple[int, ...]             # requested flow steps per scale
-  evals: tuple[int, ...]             # executed Euler evaluations per scale
-  cfg: float
+  evals: tuple[int, ...]             # executed head evaluations per scale (Heun: 2 per step
+  cfg: float                         # except the final Euler step)
   guidance: float
+  solver: str = 'euler'              # 'euler' (official) | 'heun' (`disa_jax.diffusion.flow`)
 
   @property
   def use_cfg(self) -> bool:
@@ -84,7 +86,7 @@ class FlowARPlan:
       'guidance': self.guidance, 'rows': self.rows,
       'head_token_steps_per_image': n, 'head_token_steps_per_image_padded': n,
       'head_padding_waste': 0.0, 'encoder_padding_waste': 0.0,
-      'backbone_buckets': len(self.scales), 'head_buckets': 0,
+      'backbone_buckets': len(self.scales), 'head_buckets': 0, 'solver': self.solver,
     }
 
 
@@ -122,6 +124,13 @@ def _check_inert(max_timestep=None, cfg_schedule='linear', temperature=1.0) -> N
                     f'{temperature}); leave --temperature at 1.0')
 
 
+def _checked_solver(solver: str) -> str:
+  try:
+    return check_flow_solver(solver)
+  except ValueError as e:
+    raise UserError(f'{e} (--config.sampling.solver)') from None
+
+
 class FlowAREngineSampler:
   """FlowAR sampler for the shared engine (see the module docstring). With the engine's
   `mesh` the batch is data-parallel over its data axis as in `FlowARSampler` (rows, noise, KV
@@ -129,7 +138,8 @@ class FlowAREngineSampler:
   shared runner check the batch size against it."""
 
   def __init__(self, model, *, cfg: float = 1.0, guidance: float = 1.0,
-               matmul_precision: str | None = None, mesh=None):
+               matmul_precision: str | None = None, mesh=None, solver: str = 'euler'):
+    self.solver = _checked_solver(solver)
     self.inner = FlowARSampler(model, mesh=mesh)
     self.config = model.cfg
     self.mesh = mesh
@@ -146,17 +156,19 @@ class FlowAREngineSampler:
 
   def plan(self, batch_size: int, *, steps: Sequence[int], cfg: float | None = None,
            guidance: float | None = None, max_timestep=None, cfg_schedule='linear',
-           temperature=1.0, **_) -> FlowARPlan:
+           temperature=1.0, solver: str | None = None, **_) -> FlowARPlan:
     _check_inert(max_timestep, cfg_schedule, temperature)
+    solver = self.solver if solver is None else _checked_solver(solver)
     scales = self.config.scales
     steps = tuple(int(s) for s in steps)
     if len(steps) != len(scales):
       raise UserError(f'FlowAR needs one step count per scale ({len(scales)}), got '
                       f'{list(steps)}')
     return FlowARPlan(batch_size=int(batch_size), scales=scales, steps=steps,
-                      evals=tuple(num_evaluations(n) for n in steps),
+                      evals=tuple(num_evaluations(n, solver) for n in steps),
                       cfg=float(self.default_cfg if cfg is None else cfg),
-                      guidance=float(self.default_guidance if guidance is None else guidance))
+                      guidance=float(self.default_guidance if guidance is None else guidance),
+                      solver=solver)
 
   def _precision(self):
     import contextlib
@@ -166,11 +178,13 @@ class FlowAREngineSampler:
     return contextlib.nullcontext()
 
   def _euler(self, plan: FlowARPlan, s: int):
-    return flowar_euler_plan(plan.steps[s], scale_cfg(plan.cfg, s, len(plan.scales)),
-                             plan.guidance).arrays()
+    """Device arrays of scale s's solver plan (Euler or Heun, by `plan.solver`)."""
+    return flowar_plan(plan.steps[s], scale_cfg(plan.cfg, s, len(plan.scales)), plan.guidance,
+                       solver=plan.solver).arrays()
 
   def _executable(self, plan: FlowARPlan, s: int, args):
-    """The AOT-compiled scale function for these shapes (compiled and logged once)."""
+    """The AOT-compiled scale function for these shapes (compiled and logged once; Heun's
+    evaluation counts are odd, Euler's even or 50, so the key tells the solvers apart)."""
     key = ('scale', s, plan.evals[s], plan.rows, plan.batch_size)
     exe = self._exes.get(key)
     if exe is None:
@@ -243,7 +257,8 @@ class FlowAREngineSampler:
   def generate(self, labels, key, *, steps: Sequence[int], image_ids=None,
                progress: Callable | None = None, cfg: float | None = None,
                guidance: float | None = None, timed: bool = False, max_timestep=None,
-               cfg_schedule='linear', temperature=1.0, noise=None, **_):
+               cfg_schedule='linear', temperature=1.0, noise=None, solver: str | None = None,
+               **_):
     """Tokens (B, 256, 16) of the last scale for class ids `labels` (B,).
 
     `image_ids` (default 0..B-1) select each image's random stream under `key`; `noise`
@@ -252,7 +267,7 @@ class FlowAREngineSampler:
     b = int(np.shape(labels)[0])
     self.inner.check_batch(b)
     plan = self.plan(b, steps=steps, cfg=cfg, guidance=guidance, max_timestep=max_timestep,
-                     cfg_schedule=cfg_schedule, temperature=temperature)
+                     cfg_schedule=cfg_schedule, temperature=temperature, solver=solver)
     stats = FlowARRunStats(plan=plan)
     before = dict(self.inner.traces)
     stats.compile_s = self.compile(plan)

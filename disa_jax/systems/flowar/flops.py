@@ -46,22 +46,24 @@ def head_eval_flops(cfg: FlowARConfig, s: int) -> float:
   return float(base + cfg.head_depth * block)
 
 
-def scale_flops(cfg: FlowARConfig, steps: Sequence[int], *, cfg_scale: float = 1.0
-                ) -> list[dict]:
-  """Per scale: {'scale', 'tokens', 'evals', 'trunk', 'head'} FLOPs per image."""
+def scale_flops(cfg: FlowARConfig, steps: Sequence[int], *, cfg_scale: float = 1.0,
+                solver: str = 'euler') -> list[dict]:
+  """Per scale: {'scale', 'tokens', 'evals', 'trunk', 'head'} FLOPs per image (evals of the
+  flow `solver`: Euler N, Heun 2 N - 1 for N grid steps)."""
   rows = 2 if cfg_scale != 1.0 else 1
   out = []
   for s, req in enumerate(steps):
-    evals = num_evaluations(int(req))
+    evals = num_evaluations(int(req), solver)
     out.append({'scale': s, 'tokens': cfg.scales[s] ** 2, 'evals': evals,
                 'trunk': rows * trunk_pass_flops(cfg, s),
                 'head': rows * evals * head_eval_flops(cfg, s)})
   return out
 
 
-def run_flops(cfg: FlowARConfig, steps: Sequence[int], *, cfg_scale: float = 1.0) -> dict:
+def run_flops(cfg: FlowARConfig, steps: Sequence[int], *, cfg_scale: float = 1.0,
+              solver: str = 'euler') -> dict:
   """Totals per image: {'trunk', 'head', 'total'} FLOPs."""
-  per = scale_flops(cfg, steps, cfg_scale=cfg_scale)
+  per = scale_flops(cfg, steps, cfg_scale=cfg_scale, solver=solver)
   trunk = sum(p['trunk'] for p in per)
   head = sum(p['head'] for p in per)
   return {'trunk': trunk, 'head': head, 'total': trunk + head}

@@ -8,9 +8,10 @@ steps T_s per scale:
     z = trunk block s (KV cache of blocks < s; s = 0: the class embedding is the token)
     cfg_s = (cfg - 1) * s / 4 + 1                          (scale 0 is never guided)
     x = noise (R, n_s, 16)                                  (every row its own draw)
-    Euler over the grid of T_s (`disa_jax.diffusion.flow`): guided steps (cfg_s > 1 and
-      t_cur <= g) evaluate [x_c; x_c] with [z_c; z_u] and write v_u + cfg_s (v_c - v_u) to both
-      halves; unguided steps evaluate x as it is (each half evolves on its own)
+    Euler (Heun: `solver='heun'`) over the grid of T_s (`disa_jax.diffusion.flow`): guided
+      steps (cfg_s > 1 and t_cur <= g; Heun: per evaluation, at its own time) evaluate
+      [x_c; x_c] with [z_c; z_u] and write v_u + cfg_s (v_c - v_u) to both halves; unguided
+      steps evaluate x as it is (each half evolves on its own)
     sample_s = first B rows; if s < 4: u = next_scale_input(sample_s) duplicated to both halves,
       tokens of block s + 1 = z_proj(u)
   result: sample_4 (B, 256, 16) -> (B, 16, 16, 16) channel-first latent (`unpatchify`).
@@ -53,7 +54,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from disa_jax import sharding as shd
-from disa_jax.diffusion.flow import cfg_combine, euler_solve, flowar_euler_plan
+from disa_jax.diffusion.flow import cfg_combine, check_flow_solver, flow_solve, flowar_plan
 from disa_jax.errors import UserError
 from disa_jax.systems.flowar.model import FlowAR
 from disa_jax.systems.flowar.next_scale import next_scale_input
@@ -155,7 +156,7 @@ class FlowARSampler:
         vg = cfg_combine(v[:batch], v[batch:], cfg_s)
         return jnp.where(guided, jnp.concatenate([vg, vg]), v)
 
-      x = euler_solve(velocity, noise.astype(jnp.float32), plan)
+      x = flow_solve(velocity, noise.astype(jnp.float32), plan)
       sample = x[:batch]
       if s == last:
         return sample, None, cache
@@ -181,12 +182,13 @@ class FlowARSampler:
                                samples=[], batch=batch, rows=int(labels.shape[0]))
 
   def step(self, st: FlowARSamplingState, *, num_steps: int, cfg: float, guidance: float,
-           noise) -> FlowARSamplingState:
-    """Samples scale `st.scale` with `num_steps` requested flow steps; returns the next state."""
+           noise, solver: str = 'euler') -> FlowARSamplingState:
+    """Samples scale `st.scale` with `num_steps` requested flow steps of `solver` ('euler', the
+    official sampler, or 'heun'; `disa_jax.diffusion.flow`); returns the next state."""
     s = st.scale
     n_s = self.cfg.scales[s] ** 2
     cfg_s = scale_cfg(cfg, s, len(self.cfg.scales))
-    plan = flowar_euler_plan(num_steps, cfg_s, guidance)
+    plan = flowar_plan(num_steps, cfg_s, guidance, solver=solver)
     want = (st.rows, n_s, self.cfg.token_dim)
     if tuple(noise.shape) != want:
       raise UserError(f'injected noise for scale {s} has shape {tuple(noise.shape)}, expected '
@@ -198,12 +200,18 @@ class FlowARSampler:
                                samples=[*st.samples, sample])
 
   def generate(self, labels, *, steps: Sequence[int], cfg: float = 1.0, guidance: float = 1.0,
-               key=None, noise: Sequence | Callable | None = None, return_state: bool = False):
+               key=None, noise: Sequence | Callable | None = None, return_state: bool = False,
+               solver: str = 'euler'):
     """Latents (B, 16, 16, 16) (channel first, before the VAE's 1/0.2325 scaling).
 
     steps: requested flow steps per scale (`steps.py`); key: jax PRNG key for the noise (draw s
-    uses fold_in(key, s)); noise: injected draws instead (see module docstring).
+    uses fold_in(key, s)); noise: injected draws instead (see module docstring); solver: 'euler'
+    (official) or 'heun' (`disa_jax.diffusion.flow`).
     """
+    try:
+      check_flow_solver(solver)
+    except ValueError as e:
+      raise UserError(str(e)) from None
     num_scales = len(self.cfg.scales)
     if len(steps) != num_scales:
       raise UserError(f'FlowAR needs one step count per scale ({num_scales}), got {list(steps)}')
@@ -218,14 +226,15 @@ class FlowARSampler:
         draw = noise(s, shape)
       else:
         draw = noise[s]
-      st = self.step(st, num_steps=int(steps[s]), cfg=cfg, guidance=guidance,
+      st = self.step(st, num_steps=int(steps[s]), cfg=cfg, guidance=guidance, solver=solver,
                      noise=np.asarray(draw) if not isinstance(draw, jax.Array) else draw)
     out = unpatchify(st.samples[-1], self.cfg.scales[-1])
     return (out, st) if return_state else out
 
 
 def generate(model: FlowAR, labels, *, steps: Sequence[int], cfg: float = 1.0,
-             guidance: float = 1.0, key=None, noise=None, mesh: Mesh | None = None):
+             guidance: float = 1.0, key=None, noise=None, mesh: Mesh | None = None,
+             solver: str = 'euler'):
   """One-shot convenience: `FlowARSampler(model, mesh=mesh).generate(...)`."""
   return FlowARSampler(model, mesh=mesh).generate(labels, steps=steps, cfg=cfg, guidance=guidance, key=key,
-                                       noise=noise)
+                                       noise=noise, solver=solver)

@@ -76,7 +76,8 @@ def make_sampler(model, config, mesh):
 
   s = config.sampling
   return FlowAREngineSampler(model, cfg=s.cfg, guidance=s.guidance, mesh=mesh,
-                             matmul_precision=config.runtime.get('matmul_precision') or None)
+                             matmul_precision=config.runtime.get('matmul_precision') or None,
+                             solver=s.get('solver', 'euler'))
 
 
 conditions, condition_count = class_condition_hooks(model_config)
@@ -138,6 +139,12 @@ def validate(config) -> None:
   if s.get('temperature', 1.0) != 1.0:
     raise UserError(f'the FlowAR Euler ODE sampler has no noise temperature; leave '
                     f'--temperature at 1.0 (got {s.temperature})')
+  from disa_jax.diffusion.flow import FLOW_SOLVERS
+
+  solver = s.get('solver', 'euler')
+  if solver not in FLOW_SOLVERS:
+    raise UserError(f'--config.sampling.solver={solver!r} is not a FlowAR flow solver; choose one '
+                    f'of {", ".join(FLOW_SOLVERS)}')
   mt = s.get('max_timestep', None)
   if mt is not None:
     raise UserError(f'FlowAR has no timestep clamp; drop --max_timestep (got {mt})')
@@ -151,14 +158,15 @@ def validate(config) -> None:
   stage_plan(s)                                           # schedule errors
 
 
-def flops(model_cfg, plan, *, cfg_scale: float = 2.0) -> dict:
-  """FLOPs per image of a StepPlan (CFG doubles the rows unless cfg_scale == 1)."""
+def flops(model_cfg, plan, *, cfg_scale: float = 2.0, solver: str = 'euler') -> dict:
+  """FLOPs per image of a StepPlan (CFG doubles the rows unless cfg_scale == 1; Heun evaluates
+  the head 2 N - 1 times per scale)."""
   from disa_jax.systems.flowar.config import FlowARConfig
   from disa_jax.systems.flowar.flops import run_flops
 
   cfg = model_cfg if isinstance(model_cfg, FlowARConfig) else FlowARConfig.from_dict(
     dict(model_cfg))
-  return run_flops(cfg, list(plan.steps), cfg_scale=cfg_scale)
+  return run_flops(cfg, list(plan.steps), cfg_scale=cfg_scale, solver=solver)
 
 
 SYSTEM = System(
