@@ -44,18 +44,25 @@ def _load() -> tuple[np.ndarray, np.ndarray]:
   return np.stack(imgs)[..., None].astype(np.float32), d.target.astype(np.int32)
 
 
-@functools.cache
-def split_indices() -> dict[str, np.ndarray]:
-  """{'train': idx, 'heldout': idx}: 30 random images per class held out (fixed seed)."""
-  _, labels = _load()
-  rng = np.random.default_rng(SPLIT_SEED)
+def stratified_split(labels: np.ndarray, per_class: int, *, seed: int,
+                     num_classes: int) -> dict[str, np.ndarray]:
+  """{'train': idx, 'heldout': idx}: `per_class` random indices of each class held out (fixed
+  seed), the rest for training; both sorted."""
+  rng = np.random.default_rng(seed)
   held = []
-  for c in range(NUM_CLASSES):
+  for c in range(num_classes):
     idx = np.flatnonzero(labels == c)
-    held.extend(rng.choice(idx, HELDOUT_PER_CLASS, replace=False))
+    held.extend(rng.choice(idx, per_class, replace=False))
   held = np.sort(np.asarray(held))
   train = np.setdiff1d(np.arange(len(labels)), held)
   return {'train': train, 'heldout': held}
+
+
+@functools.cache
+def split_indices() -> dict[str, np.ndarray]:
+  """{'train': idx, 'heldout': idx}: 30 random images per class held out (fixed seed)."""
+  return stratified_split(_load()[1], HELDOUT_PER_CLASS, seed=SPLIT_SEED,
+                          num_classes=NUM_CLASSES)
 
 
 def load_split(split: str) -> tuple[np.ndarray, np.ndarray]:

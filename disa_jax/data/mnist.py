@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from disa_jax.data import records
-from disa_jax.data.digits import ArraySource, pixel_encode
+from disa_jax.data.digits import ArraySource, pixel_encode, stratified_split
 from disa_jax.errors import UserError
 
 SIZE = 32
@@ -72,15 +72,8 @@ def _load() -> tuple[np.ndarray, np.ndarray]:
 @functools.cache
 def split_indices() -> dict[str, np.ndarray]:
   """{'train': idx, 'heldout': idx}: 50 random images per class held out (fixed seed)."""
-  _, labels = _load()
-  rng = np.random.default_rng(SPLIT_SEED)
-  held = []
-  for c in range(NUM_CLASSES):
-    idx = np.flatnonzero(labels == c)
-    held.extend(rng.choice(idx, HELDOUT_PER_CLASS, replace=False))
-  held = np.sort(np.asarray(held))
-  train = np.setdiff1d(np.arange(len(labels)), held)
-  return {'train': train, 'heldout': held}
+  return stratified_split(_load()[1], HELDOUT_PER_CLASS, seed=SPLIT_SEED,
+                          num_classes=NUM_CLASSES)
 
 
 def load_split(split: str) -> tuple[np.ndarray, np.ndarray]:
