@@ -101,29 +101,43 @@ def pixel_encode(images):
   return x, np.full_like(x, PIXEL_LOGVAR)
 
 
-def build_cache(cache_dir, *, overwrite: bool = False) -> Path:
-  """Writes the digits moments cache (train + heldout splits) into `cache_dir`."""
+def build_pixel_cache(cache_dir, load_split, *, dataset: str, latent_scale: float,
+                      image_size: int, overwrite: bool = False) -> Path:
+  """Writes a pixel-token moments cache of `load_split('train' | 'heldout')` into `cache_dir`
+  (the bundled datasets: sklearn digits, MNIST)."""
   from disa_jax.data.cache import cache_moments
 
   sources = {s: ArraySource(*load_split(s)) for s in ('train', 'heldout')}
   return cache_moments(
     cache_dir, sources, pixel_encode, preprocess=lambda ex: (ex['image'], ex['label']),
-    batch_size=256, meta={'dataset': 'sklearn_digits', 'tokenizer': 'pixels',
-                          'latent_scale': TOKEN_SCALE, 'image_size': SIZE},
+    batch_size=256, meta={'dataset': dataset, 'tokenizer': 'pixels',
+                          'latent_scale': latent_scale, 'image_size': image_size},
     overwrite=overwrite)
 
 
-def ensure_cache(cache_dir) -> Path:
-  """The digits cache at `cache_dir`, built first if it is missing or incomplete."""
+def ensure_pixel_cache(cache_dir, build, *, dataset: str, name: str) -> Path:
+  """The `dataset` cache at `cache_dir`, built with `build(dir, overwrite=True)` first if it
+  is missing or incomplete; another dataset's cache there is an error (`name` names ours)."""
   d = Path(cache_dir).expanduser()
   try:
     meta = records.read_meta(d)
-    if meta.get('dataset') == 'sklearn_digits':
+    if meta.get('dataset') == dataset:
       return d
-    raise records.CacheError(f'{d} holds a {meta.get("dataset")!r} cache, not the digits; '
+    raise records.CacheError(f'{d} holds a {meta.get("dataset")!r} cache, not {name}; '
                              'choose another --config.data.cache_dir')
   except records.CacheError as e:
     if (d / 'meta.json').exists():
       raise
-    _log.info('building the digits cache in %s (%s)', d, e)
-  return build_cache(d, overwrite=True)
+    _log.info('building the %s cache in %s (%s)', name.removeprefix('the '), d, e)
+  return build(d, overwrite=True)
+
+
+def build_cache(cache_dir, *, overwrite: bool = False) -> Path:
+  """Writes the digits moments cache (train + heldout splits) into `cache_dir`."""
+  return build_pixel_cache(cache_dir, load_split, dataset='sklearn_digits',
+                           latent_scale=TOKEN_SCALE, image_size=SIZE, overwrite=overwrite)
+
+
+def ensure_cache(cache_dir) -> Path:
+  """The digits cache at `cache_dir`, built first if it is missing or incomplete."""
+  return ensure_pixel_cache(cache_dir, build_cache, dataset='sklearn_digits', name='the digits')

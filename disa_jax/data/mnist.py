@@ -21,13 +21,11 @@ from __future__ import annotations
 import functools
 import gzip
 import io
-import logging
 from pathlib import Path
 
 import numpy as np
 
-from disa_jax.data import records
-from disa_jax.data.digits import ArraySource, pixel_encode, stratified_split
+from disa_jax.data.digits import build_pixel_cache, ensure_pixel_cache, stratified_split
 from disa_jax.errors import UserError
 
 SIZE = 32
@@ -37,8 +35,6 @@ HELDOUT_PER_CLASS = 50
 SPLIT_SEED = 0
 TOKEN_SCALE = 1.8
 DATASET = 'mnist_5k'
-
-_log = logging.getLogger(__name__)
 
 
 class MnistDataError(UserError):
@@ -95,27 +91,10 @@ def load_split_uint8(split: str) -> tuple[np.ndarray, np.ndarray]:
 
 def build_cache(cache_dir, *, overwrite: bool = False) -> Path:
   """Writes the MNIST moments cache (train + heldout splits) into `cache_dir`."""
-  from disa_jax.data.cache import cache_moments
-
-  sources = {s: ArraySource(*load_split(s)) for s in ('train', 'heldout')}
-  return cache_moments(
-    cache_dir, sources, pixel_encode, preprocess=lambda ex: (ex['image'], ex['label']),
-    batch_size=256, meta={'dataset': DATASET, 'tokenizer': 'pixels',
-                          'latent_scale': TOKEN_SCALE, 'image_size': SIZE},
-    overwrite=overwrite)
+  return build_pixel_cache(cache_dir, load_split, dataset=DATASET, latent_scale=TOKEN_SCALE,
+                           image_size=SIZE, overwrite=overwrite)
 
 
 def ensure_cache(cache_dir) -> Path:
   """The MNIST cache at `cache_dir`, built first if it is missing or incomplete."""
-  d = Path(cache_dir).expanduser()
-  try:
-    meta = records.read_meta(d)
-    if meta.get('dataset') == DATASET:
-      return d
-    raise records.CacheError(f'{d} holds a {meta.get("dataset")!r} cache, not MNIST; '
-                             'choose another --config.data.cache_dir')
-  except records.CacheError as e:
-    if (d / 'meta.json').exists():
-      raise
-    _log.info('building the MNIST cache in %s (%s)', d, e)
-  return build_cache(d, overwrite=True)
+  return ensure_pixel_cache(cache_dir, build_cache, dataset=DATASET, name='MNIST')
