@@ -535,6 +535,8 @@ ROWS = [
   cli_row('demo', ['--disa-upper=0'], 'error: flag --disa_upper=0: --disa_upper must be an integer in'),
   cli_row('bench', [f'--config={TINY}', '--runs=bad'], "error: bad run spec 'bad'"),
   cli_row('bench', [f'--config={TINY}', '--seed=-1'], 'error: flag --seed=-1: --seed must be an integer'),
+  cli_row('bench', [f'--config={REPO}/configs/flowar/s.py:tiny', '--cache=lazymar'],
+          'error: --cache applies to MAR only (this config is flowar); drop it'),
   cli_row('evidence', ['curves', f'--config={TINY}', '--runs=bad'], "error: bad run spec 'bad'"),
   cli_row('evidence', ['curves', f'--config={TINY}', '--mar-steps=x'], 'error: --mar_steps must be'),
   cli_row('cache', ['--vae=/no/such/vae'], 'error: --source is required'),

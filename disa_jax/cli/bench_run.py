@@ -16,6 +16,7 @@ import sys
 from absl import flags
 
 from disa_jax.cli import common
+from disa_jax.cli import flags as cli_flags
 
 FLAGS = flags.FLAGS
 
@@ -41,6 +42,7 @@ def run_bench(config, disa_bench, format_table) -> dict:
       config.sampling.temperature = FLAGS.temperature
     if 'cache' in FLAGS and FLAGS.cache is not None:
       config.sampling.cache = FLAGS.cache
+  cli_flags.check_cache(config)
   batch_size = DEFAULT_BATCH_SIZE if FLAGS.batch_size is None else FLAGS.batch_size
   seed = 0 if FLAGS.seed is None else FLAGS.seed
   if batch_size < 1 or FLAGS.repeats < 1:

@@ -269,6 +269,15 @@ def _apply_steps_file(config, path: str) -> None:
   config.sampling.max_timestep = file_clamp
 
 
+def check_cache(config) -> None:
+  """`sampling.cache` (`--cache`) is MAR's backbone cache: refused for other systems."""
+  from disa_jax.systems.base import system_of
+
+  name = system_of(config).name
+  if config.sampling.get('cache', '') not in ('', 'none') and name != 'mar':
+    raise UserError(f'--cache applies to MAR only (this config is {name}); drop it')
+
+
 def validate_sampling(config) -> None:
   """Range and finiteness of `config.sampling` (flags and `--config.sampling.*` alike), the
   input paths, the batch size against the data-parallel devices, then the system's own
@@ -286,9 +295,8 @@ def validate_sampling(config) -> None:
   vae = config.tokenizer.get('vae', '') if 'tokenizer' in config else ''
   if vae and not os.path.exists(os.path.expanduser(vae)):
     raise UserError(f'VAE directory {vae} does not exist')
+  check_cache(config)
   system = system_of(config)
-  if s.get('cache', '') not in ('', 'none') and system.name != 'mar':
-    raise UserError(f'--cache applies to MAR only (this config is {system.name}); drop it')
   if system.validate is not None:
     system.validate(config)
   if 'runtime' in config:      # before any compile: a batch the devices do not divide
