@@ -54,9 +54,13 @@ def _stringify_keys(tree):
 def save_params(directory: Path, state) -> None:
   """Saves an nnx State (or nested dict of arrays) with orbax into `directory/params`."""
   tree = _stringify_keys(_pure(state) if isinstance(state, nnx.State) else state)
-  ckptr = ocp.StandardCheckpointer()
-  ckptr.save(Path(directory).absolute() / 'params', tree)
-  ckptr.wait_until_finished()
+  # Synchronous on purpose: an async save that fails (e.g. a full disk) can leave background
+  # threads still creating files while the caller removes the temporary directory.
+  ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+  try:
+    ckptr.save(Path(directory).absolute() / 'params', args=ocp.args.StandardSave(tree))
+  finally:
+    ckptr.close()
 
 
 def save_model(directory, module, *, kind: str, model_config: dict, meta: dict | None = None,

@@ -869,3 +869,26 @@ def test_training_checkpoints_carry_checksums_and_a_flipped_byte_falls_back(trai
   assert 'checkpoint 4 in' in err and 'CorruptModelError' in err
   assert any('at step 2' in ln for ln in lines) and res.step == 5
   assert (work / 'checkpoints' / '5' / 'checksums.json').exists()
+
+
+def test_remove_tree_outlasts_a_late_writer(tmp_path):
+  """A failed library write may re-create its directory (with parents) just after the error
+  reaches us; the cleanup of atomic outputs keeps removing until the path stays gone."""
+  import threading
+  import time
+
+  from disa_jax.io.output import remove_tree
+
+  target = tmp_path / '.model.tmp-1-x'
+  (target / 'params').mkdir(parents=True)
+
+  def late_writer():
+    time.sleep(0.03)
+    (target / 'params' / 'late').mkdir(parents=True, exist_ok=True)
+    (target / 'params' / 'late' / 'manifest').write_bytes(b'x')
+
+  thread = threading.Thread(target=late_writer)
+  thread.start()
+  remove_tree(target)
+  thread.join()
+  assert not target.exists()

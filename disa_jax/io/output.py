@@ -85,7 +85,6 @@ def swap_into_place(tmp, final) -> None:
 def atomic_directory(final, *, overwrite: bool = False, error=UserError):
   """Yields a new hidden sibling directory (a `Path`) that becomes `final` only if the block
   succeeds; `error` (a UserError class) when `final` exists and not `overwrite`."""
-  import shutil
   from pathlib import Path
 
   from disa_jax import integrity
@@ -99,8 +98,23 @@ def atomic_directory(final, *, overwrite: bool = False, error=UserError):
     yield tmp
     swap_into_place(tmp, final)
   except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_tree(tmp)
     raise
+
+
+def remove_tree(path, attempts: int = 25, settle: float = 0.2) -> None:
+  """Removes directory `path` and everything in it. A library that failed a write (orbax,
+  tensorstore) may still have writes in flight that re-create files (and their parent
+  directories) just after the error reaches us, so the removal is repeated until the path
+  stays absent for `settle` seconds."""
+  import shutil
+  import time
+
+  for _ in range(attempts):
+    shutil.rmtree(path, ignore_errors=True)
+    time.sleep(settle)
+    if not os.path.lexists(path):
+      return
 
 
 def mark_finished(directory) -> None:
