@@ -121,6 +121,7 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
   c.b2 = 0.95
   c.grad_clip = 3.0
   c.ema_rate = 0.9999
+  c.last_t_fraction = 0.0        # MAR: rows trained at t = T-1 (0 = official uniform t)
   c.seed = 1
   c.log_every = 100
   c.checkpoint_every = 5000

@@ -97,6 +97,8 @@ RULES: dict[str, dict[str, Rule]] = {
     'b2': Rule(0.0, 1.0, hi_open=True, meaning='Adam beta2'),
     'grad_clip': Rule(0.0, None, meaning='global-norm clip; 0 = off'),
     'ema_rate': Rule(0.0, 1.0, meaning='EMA decay per update'),
+    'last_t_fraction': Rule(0.0, 1.0, hi_open=True,
+                            meaning='MAR: fraction of head rows trained at t = T-1'),
     'seed': Rule(0, 2**31 - 2, integer=True),
     'log_every': Rule(1, None, integer=True),
     'checkpoint_every': Rule(1, None, integer=True),

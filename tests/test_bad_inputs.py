@@ -179,6 +179,16 @@ def _validate(section, **fields):
   return run
 
 
+def _train_flowar_last_t(ctx):
+  from disa_jax.systems.flowar.config import flowar_config
+  from disa_jax.train.loop import train
+
+  c = flowar_config('S', 'tiny')
+  c.unlock()
+  c.train.last_t_fraction = 0.3
+  return user_error(lambda: train(c, ctx.tmp / 'w'))
+
+
 def _reference(ctx, **arrays):
   from disa_jax.eval.metrics import ReferenceStats
 
@@ -470,6 +480,10 @@ ROWS = [
   Row('b2-one', '--config.train.b2=1', _validate('train', b2=1.0), 'Adam beta2', ()),
   Row('ema-rate', '--config.train.ema_rate=1.5', _validate('train', ema_rate=1.5),
       '--config.train.ema_rate must be a finite number in [0, 1]', ()),
+  Row('last-t-fraction', '--config.train.last_t_fraction=1',
+      _validate('train', last_t_fraction=1.0), '--config.train.last_t_fraction must be', ()),
+  Row('last-t-flowar', 'disa-train (FlowAR) --config.train.last_t_fraction=0.3',
+      _train_flowar_last_t, "applies to MAR's diffusion head only, not to flowar", ('w',)),
   Row('flip-prob', '--config.data.flip_prob=2', _validate('data', flip_prob=2.0),
       '--config.data.flip_prob', ()),
   Row('sample-cfg-nan', 'disa-sample --cfg=nan',

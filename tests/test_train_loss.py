@@ -172,3 +172,41 @@ def test_optimizer_is_adamw_with_clip_and_official_lr():
     upd, st = tx.update(grads, st, params)
   # With a zero gradient only weight decay moves a parameter; 'b' is 1-D -> no decay.
   assert np.all(np.asarray(upd['b']) == 0)
+
+
+def test_last_t_fraction_adds_eps_only_rows_at_the_last_timestep():
+  """`last_t_fraction` (the MNIST recipe's lever for the head's precision at t=999) moves about
+  that fraction of rows to t = T-1, trains them on eps-MSE only, and at 0 is the official
+  loss with the same random draws."""
+  rng = np.random.default_rng(3)
+  n = 4000
+  target = jnp.asarray(rng.standard_normal((n, 4)), jnp.float32)
+  z = jnp.asarray(rng.standard_normal((n, 6)), jnp.float32)
+  mask = jnp.ones(n)
+  seen = {}
+
+  def net(x, t, c):
+    seen['t'] = t
+    return jnp.concatenate([x * 0.9 + 0.1 * c[:, :4], jnp.tanh(c[:, 2:6])], 1)
+
+  key = jax.random.key(7)
+  losses.diffusion_loss(net, target, z, mask, key)
+  t_official = np.asarray(seen['t']).astype(np.int32)
+  mask = jnp.asarray(t_official != 999, jnp.float32)  # rows already at T-1 are ambiguous
+  official, _ = losses.diffusion_loss(net, target, z, mask, key)
+  same, _ = losses.diffusion_loss(net, target, z, mask, key, last_t_fraction=0.0)
+  assert float(same) == float(official)
+  loss, terms = losses.diffusion_loss(net, target, z, mask, key, last_t_fraction=0.3)
+  t = np.asarray(seen['t']).astype(np.int32)
+  moved = (t == 999) & (t_official != 999)
+  assert abs(moved.mean() - 0.3) < 0.03
+  assert np.array_equal(t[~moved], t_official[~moved])   # the other rows keep their draws
+  # the moved rows' loss is their eps-MSE only (their VB at T-1 would be ~1e2)
+  x_t = losses.q_sample(target, jnp.asarray(t), jax.random.normal(jax.random.split(key)[1],
+                                                                   target.shape))
+  per_row = losses.training_losses(net(x_t, jnp.asarray(t, jnp.float32), z), target,
+                                   jnp.asarray(t), jax.random.normal(jax.random.split(key)[1],
+                                                                     target.shape))
+  assert float(jnp.max(per_row['vb'][moved])) > 10.0
+  expected = (jnp.where(jnp.asarray(moved), per_row['mse'], per_row['loss']) * mask).sum() / mask.sum()
+  assert float(loss) == pytest.approx(float(expected), rel=1e-5)

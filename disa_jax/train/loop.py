@@ -118,13 +118,15 @@ class MARTrainer:
     self.model_cfg = MARConfig.from_dict(dict(config.model))
     self.data_shape = self.model_cfg
     self.graphdef = graphdef_of(self.model_cfg)
+    self.last_t_fraction = float(config.train.get('last_t_fraction', 0.0))
 
   def init_state(self, tx, seed: int):
     return _init_state(self.model_cfg, tx, seed)
 
   def step_fn(self, *, tx, ema_rate: float, latent_scale: float):
     return partial(train_step, graphdef=self.graphdef, tx=tx, ema_rate=ema_rate,
-                   latent_scale=latent_scale, patch_size=self.model_cfg.patch_size)
+                   latent_scale=latent_scale, patch_size=self.model_cfg.patch_size,
+                   last_t_fraction=self.last_t_fraction)
 
 
 def trainer_of(config):
@@ -280,6 +282,9 @@ def train(config, workdir, *, stop_at: int | None = None, export: str | None = N
   trainer = trainer_of(config)
   if tc.num_steps < 1 or tc.batch_size < 1:
     raise TrainingError('config.train.num_steps and batch_size must be >= 1')
+  if tc.get('last_t_fraction', 0.0) and trainer.kind != 'mar':
+    raise TrainingError(f'config.train.last_t_fraction applies to MAR\'s diffusion head only, not '
+                        f'to {trainer.kind}; set it to 0')
   mesh = shd.make_mesh(tc.num_devices or None, fsdp=tc.fsdp)
   if tc.batch_size % shd.data_size(mesh):
     raise TrainingError(f'global batch {tc.batch_size} is not divisible by the {shd.data_size(mesh)} '

@@ -80,7 +80,8 @@ def visible_positions(orders, num_masked, size: int):
   return pos.astype(jnp.int32), jnp.broadcast_to(valid, (b, size))
 
 
-def mar_loss(model, tokens, labels, key, *, train: bool = True, tables=None):
+def mar_loss(model, tokens, labels, key, *, train: bool = True, tables=None,
+             last_t_fraction: float = 0.0):
   """Official MAR training loss (scalar) and metrics for tokens [B, L, C], labels [B]."""
   c = model.config
   b, seq, ch = tokens.shape
@@ -103,7 +104,8 @@ def mar_loss(model, tokens, labels, key, *, train: bool = True, tables=None):
   target = jnp.tile(tokens.reshape(b * seq, ch), (mul, 1))
   zz = jnp.tile(z.reshape(b * seq, -1), (mul, 1))
   mm = jnp.tile(mask.reshape(b * seq), (mul,))
-  loss, terms = diffusion_loss(model.diffloss.net, target, zz, mm, k_diff, tables=tables)
+  loss, terms = diffusion_loss(model.diffloss.net, target, zz, mm, k_diff, tables=tables,
+                               last_t_fraction=last_t_fraction)
   metrics = {'loss': loss, 'mse': terms['mse'], 'vb': terms['vb'], 'mask_ratio': ratio,
              'num_masked': n_masked.astype(jnp.float32)}
   return loss, metrics
@@ -122,7 +124,8 @@ def ema_update(ema, params, rate: float):
 
 
 def train_step(state: TrainState, batch, *, graphdef, tx: optax.GradientTransformation,
-               ema_rate: float, latent_scale: float, patch_size: int):
+               ema_rate: float, latent_scale: float, patch_size: int,
+               last_t_fraction: float = 0.0):
   """One update. batch = {'mean', 'logvar' [B, h, w, c] (NHWC moments), 'label' [B]}.
 
   Non-finite loss or gradients leave the state unchanged (and are reported in the metrics as
@@ -137,7 +140,8 @@ def train_step(state: TrainState, batch, *, graphdef, tx: optax.GradientTransfor
 
   def loss_fn(params):
     model = nnx.merge(graphdef, params)
-    return mar_loss(model, tokens, batch['label'], k_loss, tables=_TABLES)
+    return mar_loss(model, tokens, batch['label'], k_loss, tables=_TABLES,
+                    last_t_fraction=last_t_fraction)
 
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   gnorm = optax.tree.norm(grads)
