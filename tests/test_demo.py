@@ -48,9 +48,7 @@ def _check_figures_from_written_output(out, m, stdout):
   from PIL import Image
 
   from disa_jax.engine.runner import class_labels
-  from disa_jax.eval.digits_quality import DigitsQuality
   from disa_jax.systems.mar.plan import mask_schedule
-  from disa_jax.systems.mar.variants import DIGITS_MODEL as D
 
   runs, n = m['runs'], m['num_images']
   labels = class_labels(n, [], 10)
@@ -59,12 +57,15 @@ def _check_figures_from_written_output(out, m, stdout):
   per_class = int(np.bincount(labels).max())
   ncol = min(per_class, 10)
   nrow = -(-n // ncol)
-  from disa_jax.cli.demo import UPSCALE
+  from disa_jax.cli.demo import UPSCALE, bundled_config
+  from disa_jax.eval.quality import get_quality_metric
+
+  D = bundled_config(m['bundled']).model
 
   cell = UPSCALE * D['img_size']                        # one upscaled digit
   size = max(260, ncol * (cell + 2) + 2)                # panel width (padded for its title)
   top = 44                                              # title band above the panels
-  quality = DigitsQuality()
+  quality = get_quality_metric(m['metric'])
   seq = mask_schedule(m['num_iter'], (D['img_size'] // D['vae_stride'] // D['patch_size']) ** 2)
   panels = stdout.split('(panels: ')[1].split(')')[0].split(', ')   # grid order, left to right
   assert sorted(panels) == sorted(runs)

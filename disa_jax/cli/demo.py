@@ -214,7 +214,8 @@ def demo(args, print_fn=print) -> dict:
       images[name], results[name] = imgs, r
     _write_grid(os.path.join(od.path, 'grid.png'), images, labels, make_grid,
                 titles={n: panel_title(n, r) for n, r in results.items()})
-    summary = {'checkpoint': str(ckpt), 'num_images': args.num_images, 'seed': args.seed,
+    summary = {'checkpoint': str(ckpt), 'bundled': args.bundled,
+               'metric': BUNDLED[args.bundled][1], 'num_images': args.num_images, 'seed': args.seed,
                'num_iter': num_iter, 'cfg': cfg, 'cfg_schedule': s.cfg_schedule,
                'backend': jax.default_backend(), 'runs': results}
     write_json(os.path.join(od.path, 'metrics.json'), summary)
