@@ -43,7 +43,8 @@ def main(argv=None):
   tables = loss_tables()
   graphdef, params = nnx.split(SimpleMLPAdaLN(CHANNELS, 256, 2 * CHANNELS, COND, 2,
                                               rngs=nnx.Rngs(0)))
-  lr = optax.warmup_cosine_decay_schedule(0.0, a.lr, 50, a.steps, a.lr * 0.01)
+  warmup = min(50, max(1, a.steps // 4))
+  lr = optax.warmup_cosine_decay_schedule(0.0, a.lr, warmup, max(a.steps, warmup + 1), a.lr * 0.01)
   tx = optax.chain(optax.clip_by_global_norm(3.0),
                    optax.adamw(lr, b1=0.9, b2=0.95, weight_decay=a.weight_decay))
   opt = tx.init(params)
