@@ -117,7 +117,7 @@ def diffusion_loss(net, target, z, mask, key, *, num_timesteps: int = 1000, tabl
   `last_t_fraction` > 0 (not in the official recipe; 0 keeps it exactly, same random draws)
   moves that fraction of the rows, on average, to t = T-1 with the eps-MSE term only: the
   only timestep the first step of an un-clamped sampler evaluates, where the posterior mean
-  moves ~300x the eps error (docs/demo.md).
+  moves ~300x the eps error (docs/benchmarks.md, "Real MNIST model").
   Returns (scalar loss, dict of masked means of 'loss', 'mse', 'vb').
   """
   kt, kn = jax.random.split(key)

@@ -150,7 +150,7 @@ def mnist_config(*, tiny: bool = False) -> ml_collections.ConfigDict:
                        latent_scale=MNIST_TOKEN_SCALE)
   # Peak lr 6e-4 (blr 2.4e-3 at batch 64) after a linear warmup, then a cosine decay (the head
   # reaches the precision the first un-clamped step needs only as the lr falls), EMA 0.995
-  # (~200-step window); 30 % of the head's rows at t = 999 (`last_t_fraction`, docs/demo.md).
+  # (~200-step window); 30 % of the head's rows at t = 999 (`last_t_fraction`, docs/benchmarks.md).
   c.train = train_config(batch_size=64, num_steps=2000, blr=2.4e-3, warmup_steps=100,
                          lr_schedule='cosine', min_lr=1e-5, ema_rate=0.995, log_every=25,
                          last_t_fraction=0.3, checkpoint_every=100, keep_checkpoints=40)
