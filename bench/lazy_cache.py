@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import jax
 import numpy as np
@@ -124,9 +125,21 @@ def main(argv=None):
         row['sample_s'] += best
         out[seed].append(np.asarray(tokens))
     if args.split:   # backbone / head split: one more, synchronised pass
-      sampler.generate(labels[:args.batch], jax.random.key(seeds[0]), timed=True, **kw)
+      marks = []     # (AR step, 'b' after its backbone / 'h' after its head, time)
+
+      def on_backbone(s, z, *_, marks=marks):
+        jax.block_until_ready(z)
+        marks.append((s.index, 'b', time.perf_counter()))
+
+      sampler.generate(labels[:args.batch], jax.random.key(seeds[0]), timed=True,
+                       on_backbone=on_backbone,
+                       progress=lambda i, marks=marks: marks.append((i, 'h', time.perf_counter())),
+                       **kw)
       row['backbone_s'] = sampler.last_stats.backbone_s
       row['head_s'] = sampler.last_stats.head_s
+      done = {(i, k): t for i, k, t in marks}
+      row['backbone_s_per_step'] = [
+        round(done[(i, 'b')] - done[(i - 1, 'h')], 4) for i in range(1, args.num_iter)]
     row['ms_per_image'] = 1000 * row['sample_s'] / (num_images * len(seeds))
     row['compiles'] = sampler.last_stats.compiles
     if sampler.last_stats.cache:

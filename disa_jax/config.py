@@ -88,9 +88,12 @@ def runtime_config(**overrides) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.enc_bucket = 0               # encoder length bucket; 0 = auto (seq_len / 16)
   c.max_head_waste = 0.05        # padding budget per head bucket
-  c.head_steps = 'exact'         # exact: a head per (steps, rows); traced: per rows (issue 20)
+  c.head_steps = 'traced'        # traced: a head per rows bucket; exact: per (steps, rows)
   c.matmul_precision = ''        # '' backend default, or 'highest' (parity runs)
   c.compilation_cache = '~/.cache/disa_jax/xla'   # persistent XLA cache ('' disables)
+  c.trace_cache = True           # keep traces beside a local XLA cache (engine/aot.py)
+  c.compile_threads = 2          # XLA compiles / cache loads in parallel threads
+  c.background_compile = True    # sample while later buckets compile (disa-bench: off)
   c.num_devices = 0              # 0 = all devices
   c.update(overrides)
   return c

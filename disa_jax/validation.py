@@ -114,6 +114,7 @@ RULES: dict[str, dict[str, Rule]] = {
     'enc_bucket': Rule(0, None, integer=True, meaning='0 = auto'),
     'max_head_waste': Rule(0.0, 1.0, meaning='padding budget per head bucket'),
     'num_devices': Rule(0, None, integer=True, meaning='0 = all devices'),
+    'compile_threads': Rule(1, 64, integer=True),
   },
   'tokenizer': {
     'scale': Rule(0.0, None, lo_open=True, meaning='token = latent * scale'),

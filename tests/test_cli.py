@@ -62,14 +62,15 @@ def _random_checkpoint(path, **overrides):
 
 
 def _api_tokens(ckpt, m, labels, seed, batch_size):
-  """The Python API (`Sampler.generate`, one device) on the CLI run's settings (metrics.json),
-  batch by batch with the global image ids; the last batch padded with the last label."""
+  """The Python API (`Sampler.generate`, one device) on the CLI run's settings (metrics.json,
+  and the CLI's default `runtime.head_steps='traced'`), batch by batch with the global image
+  ids; the last batch padded with the last label."""
   import jax
 
   from disa_jax.checkpoint import load_mar
   from disa_jax.systems.mar.sampling import Sampler
 
-  sampler, out, n = Sampler(load_mar(ckpt)), [], len(labels)
+  sampler, out, n = Sampler(load_mar(ckpt), head_steps='traced'), [], len(labels)
   for lo in range(0, n, batch_size):
     ids = np.arange(lo, lo + batch_size)
     out.append(np.asarray(sampler.generate(

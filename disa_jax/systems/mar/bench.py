@@ -63,6 +63,9 @@ def benchmark(config, specs, *, batch_size: int, dtypes=None, repeats=1, phases=
     metric = get_quality_metric(quality)
   mesh = runner.make_mesh(config)
   runner.check_batch_size(batch_size, mesh)
+  if config.runtime.get('background_compile'):   # timed sampling: nothing compiling behind it
+    config = config.copy_and_resolve_references()
+    config.runtime.background_compile = False
   dtypes = dtypes or [model.config.dtype]
   out = {'config': config.get('name', ''), 'results': []}
   models = {}

@@ -36,7 +36,6 @@ result equals the uncached sampler (tests/test_lazy_cache.py).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 
 import jax
@@ -353,6 +352,7 @@ class LazyBackbone:
 
   def __init__(self, sampler, plan, lazy: LazyConfig):
     self.sampler, self.plan = sampler, plan
+    sampler.functions.update(_FUNCTIONS)
     cfg = sampler.config
     self.lazy = lazy.resolved(plan.num_iter, cfg.decoder_depth)
     self.steps = lazy_plan(plan, cfg, self.lazy, enc_bucket=sampler.enc_bucket)
@@ -366,48 +366,47 @@ class LazyBackbone:
             'kept_rows': [st.keep for st in lazy]}
 
   def _call(self, name, args, static):
-    sp = self.sampler
-    key = sp._key(name, args, static)
-    exe = sp._executables.get(key)
-    if exe is None:
-      fn, kw = _FUNCTIONS[name]
-      t0 = time.perf_counter()
-      with sp._precision():
-        exe = jax.jit(functools.partial(fn, **static), **kw).lower(*args).compile()
-      sp.compile_log[key] = time.perf_counter() - t0
-      sp.trace_counts[name] += 1
-      sp._executables[key] = exe
-    return exe(*args)
+    return self.sampler._run(name, args, static)
 
-  def _args(self, st, tokens, orders, class_vec):
+  def _args(self, st, tokens, orders, class_vec, cache=None):
     s = self.plan.steps[st.index]
     sp = self.sampler
     common = dict(graphdef=sp.graphdef, n_query=self.plan.n_query, use_cfg=self.plan.use_cfg)
     if st.refresh:
       return 'lazy_refresh', (sp.state, tokens, orders, class_vec, jnp.int32(s.m_cur),
                               jnp.int32(s.n_pred)), dict(common, visible_pad=s.visible_pad)
-    return 'lazy_step', (sp.state, self.cache, tokens, orders, class_vec, jnp.int32(s.m_cur),
+    cache = self.cache if cache is None else cache
+    return 'lazy_step', (sp.state, cache, tokens, orders, class_vec, jnp.int32(s.m_cur),
                          jnp.int32(s.n_pred), jnp.int32(st.n_prev)), dict(
       common, new_pad=st.new_pad, keep=st.keep, layer=self.lazy.layer)
 
   def compile(self, tokens, orders, class_vec) -> float:
-    """Compiles and runs once every bucket on placeholder inputs; returns the seconds spent.
-    Step 0 is always a refresh step, so a cache of the right shapes exists before any lazy one."""
-    before = sum(self.sampler.compile_log.values())
-    seen, cache = set(), None
+    """Compiles every refresh / lazy bucket of the plan not compiled yet (lazy steps are
+    lowered against the cache shapes the refresh executable returns; step 0 is always a
+    refresh); with `Sampler(warmup=True)` runs each new one once on placeholder inputs.
+    Returns the wall seconds spent."""
+    t_start = time.perf_counter()
+    sp, cache_spec, new = self.sampler, None, []
     for st in self.steps:
-      key = ('r', self.plan.steps[st.index].visible_pad) if st.refresh else (
-        'l', st.new_pad, st.keep)
-      if key in seen:
-        continue
-      seen.add(key)
+      job = self._args(st, tokens, orders, class_vec, cache=cache_spec)
+      if sp._key(*job) not in sp._executables:
+        new.append(job)
+      exe = sp._executable(*job)
       if st.refresh:
-        cache = self._call(*self._args(st, tokens, orders, class_vec))[3]
-      else:
-        self.cache = jax.tree.map(jnp.copy, cache)   # the lazy step donates its cache
-        jax.block_until_ready(self._call(*self._args(st, tokens, orders, class_vec)))
-    self.cache = None
-    return sum(self.sampler.compile_log.values()) - before
+        cache_spec = exe.out_info[3]
+    if sp.warmup and new:
+      t0 = time.perf_counter()
+      cache = None
+      for name, args, static in new:
+        if name == 'lazy_refresh':
+          cache = sp._run(name, args, static)[3]
+          continue
+        if cache is None:   # a lazy bucket new in a plan whose refresh buckets are not
+          cache = sp._run(*self._args(self.steps[0], tokens, orders, class_vec))[3]
+        args = (args[0], jax.tree.map(jnp.copy, cache), *args[2:])   # lazy steps donate it
+        jax.block_until_ready(sp._run(name, args, static))
+      sp.phase_s['warmup'] += time.perf_counter() - t0
+    return time.perf_counter() - t_start
 
   def step(self, s, tokens, orders, class_vec):
     st = self.steps[s.index]

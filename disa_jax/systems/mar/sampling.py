@@ -40,6 +40,7 @@ from disa_jax.diffusion.ddpm import (
   device_tables,
   p_sample_loop,
 )
+from disa_jax.engine import aot
 from disa_jax.systems.mar.plan import SamplingPlan, make_plan
 
 ORDER_STREAM, NOISE_STREAM = 0, 1
@@ -163,6 +164,12 @@ def _jitted(mesh: Mesh | None):
   }
 
 
+def _timed_compile(lowered):
+  t0 = time.perf_counter()
+  exe = lowered.compile()
+  return exe, time.perf_counter() - t0
+
+
 @dataclasses.dataclass
 class RunStats:
   """What one `generate` call did: compile and sampling time, per phase when timed."""
@@ -173,11 +180,14 @@ class RunStats:
   backbone_s: float = 0.0
   head_s: float = 0.0
   compiles: dict = dataclasses.field(default_factory=dict)
+  compile_split: dict = dataclasses.field(default_factory=dict)   # lower / xla / warmup s
   cache: dict | None = None   # the backbone cache's report (lazy.LazyBackbone.report)
 
   def as_dict(self) -> dict:
     d = {'wall_s': round(self.wall_s, 4), 'compile_s': round(self.compile_s, 4),
          'compiles': dict(self.compiles)}
+    if self.compile_split:
+      d['compile_split'] = {k: round(v, 4) for k, v in self.compile_split.items()}
     if self.backbone_s or self.head_s:
       d.update(backbone_s=round(self.backbone_s, 4), head_s=round(self.head_s, 4))
     d.update(self.plan.report())
@@ -205,18 +215,26 @@ class Sampler:
     head_steps: 'exact' (one head executable per (steps, rows) bucket) or 'traced' (one per
       rows bucket, step count a traced loop bound over tables padded to the run's largest).
     compile_threads: compile a plan's buckets in this many threads (1: one after another).
+    background_compile: `compile` (and so `generate`) returns once the buckets are lowered;
+      XLA compiles them in `compile_threads` background threads while sampling starts, and
+      each AR step waits only for its own executables (`last_stats.compile_split['wait']`).
     modulation_budget: bytes of adaLN modulations the head may precompute per call
       (`diffusion.ddpm.MODULATION_BUDGET_BYTES`; 0 forces the per-step path that large
       batches take; a static argument of the head executables, so part of their cache key).
     cache: backbone feature cache, None / 'none' or 'lazymar[:k=v,...]' (`lazy.py`,
       docs/caching.md); `generate(cache=...)` overrides it per call.
+    warmup: run each newly compiled executable once on placeholder inputs inside `compile`
+      (benchmarks that time the first batch); off, the first batch pays those one-off costs.
+    trace_cache: a directory keeping each executable's trace (`engine/aot.py`), so a warm
+      start skips tracing; pair it with the persistent XLA cache, which skips compiling.
   """
 
   def __init__(self, model, *, mesh: Mesh | None = None, enc_bucket: int = 0,
                max_head_waste: float = 0.05, matmul_precision: str | None = None,
                solver: str = 'ddpm', eta: float = 0.0, head_steps: str = 'exact',
                compile_threads: int = 1, modulation_budget: int = MODULATION_BUDGET_BYTES,
-               cache=None):
+               cache=None, warmup: bool = False, trace_cache: str | None = None,
+               background_compile: bool = False):
     check_solver(solver, eta)
     from disa_jax.systems.mar.lazy import parse_cache
     self.cache = parse_cache(cache)
@@ -229,13 +247,26 @@ class Sampler:
     self.config = model.config
     self.graphdef, state = nnx.split(model)
     self.mesh = mesh
+    # name -> (pure function, jit kwargs) of every executable this sampler compiles; the
+    # backbone cache adds its own (lazy.py).
+    self.functions: dict = dict(_jitted(mesh))
     self.state = state if mesh is None else shd.put(state, shd.replicated(mesh))
     self.enc_bucket = enc_bucket or max(1, self.config.seq_len // 16)
     self.max_head_waste = max_head_waste
     self.matmul_precision = matmul_precision or None
     self._tables: dict = {}
     self._executables: dict = {}
-    self.compile_log: dict = {}   # bucket key -> compile seconds
+    self.compile_log: dict = {}   # bucket key -> lower + compile seconds
+    self.warmup = bool(warmup)
+    self.trace_cache = trace_cache or None
+    self.background_compile = bool(background_compile)
+    self._pending: dict = {}   # key -> (name, lower seconds, Future of (executable, seconds))
+    self._pool = None
+    self._in_compile = False
+    self._model_key = None
+    self.trace_loads: collections.Counter = collections.Counter()   # traces read from disk
+    # Seconds spent compiling, by phase: lower, xla, wait, warmup (see `compile`).
+    self.phase_s: collections.Counter = collections.Counter()
     # Compilations (= traces) per function of this sampler: init, backbone, head.
     self.trace_counts: collections.Counter = collections.Counter()
     self.last_stats: RunStats | None = None
@@ -279,53 +310,94 @@ class Sampler:
             tuple((tuple(np.shape(a)), str(getattr(a, 'dtype', type(a))))
                   for a in jax.tree.leaves(args)))
 
-  def _compile_parallel(self, jobs) -> None:
-    """Lowers the (name, args, static) jobs not compiled yet (tracing holds the GIL) and
-    compiles them in `compile_threads` threads (XLA compiles outside the GIL)."""
-    from concurrent.futures import ThreadPoolExecutor
+  def _lower(self, name: str, args, static: dict):
+    fn, jit_kwargs = self.functions[name]
+    t0 = time.perf_counter()
+    with self._precision():
+      if self.trace_cache:
+        if self._model_key is None:
+          self._model_key = aot.model_fingerprint(self.config, self.state)
+        lowered = aot.lower(name, fn, static, jit_kwargs, args, trace_dir=self.trace_cache,
+                            model_key=self._model_key)
+        self.trace_loads[name] += lowered.loaded
+      else:
+        lowered = jax.jit(functools.partial(fn, **static), **jit_kwargs).lower(*args)
+    self.phase_s['lower'] += time.perf_counter() - t0
+    return lowered
 
-    todo = {}
+  def _store(self, key, name: str, exe, lower_s: float, xla_s: float) -> None:
+    self.compile_log[key] = lower_s + xla_s
+    self.phase_s['xla'] += xla_s
+    self.trace_counts[name.removesuffix('_explicit')] += 1
+    self._executables[key] = exe
+
+  def _submit(self, jobs) -> None:
+    """Lowers the (name, args, static) jobs neither compiled nor pending (tracing holds the
+    GIL: here, in order) and hands their XLA compiles (or persistent-cache loads, which run
+    outside the GIL) to `compile_threads` background threads; `_executable` collects them."""
     for name, args, static in jobs:
       key = self._key(name, args, static)
-      if key in self._executables or key in todo:
+      if key in self._executables or key in self._pending:
         continue
-      fn, jit_kwargs = _jitted(self.mesh)[name]
-      with self._precision():
-        todo[key] = (name, jax.jit(functools.partial(fn, **static), **jit_kwargs).lower(*args))
-
-    def work(item):
-      key, (name, lowered) = item
       t0 = time.perf_counter()
-      exe = lowered.compile()
-      return key, name, exe, time.perf_counter() - t0
+      lowered = self._lower(name, args, static)
+      self._pending[key] = (name, time.perf_counter() - t0,
+                            self._compile_pool().submit(_timed_compile, lowered))
 
-    with ThreadPoolExecutor(self.compile_threads) as pool:
-      for key, name, exe, secs in pool.map(work, todo.items()):
-        self.compile_log[key] = secs
-        self.trace_counts[name.removesuffix('_explicit')] += 1
-        self._executables[key] = exe
+  def _compile_pool(self):
+    if self._pool is None:
+      from concurrent.futures import ThreadPoolExecutor
 
-  def _run(self, name: str, args, static: dict):
-    """Calls the AOT-compiled executable of function `name` for these shapes and static
-    arguments, compiling it (jit -> lower -> compile) the first time."""
+      self._pool = ThreadPoolExecutor(self.compile_threads, thread_name_prefix='disa-compile')
+    return self._pool
+
+  def _executable(self, name: str, args, static: dict):
+    """The AOT-compiled executable of function `name` (of `self.functions`) for these shapes
+    (arrays or `jax.ShapeDtypeStruct`s) and static arguments, compiled (jit -> lower ->
+    compile) the first time, or collected from the background compile threads. Waiting for a
+    background compile outside `compile` first lets the computations producing `args` finish,
+    so `phase_s['wait']` holds only time in which nothing but compiling happened."""
     key = self._key(name, args, static)
     exe = self._executables.get(key)
-    if exe is None:
-      fn, jit_kwargs = _jitted(self.mesh)[name]
-      t0 = time.perf_counter()
-      with self._precision():
-        exe = jax.jit(functools.partial(fn, **static), **jit_kwargs).lower(*args).compile()
-      self.compile_log[key] = time.perf_counter() - t0
-      self.trace_counts[name.removesuffix('_explicit')] += 1
-      self._executables[key] = exe
-    return exe(*args)
+    if exe is not None:
+      return exe
+    if key in self._pending:
+      name, lower_s, future = self._pending.pop(key)
+      if not future.done() and not self._in_compile:
+        jax.block_until_ready(args)
+        t0 = time.perf_counter()
+        future.result()
+        self.phase_s['wait'] += time.perf_counter() - t0
+      exe, xla_s = future.result()
+      self._store(key, name, exe, lower_s, xla_s)
+      return exe
+    t0 = time.perf_counter()
+    lowered = self._lower(name, args, static)
+    t1 = time.perf_counter()
+    exe = lowered.compile()
+    self._store(key, name, exe, t1 - t0, time.perf_counter() - t1)
+    return exe
+
+  def _run(self, name: str, args, static: dict):
+    return self._executable(name, args, static)(*args)
 
   def compile(self, plan: SamplingPlan, *, explicit_noise: bool = False,
               solver: str | None = None, eta: float | None = None,
-              backbone: bool = True) -> float:
-    """Compiles every bucket of `plan` now and runs each once on placeholder inputs (so that
-    first-run costs stay out of timed sampling); returns the seconds spent compiling."""
-    before = sum(self.compile_log.values())
+              backbone: bool = True, block: bool | None = None) -> float:
+    """Compiles every bucket of `plan` not compiled yet; returns the wall seconds spent.
+
+    `block` (default: not `background_compile`) waits for every executable; without it the
+    buckets are lowered here and compiled in background threads while sampling starts, each
+    AR step waiting only for its own executables (`phase_s['wait']`). With
+    `Sampler(warmup=True)` each executable compiled here also runs once on placeholder inputs
+    (one-off first-execution costs stay out of timed sampling; implies `block`); buckets
+    compiled by an earlier call are neither compiled nor run again. `phase_s` accumulates the
+    split: lower (trace + StableHLO, or reading the trace cache), xla (XLA compile or
+    persistent-cache load, summed over threads), wait, warmup (those runs).
+    """
+    t_start, logged = time.perf_counter(), len(self.compile_log)
+    block = (not self.background_compile) if block is None else block
+    block = block or self.warmup
     b, seq, ch = plan.batch_size, self.config.seq_len, self.config.token_embed_dim
     gd, st = self.graphdef, self.state
     labels = self._batch(np.zeros((b,), np.int32))
@@ -335,15 +407,23 @@ class Sampler:
     tokens = self._batch(np.zeros((b, seq, ch), np.float32))
     jobs = self._compile_jobs(plan, explicit_noise, solver, eta, tokens, orders, class_vec, keys)
     jobs = [job for job in jobs if backbone or job[0] != 'backbone']   # cached runs: lazy.py
-    if self.compile_threads > 1:   # wall time: the per-bucket log sums overlapping threads
-      init_s = sum(self.compile_log.values()) - before
+    new = [job for job in jobs if self._key(*job) not in self._executables]
+    if not new and len(self.compile_log) == logged:
+      return 0.0   # nothing compiled: the placeholder init run above is not compile time
+    if self.compile_threads > 1 or not block:
+      self._submit(new)
+    if block:
+      self._in_compile = True
+      try:
+        for job in new:
+          self._executable(*job)
+      finally:
+        self._in_compile = False
+    if self.warmup and new:
       t0 = time.perf_counter()
-      self._compile_parallel(jobs)
-      wall = time.perf_counter() - t0
-    jax.block_until_ready([self._run(*job) for job in jobs])
-    if self.compile_threads > 1:
-      return init_s + wall
-    return sum(self.compile_log.values()) - before
+      jax.block_until_ready([self._run(*job) for job in new])
+      self.phase_s['warmup'] += time.perf_counter() - t0
+    return time.perf_counter() - t_start
 
   def _compile_jobs(self, plan, explicit_noise, solver, eta, tokens, orders, class_vec, keys):
     """(name, placeholder args, static) of every backbone and head bucket of `plan`."""
@@ -427,12 +507,13 @@ class Sampler:
     gd, st = self.graphdef, self.state
     seq, ch = self.config.seq_len, self.config.token_embed_dim
     before = collections.Counter(self.trace_counts)
+    phase_before = collections.Counter(self.phase_s)
     stats = RunStats(plan=plan)
     from disa_jax.systems.mar.lazy import LazyBackbone, parse_cache
     lazy_cfg = self.cache if cache is None else parse_cache(cache)
     lazy = None if lazy_cfg is None else LazyBackbone(self, plan, lazy_cfg)
     stats.compile_s = self.compile(plan, explicit_noise=noise is not None, solver=solver,
-                                   eta=eta, backbone=lazy is None)
+                                   eta=eta, backbone=lazy is None, block=True if timed else None)
     t_start = time.perf_counter()
     labels_arr = self._batch(np.asarray(labels, np.int32))
     ids = np.arange(b) if image_ids is None else np.asarray(image_ids)
@@ -480,8 +561,12 @@ class Sampler:
       if progress is not None:
         progress(s.index)
     jax.block_until_ready(tokens)
-    stats.wall_s = time.perf_counter() - t_start
+    waited = self.phase_s['wait'] - phase_before['wait']   # background compiles (compile)
+    stats.wall_s = time.perf_counter() - t_start - waited
+    stats.compile_s += waited
     stats.compiles = {k: self.trace_counts[k] - before[k] for k in ('init', 'backbone', 'head')}
+    stats.compile_split = {k: self.phase_s[k] - phase_before[k]
+                           for k in ('lower', 'xla', 'wait', 'warmup')}
     if lazy is not None:
       stats.compiles.update({k: self.trace_counts[k] - before[k]
                              for k in ('lazy_refresh', 'lazy_step')})

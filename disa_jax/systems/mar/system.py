@@ -55,6 +55,7 @@ def stage_plan(sampling):
 
 
 def make_sampler(model, config, mesh):
+  from disa_jax.engine.aot import trace_dir_beside_xla_cache
   from disa_jax.systems.mar.sampling import Sampler
 
   rt = config.runtime
@@ -63,7 +64,10 @@ def make_sampler(model, config, mesh):
                  solver=config.sampling.get('solver', 'ddpm'),
                  eta=config.sampling.get('eta', 0.0),
                  head_steps=rt.get('head_steps', 'exact'),
-                 cache=config.sampling.get('cache', '') or None)
+                 cache=config.sampling.get('cache', '') or None,
+                 trace_cache=trace_dir_beside_xla_cache(rt.get('trace_cache', True)),
+                 compile_threads=rt.get('compile_threads', 1),
+                 background_compile=rt.get('background_compile', False))
 
 
 def parse_classes(text: str) -> list[int]:
