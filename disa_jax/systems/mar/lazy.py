@@ -195,9 +195,10 @@ def refresh_step(state, tokens, orders, class_vec, m_cur, n_pred, *, graphdef, v
                  n_query, use_cfg):
   """The full backbone (both CFG branches) -> (z, pred_pos, pred_valid, cache).
 
-  cache: enc_k/enc_v [De, B, nb+L, H, d], dec_in [B, nb+L, Dd], dec_k/dec_v [Dd, B, nb+L, H, d]
-  (conditional branch) and cfg_diff [B, nb+L, Dd] (uncond - cond last-layer output; zeros
-  without CFG)."""
+  cache: enc_k/enc_v (De-tuples of [B, nb+L, H, d]), dec_in [B, nb+L, Dd], dec_k/dec_v
+  (Dd-tuples of [B, nb+L, H, d]) (conditional branch) and cfg_diff [B, nb+L, Dd] (uncond -
+  cond last-layer output; zeros without CFG). One buffer per layer, not stacked: the lazy step
+  donates the cache and XLA updates each layer's rows in place instead of copying the stack."""
   model = nnx.merge(graphdef, state)
   c = model.config
   nb, seq = c.buffer_size, c.seq_len
@@ -241,8 +242,8 @@ def refresh_step(state, tokens, orders, class_vec, m_cur, n_pred, *, graphdef, v
   else:
     diff = jnp.zeros_like(hc)
     z = _finish_z(model, hc, pred_pos)
-  cache = dict(enc_k=jnp.stack(enc_k), enc_v=jnp.stack(enc_v), dec_in=dec_in,
-               dec_k=jnp.stack(dec_k), dec_v=jnp.stack(dec_v), cfg_diff=diff)
+  cache = dict(enc_k=tuple(enc_k), enc_v=tuple(enc_v), dec_in=dec_in,
+               dec_k=tuple(dec_k), dec_v=tuple(dec_v), cfg_diff=diff)
   return z, pred_pos, pred_valid, cache
 
 
@@ -305,8 +306,8 @@ def lazy_step(state, cache, tokens, orders, class_vec, m_cur, n_pred, n_prev, *,
     z = jnp.stack([zc, zu], axis=1)
   else:
     z = zc
-  new_cache = dict(enc_k=jnp.stack(enc_k), enc_v=jnp.stack(enc_v), dec_in=dec_in,
-                   dec_k=jnp.stack(dec_k), dec_v=jnp.stack(dec_v), cfg_diff=cache['cfg_diff'])
+  new_cache = dict(enc_k=tuple(enc_k), enc_v=tuple(enc_v), dec_in=dec_in,
+                   dec_k=tuple(dec_k), dec_v=tuple(dec_v), cfg_diff=cache['cfg_diff'])
   return z, pred_pos, pred_valid, new_cache, kept
 
 
