@@ -175,6 +175,9 @@ def demo(args, print_fn=print) -> dict:
     quality = get_quality_metric(BUNDLED[args.bundled][1])
     mesh = runner.make_mesh(config)
     runner.check_batch_size(args.batch_size, mesh, '--batch-size')
+    if config.runtime.get('background_compile'):   # ms/image: nothing compiling behind it
+      config = config.copy_and_resolve_references()
+      config.runtime.background_compile = False
     sampler = runner.make_sampler(model, config, mesh)
     labels = runner.class_labels(args.num_images, [], model.config.class_num)
     key = jax.random.key(args.seed)
