@@ -180,7 +180,7 @@ class RunStats:
   backbone_s: float = 0.0
   head_s: float = 0.0
   compiles: dict = dataclasses.field(default_factory=dict)
-  compile_split: dict = dataclasses.field(default_factory=dict)   # lower / xla / warmup s
+  compile_split: dict = dataclasses.field(default_factory=dict)   # lower/xla/wait/warmup s
   cache: dict | None = None   # the backbone cache's report (lazy.LazyBackbone.report)
 
   def as_dict(self) -> dict:
