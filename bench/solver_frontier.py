@@ -4,7 +4,7 @@
       --json=outputs/solver_frontier.json --plot=docs/solver_frontier.png
 
 Every point generates the same images (labels, seed, generation orders) with one head solver
-(`ddpm` = the official ancestral sampler, `ddim` with --eta, `dpmpp_2m`) and one per-AR-step
+(`ddpm` = the official ancestral sampler, `ddim` with --eta, `dpmpp_2m`, `dpmpp_2m_sde`) and one per-AR-step
 step list: DiSA linear upper -> lower (`disa:U:L`) or the same count at every AR step
 (`const:N`), both with DiSA's 950 timestep clamp (the digits model, like every MAR, is poor at
 t = 999; `docs/benchmarks.md`). Quality is `eval/digits_quality.py` (classifier accuracy and
@@ -48,6 +48,8 @@ def main(argv=None):
   p.add_argument('--solvers', default='ddpm,ddim,dpmpp_2m')
   p.add_argument('--schedules', default=DEFAULT_SCHEDULES)
   p.add_argument('--eta', type=float, default=0.0, help="ddim's noise scale")
+  p.add_argument('--cfgs', default='', help='guidance scales to sweep (comma list; default: '
+                 "the model config's), to compare solvers at matched accuracy")
   p.add_argument('--num_images', type=int, default=500)
   p.add_argument('--batch', type=int, default=100)
   p.add_argument('--seeds', default='0')
@@ -73,33 +75,34 @@ def main(argv=None):
   sampler = Sampler(model, eta=args.eta)
   labels = np.arange(args.num_images) % model.config.class_num
   seeds = [int(x) for x in args.seeds.split(',')]
+  cfgs = [float(x) for x in args.cfgs.split(',')] if args.cfgs else [s.cfg]
   points = []
-  for solver in args.solvers.split(','):
-    for spec in args.schedules.split(','):
-      plan = step_plan(spec, s.num_iter)
-      kw = dict(steps=plan.steps, max_timestep=plan.max_timestep, cfg=s.cfg,
-                cfg_schedule=s.cfg_schedule, temperature=s.temperature, solver=solver)
-      per_seed, gen_s = [], 0.0
-      for seed in seeds:
-        out = []
-        for lo in range(0, args.num_images, args.batch):
-          ids = np.arange(lo, min(lo + args.batch, args.num_images))
-          tokens = sampler.generate(labels[ids], jax.random.key(seed), image_ids=ids, **kw)
-          gen_s += sampler.last_stats.wall_s
-          out.append(tok.decode(np.asarray(tokens)))
-        per_seed.append(quality.evaluate(np.concatenate(out), labels))
-      rep = sampler.last_stats.plan.report()
-      point = {'solver': solver, 'schedule': spec,
-               'head_evals_per_image': rep['head_token_steps_per_image'],
-               'steps_actual': rep['steps_actual'],
-               'accuracy': float(np.mean([q['accuracy'] for q in per_seed])),
-               'fd': float(np.mean([q['fd'] for q in per_seed])),
-               'fd_per_seed': [float(q['fd']) for q in per_seed],
-               'generate_s': round(gen_s, 2)}
-      points.append(point)
-      print(f"{solver:<9}{spec:<12}{point['head_evals_per_image']:>8}  acc "
-            f"{point['accuracy']:.3f}  FD {point['fd']:7.2f}  ({gen_s:.1f} s)", flush=True)
-  result = {'model': 'digits', 'num_images': args.num_images, 'seeds': seeds, 'cfg': s.cfg,
+  for cfg, solver, spec in ((c, v, p) for c in cfgs for v in args.solvers.split(',')
+                            for p in args.schedules.split(',')):
+    plan = step_plan(spec, s.num_iter)
+    kw = dict(steps=plan.steps, max_timestep=plan.max_timestep, cfg=cfg,
+              cfg_schedule=s.cfg_schedule, temperature=s.temperature, solver=solver)
+    per_seed, gen_s = [], 0.0
+    for seed in seeds:
+      out = []
+      for lo in range(0, args.num_images, args.batch):
+        ids = np.arange(lo, min(lo + args.batch, args.num_images))
+        tokens = sampler.generate(labels[ids], jax.random.key(seed), image_ids=ids, **kw)
+        gen_s += sampler.last_stats.wall_s
+        out.append(tok.decode(np.asarray(tokens)))
+      per_seed.append(quality.evaluate(np.concatenate(out), labels))
+    rep = sampler.last_stats.plan.report()
+    point = {'solver': solver, 'schedule': spec, 'cfg': cfg,
+             'head_evals_per_image': rep['head_token_steps_per_image'],
+             'steps_actual': rep['steps_actual'],
+             'accuracy': float(np.mean([q['accuracy'] for q in per_seed])),
+             'fd': float(np.mean([q['fd'] for q in per_seed])),
+             'fd_per_seed': [float(q['fd']) for q in per_seed],
+             'generate_s': round(gen_s, 2)}
+    points.append(point)
+    print(f"{solver:<13}{spec:<12}cfg {cfg:<5}{point['head_evals_per_image']:>6}  acc "
+          f"{point['accuracy']:.3f}  FD {point['fd']:7.2f}  ({gen_s:.1f} s)", flush=True)
+  result = {'model': 'digits', 'num_images': args.num_images, 'seeds': seeds, 'cfg': cfgs,
             'num_iter': s.num_iter, 'eta': args.eta, 'backend': jax.default_backend(),
             'load_avg': os.getloadavg()[0], 'time': time.strftime('%Y-%m-%d %H:%M'),
             'points': points}
@@ -121,21 +124,31 @@ def plot(result, path):
   import matplotlib.ticker
 
   fig, ax = plt.subplots(figsize=(7, 4.5))
-  markers = {'ddpm': 'o', 'ddim': 's', 'dpmpp_2m': '^'}
-  colors = {'ddpm': 'C0', 'ddim': 'C1', 'dpmpp_2m': 'C2'}
-  for solver in dict.fromkeys(p['solver'] for p in result['points']):
+  markers = {'ddpm': 'o', 'ddim': 's', 'dpmpp_2m': '^', 'dpmpp_2m_sde': 'v',
+             'ddpm_2m': 'x'}
+  colors = {'ddpm': 'C0', 'ddim': 'C1', 'dpmpp_2m': 'C2', 'dpmpp_2m_sde': 'C3',
+            'ddpm_2m': 'C4'}
+  default_cfg = result['cfg'] if not isinstance(result['cfg'], list) else result['cfg'][0]
+  cfg_of = lambda p: p.get('cfg', default_cfg)  # noqa: E731
+  several = len({cfg_of(p) for p in result['points']}) > 1
+  for solver, cfg in dict.fromkeys((p['solver'], cfg_of(p)) for p in result['points']):
     for family, style in (('disa', '-'), ('const', ':')):
-      pts = sorted((p for p in result['points'] if p['solver'] == solver
+      pts = sorted((p for p in result['points'] if p['solver'] == solver and cfg_of(p) == cfg
                     and p['schedule'].startswith(family)), key=lambda p: p['head_evals_per_image'])
       if pts:
         ax.plot([p['head_evals_per_image'] for p in pts], [p['fd'] for p in pts], style,
                 marker=markers.get(solver, 'x'), color=colors.get(solver),
-                label=f"{solver}, {'DiSA linear' if family == 'disa' else 'constant'}")
+                label=f"{solver}, {'DiSA linear' if family == 'disa' else 'constant'}"
+                      + (f', CFG {cfg}' if several else ''))
   ax.set_xscale('log')
   ax.set_yscale('log')
-  ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+  evals = [p['head_evals_per_image'] for p in result['points']]
+  ax.set_xticks([x for x in (100, 200, 300, 500, 700, 1000, 1500, 2000, 3000, 6000)
+                 if min(evals) / 1.5 <= x <= max(evals) * 1.5])
+  for axis in (ax.xaxis, ax.yaxis):
+    axis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
   ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-  ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+  ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter('%g'))
   ax.set_xlabel('head evaluations per image (token-steps)')
   ax.set_ylabel('Frechet distance (digits classifier features), lower is better')
   ax.set_title(f"Head solvers on the bundled digits model ({result['num_images']} images, "

@@ -73,7 +73,7 @@ def sampling_config(**overrides) -> ml_collections.ConfigDict:
   c.cfg = 2.9
   c.cfg_schedule = 'linear'  # linear | constant
   c.temperature = 1.0
-  c.solver = 'ddpm'          # head solver: ddpm (official) | ddim | dpmpp_2m (docs/solvers.md)
+  c.solver = 'ddpm'          # head solver: ddpm (official) | ddim | dpmpp_2m | dpmpp_2m_sde
   c.eta = 0.0                # DDIM noise scale (0 = deterministic)
   c.cache = ''               # MAR backbone cache: '' / none | lazymar[:k=v,...] (docs/caching.md)
   c.num_images = 8

@@ -1,4 +1,5 @@
-"""Head solvers (DDIM, DPM-Solver++(2M)) against direct numpy updates; traced step counts."""
+"""Head solvers (DDIM, DPM-Solver++(2M), its SDE variant, second-order DDPM) against numpy;
+traced step counts."""
 
 import jax
 import jax.numpy as jnp
@@ -78,6 +79,65 @@ def _numpy_dpmpp_2m(net, z, key, steps, max_t, cfg):
   raise AssertionError('unreachable')
 
 
+def _numpy_dpmpp_2m_sde(net, z, key, steps, max_t, cfg, temperature):
+  """DPM-Solver++(2M) SDE (Lu et al. 2022, 'SDE-DPM-Solver++(2M)', midpoint form as diffusers'
+  `sde-dpmsolver++`), last step to x0; noise draw i + 1 at iteration i (as the JAX loop)."""
+  sched = spaced_schedule(steps, max_t)
+  ac = sched.tables.alphas_cumprod
+  n = z.shape[0] // 2 if cfg != 1.0 else z.shape[0]
+  draws = _draws(key, n, sched.num_steps + 1)
+  x = draws[0]
+  lam = lambda k: 0.5 * np.log(ac[k] / (1 - ac[k]))  # noqa: E731
+  x0_prev = None
+  for i, k in enumerate(reversed(range(sched.num_steps))):
+    eps = _eps(net, x, sched.timesteps[k], z, cfg)
+    x0 = (x - np.sqrt(1 - ac[k]) * eps) / np.sqrt(ac[k])
+    if k == 0:
+      return x0
+    h = lam(k - 1) - lam(k)
+    alpha_t, sigma_t, sigma_s = np.sqrt(ac[k - 1]), np.sqrt(1 - ac[k - 1]), np.sqrt(1 - ac[k])
+    d = x0 if x0_prev is None else x0 + 0.5 * (x0 - x0_prev) / ((lam(k) - lam(k + 1)) / h)
+    x = (sigma_t / sigma_s * np.exp(-h) * x + alpha_t * (1 - np.exp(-2 * h)) * d
+         + sigma_t * np.sqrt(1 - np.exp(-2 * h)) * temperature * draws[i + 1])
+    x0_prev = x0
+  raise AssertionError('unreachable')
+
+
+def _eps_v(net, x, t, z, cfg):
+  """(guided eps, conditional variance channels) as the official `forward_with_cfg`."""
+  if cfg == 1.0:
+    out = np.asarray(net(jnp.asarray(x, jnp.float32), jnp.full((x.shape[0],), t), z))
+  else:
+    xx = jnp.asarray(np.concatenate([x, x]), jnp.float32)
+    out = np.asarray(net.forward_with_cfg(xx, jnp.full((xx.shape[0],), t), z, cfg))
+  return out[: x.shape[0], :C], out[: x.shape[0], C:]
+
+
+def _numpy_ddpm_2m(net, z, key, steps, max_t, cfg, temperature):
+  """The official DDPM step (learned-range variance) with x0 replaced by the DPM-Solver++(2M)
+  data prediction D = x0 + (x0 - x0_prev) / (2 r) (first and last steps: D = x0)."""
+  sched = spaced_schedule(steps, max_t)
+  tb = sched.tables
+  ac = tb.alphas_cumprod
+  n = z.shape[0] // 2 if cfg != 1.0 else z.shape[0]
+  draws = _draws(key, n, sched.num_steps + 1)
+  x = draws[0]
+  lam = lambda k: 0.5 * np.log(ac[k] / (1 - ac[k]))  # noqa: E731
+  x0_prev = None
+  for i, k in enumerate(reversed(range(sched.num_steps))):
+    eps, v = _eps_v(net, x, sched.timesteps[k], z, cfg)
+    x0 = (x - np.sqrt(1 - ac[k]) * eps) / np.sqrt(ac[k])
+    d = x0
+    if x0_prev is not None and k > 0:
+      d = x0 + (x0 - x0_prev) / (2 * (lam(k) - lam(k + 1)) / (lam(k - 1) - lam(k)))
+    frac = (v + 1) / 2
+    log_var = frac * np.log(tb.betas[k]) + (1 - frac) * tb.posterior_log_variance_clipped[k]
+    mean = tb.posterior_mean_coef1[k] * d + tb.posterior_mean_coef2[k] * x
+    x = mean + (k > 0) * np.exp(0.5 * log_var) * temperature * draws[i + 1]
+    x0_prev = x0
+  return x
+
+
 def _z(n, cfg, seed=0):
   rng = np.random.default_rng(seed)
   return jnp.asarray(rng.standard_normal((2 * n if cfg != 1.0 else n, 64)), jnp.float32)
@@ -100,6 +160,49 @@ def test_dpmpp_2m_matches_numpy(model, steps, cfg, max_t):
                              solver='dpmpp_2m')
   want = _numpy_dpmpp_2m(model.diffloss.net, z, key, steps, max_t, cfg)
   assert max_rel_error(got, want) < 2e-5
+
+
+@pytest.mark.parametrize('steps,cfg,max_t,temp', [(7, 1.0, None, 1.0), (9, 3.0, 950, 0.9),
+                                                  (2, 2.0, None, 1.0), (1, 2.0, 950, 1.0)])
+def test_dpmpp_2m_sde_matches_numpy(model, steps, cfg, max_t, temp):
+  z, key = _z(4, cfg, seed=6), jax.random.key(7)
+  got = disa_jax.sample_head(model, z, key, num_steps=steps, cfg=cfg, max_timestep=max_t,
+                             solver='dpmpp_2m_sde', temperature=temp)
+  want = _numpy_dpmpp_2m_sde(model.diffloss.net, z, key, steps, max_t, cfg, temp)
+  assert max_rel_error(got, want) < 2e-5
+
+
+@pytest.mark.parametrize('steps,cfg,max_t,temp', [(7, 1.0, None, 1.0), (9, 3.0, 950, 0.9),
+                                                  (2, 2.0, None, 1.0), (1, 2.0, 950, 1.0)])
+def test_ddpm_2m_matches_numpy(model, steps, cfg, max_t, temp):
+  z, key = _z(4, cfg, seed=9), jax.random.key(8)
+  got = disa_jax.sample_head(model, z, key, num_steps=steps, cfg=cfg, max_timestep=max_t,
+                             solver='ddpm_2m', temperature=temp)
+  want = _numpy_ddpm_2m(model.diffloss.net, z, key, steps, max_t, cfg, temp)
+  assert max_rel_error(got, want) < 2e-5
+
+
+def test_ddpm_2m_first_order_is_ddpm(model):
+  """ddpm_2m's only change to the official sampler is the second-order x0: with at most two
+  steps (every step first order) it is ddpm bit for bit, with more it differs."""
+  z, key = _z(3, 2.0, seed=10), jax.random.key(3)
+  for steps, same in ((2, True), (6, False)):
+    kw = dict(num_steps=steps, cfg=2.0, max_timestep=950)
+    a = disa_jax.sample_head(model, z, key, solver='ddpm_2m', **kw)
+    b = disa_jax.sample_head(model, z, key, solver='ddpm', **kw)
+    assert (float(jnp.abs(a - b).max()) == 0.0) == same
+
+
+def test_dpmpp_2m_sde_is_stochastic(model):
+  """The SDE variant injects noise at every step but the last (temperature 0 removes it and
+  changes the result) and differs from the ODE solver."""
+  z, key = _z(3, 2.0, seed=8), jax.random.key(5)
+  kw = dict(num_steps=8, cfg=2.0, max_timestep=950)
+  sde = disa_jax.sample_head(model, z, key, solver='dpmpp_2m_sde', **kw)
+  cold = disa_jax.sample_head(model, z, key, solver='dpmpp_2m_sde', temperature=0.0, **kw)
+  ode = disa_jax.sample_head(model, z, key, solver='dpmpp_2m', **kw)
+  assert float(jnp.abs(sde - cold).max()) > 1e-3
+  assert float(jnp.abs(sde - ode).max()) > 1e-3
 
 
 def test_dpmpp_2m_differs_from_first_order(model):
@@ -144,7 +247,7 @@ def test_bad_solver_rejected(model):
 DISA = resolve_steps(num_iter=6, preset='disa', upper=8, lower=3)
 
 
-@pytest.mark.parametrize('solver', ['ddpm', 'ddim', 'dpmpp_2m'])
+@pytest.mark.parametrize('solver', ['ddpm', 'ddim', 'dpmpp_2m', 'dpmpp_2m_sde', 'ddpm_2m'])
 def test_traced_step_count_matches_exact(model, solver):
   """One head executable per rows bucket (traced trip count) gives the exact buckets' numbers
   (DiSA's annealed step list), with fewer compiles."""
@@ -184,7 +287,7 @@ def test_parallel_compile_same_numbers(model):
                                    'head': len(plan.head_buckets)}
 
 
-@pytest.mark.parametrize('solver', ['ddpm', 'ddim', 'dpmpp_2m'])
+@pytest.mark.parametrize('solver', ['ddpm', 'ddim', 'dpmpp_2m', 'dpmpp_2m_sde', 'ddpm_2m'])
 def test_modulation_budget_every_solver(model, solver):
   """The per-step adaLN path (budget 0) gives the precomputed path's numbers for every solver,
   through `sample_head` and through the Sampler in both head_steps modes; the budget is part

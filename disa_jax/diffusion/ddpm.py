@@ -26,6 +26,15 @@ channels exactly as above, the learned-variance channels are unused):
                D = (1 + 1/(2r)) x0_k - 1/(2r) x0_{k+1}   (D = x0_k at the first step)
                x = (sigma'/sigma) x - alpha' (exp(-h) - 1) D;  the last step (k = 0) returns
                x0_0 (lower order final: its target is the clean sample). Deterministic.
+  dpmpp_2m_sde: DPM-Solver++(2M) SDE (Lu et al. 2022, the stochastic data-prediction
+               multistep solver), same h, r and D, and the same final step:
+               x = (sigma'/sigma) exp(-h) x + alpha' (1 - exp(-2h)) D
+                   + 1[k>0] sigma' sqrt(1 - exp(-2h)) * temperature * n
+  ddpm_2m:     the official ancestral step (learned-range variance, same noise) with its x0
+               replaced by the second-order multistep data prediction D of dpmpp_2m (first and
+               last steps first order): mean = c1_k D + c2_k x. Its first-order form is
+               exactly `ddpm`; with the posterior variance instead of the learned one it would
+               be dpmpp_2m_sde (whose first-order step is DDPM's mean with that variance).
 Every solver spends A = num_steps network evaluations per token.
 
 Traced trip count: when the tables carry a 'trip' entry (int32 scalar, see
@@ -47,11 +56,14 @@ from disa_jax.diffusion.gaussian import spaced_schedule
 
 TABLE_KEYS = ('t', 'sqrt_recip_ac', 'sqrt_recipm1_ac', 'coef1', 'coef2', 'log_beta',
               'post_logvar', 'noise_mask')
-SOLVERS = ('ddpm', 'ddim', 'dpmpp_2m')
+SOLVERS = ('ddpm', 'ddim', 'dpmpp_2m', 'dpmpp_2m_sde', 'ddpm_2m')
 SOLVER_KEYS = {
   'ddpm': TABLE_KEYS,
   'ddim': ('t', 'sqrt_recip_ac', 'sqrt_recipm1_ac', 'ddim_x0', 'ddim_eps', 'ddim_sigma'),
   'dpmpp_2m': ('t', 'sqrt_recip_ac', 'sqrt_recipm1_ac', 'dpm_x', 'dpm_x0', 'dpm_x0_prev'),
+  'dpmpp_2m_sde': ('t', 'sqrt_recip_ac', 'sqrt_recipm1_ac', 'dpm_x', 'dpm_x0', 'dpm_x0_prev',
+                   'dpm_noise'),
+  'ddpm_2m': TABLE_KEYS + ('d2_x0', 'd2_prev'),
 }
 
 
@@ -71,8 +83,11 @@ def solver_tables(num_steps: int, max_timestep: int | None, solver: str = 'ddpm'
   base = sched.sampling_tables()
   if solver == 'ddpm':
     return base
-  out = {k: base[k] for k in ('t', 'sqrt_recip_ac', 'sqrt_recipm1_ac')}
   a = sched.tables.alphas_cumprod[::-1]                      # abar'_k, float64
+  w0, w1 = _second_order_weights(a)
+  if solver == 'ddpm_2m':
+    return {**base, 'd2_x0': w0.astype(np.float32), 'd2_prev': w1.astype(np.float32)}
+  out = {k: base[k] for k in ('t', 'sqrt_recip_ac', 'sqrt_recipm1_ac')}
   a_next = sched.tables.alphas_cumprod_prev[::-1]            # abar'_{k-1} (1 after k = 0)
   if solver == 'ddim':
     sigma = eta * np.sqrt((1 - a_next) / (1 - a)) * np.sqrt(1 - a / a_next)
@@ -80,25 +95,42 @@ def solver_tables(num_steps: int, max_timestep: int | None, solver: str = 'ddpm'
     out['ddim_eps'] = np.sqrt(np.maximum(1 - a_next - sigma**2, 0.0))
     out['ddim_sigma'] = sigma * (np.arange(len(a))[::-1] != 0)
   else:
-    alpha, sig = np.sqrt(a), np.sqrt(1 - a)
-    lam = np.log(alpha / sig)
+    sde = solver == 'dpmpp_2m_sde'
+    sig = np.sqrt(1 - a)
+    lam = 0.5 * np.log(a / (1 - a))
     n = len(a)
-    dx, dx0, dprev = np.zeros(n), np.zeros(n), np.zeros(n)
+    dx, dx0, dprev, dnoise = np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n)
     for i in range(n):
       if i == n - 1:                 # last step: the target is the clean sample
         dx0[i] = 1.0
         continue
       h = lam[i + 1] - lam[i]
-      phi = -np.sqrt(a_next[i]) * np.expm1(-h)               # -alpha' (exp(-h) - 1)
-      dx[i] = np.sqrt(1 - a_next[i]) / sig[i]
-      if i == 0:
-        dx0[i] = phi
-      else:
-        r = (lam[i] - lam[i - 1]) / h
-        dx0[i] = phi * (1 + 1 / (2 * r))
-        dprev[i] = -phi / (2 * r)
+      sig_next = np.sqrt(1 - a_next[i])
+      if sde:                        # alpha' (1 - exp(-2h)); (sigma'/sigma) exp(-h)
+        phi = -np.sqrt(a_next[i]) * np.expm1(-2 * h)
+        dx[i] = sig_next / sig[i] * np.exp(-h)
+        dnoise[i] = sig_next * np.sqrt(-np.expm1(-2 * h))
+      else:                          # -alpha' (exp(-h) - 1); sigma'/sigma
+        phi = -np.sqrt(a_next[i]) * np.expm1(-h)
+        dx[i] = sig_next / sig[i]
+      dx0[i], dprev[i] = phi * w0[i], phi * w1[i]
     out.update(dpm_x=dx, dpm_x0=dx0, dpm_x0_prev=dprev)
+    if sde:
+      out['dpm_noise'] = dnoise
   return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
+
+
+def _second_order_weights(a) -> tuple[np.ndarray, np.ndarray]:
+  """(w0, w1) [A], float64: D = w0 x0_k + w1 x0_{k+1} is DPM-Solver++(2M)'s data prediction
+  (r = h_prev / h in lambda = log(alpha / sigma)) at each iteration of the chain abar'_k `a`
+  [A] (sampling order); the first and last iterations are first order (D = x0_k)."""
+  lam = 0.5 * np.log(a / (1 - a))
+  n = len(a)
+  w0, w1 = np.ones(n), np.zeros(n)
+  for i in range(1, n - 1):
+    r = (lam[i] - lam[i - 1]) / (lam[i + 1] - lam[i])
+    w0[i], w1[i] = 1 + 1 / (2 * r), -1 / (2 * r)
+  return w0, w1
 
 
 def device_tables(num_steps: int, max_timestep: int | None, solver: str = 'ddpm',
@@ -123,7 +155,7 @@ MODULATION_BUDGET_BYTES = 256 * 2**20
 
 
 def _solver_of(tables) -> str:
-  for name in ('dpmpp_2m', 'ddim'):
+  for name in ('ddpm_2m', 'dpmpp_2m_sde', 'dpmpp_2m', 'ddim'):
     if SOLVER_KEYS[name][-1] in tables:
       return name
   return 'ddpm'
@@ -172,13 +204,19 @@ def _step_fn(net, z, z_uncond, tables, *, num_steps: int, cfg, temperature, nois
     if solver == 'ddim':
       mean = tables['ddim_x0'][i] * x0 + tables['ddim_eps'][i] * eps
       return mean + tables['ddim_sigma'][i] * temperature * noise_at(j), x0_prev
-    if solver == 'dpmpp_2m':
+    if solver in ('dpmpp_2m', 'dpmpp_2m_sde'):
       new = (tables['dpm_x'][i] * x + tables['dpm_x0'][i] * x0
              + tables['dpm_x0_prev'][i] * x0_prev)
+      if solver == 'dpmpp_2m_sde':
+        new = new + tables['dpm_noise'][i] * temperature * noise_at(j)
       return new, x0
     frac = (v + 1) / 2
     log_var = frac * tables['log_beta'][i] + (1 - frac) * tables['post_logvar'][i]
-    mean = tables['coef1'][i] * x0 + tables['coef2'][i] * x
+    d = x0
+    if solver == 'ddpm_2m':
+      d = tables['d2_x0'][i] * x0 + tables['d2_prev'][i] * x0_prev
+      x0_prev = x0
+    mean = tables['coef1'][i] * d + tables['coef2'][i] * x
     scale = tables['noise_mask'][i] * temperature
     return mean + scale * jnp.exp(0.5 * log_var) * noise_at(j), x0_prev
 
@@ -260,7 +298,8 @@ def sample_head(model, z, key, *, num_steps: int, temperature: float = 1.0, cfg:
   `model` is a MAR (or a bare `SimpleMLPAdaLN`); z is [N, Dd], or [2N, Dd] under CFG
   (cfg != 1.0: conditional rows first, unconditional second, as the official code).
   `num_steps` is the requested respacing; `max_timestep` the DiSA clamp (950) or None.
-  `solver`: 'ddpm' (official ancestral sampler), 'ddim' (with `eta`) or 'dpmpp_2m'.
+  `solver`: 'ddpm' (official ancestral sampler), 'ddim' (with `eta`), 'dpmpp_2m',
+  'dpmpp_2m_sde' or 'ddpm_2m' (module docstring).
   Row i uses noise derived from `jax.random.split(key, N)[i]`. `modulation_budget` (bytes)
   bounds the precomputed adaLN modulations; 0 forces the per-step path (same numbers).
   """

@@ -209,8 +209,8 @@ class Sampler:
     enc_bucket: encoder lengths are padded to a multiple of this (0: seq_len / 16).
     max_head_waste: largest fraction of padded head row-steps allowed in a bucket.
     matmul_precision: None (backend default) or 'highest' for fp32-exact parity runs.
-    solver: head solver, 'ddpm' (official ancestral sampler), 'ddim' or 'dpmpp_2m'
-      (`disa_jax.diffusion.ddpm`); `generate(solver=...)` overrides it per call.
+    solver: head solver, 'ddpm' (official ancestral sampler), 'ddim', 'dpmpp_2m' or
+      'dpmpp_2m_sde' (`disa_jax.diffusion.ddpm`); `generate(solver=...)` overrides it per call.
     eta: DDIM's noise scale (0: deterministic DDIM).
     head_steps: 'exact' (one head executable per (steps, rows) bucket) or 'traced' (one per
       rows bucket, step count a traced loop bound over tables padded to the run's largest).
