@@ -151,6 +151,22 @@ def _gather_rows(x, slots):
   return jnp.take_along_axis(x, slots.reshape(slots.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
+def _inverse_slots(slots, n_all):
+  """For slots [B, n] (slot >= n_all: none) -> inv [B, n_all]: the row filling each slot, -1
+  where none does. Filling a whole cache is then a gather (`_fill_rows`), which XLA runs much
+  faster on CPU than a scatter of full rows (only int32 indices are scattered here)."""
+  rows = jnp.broadcast_to(jnp.arange(slots.shape[1], dtype=jnp.int32), slots.shape)
+  return jax.vmap(lambda s, r: jnp.full((n_all,), -1, jnp.int32).at[s].set(r, mode='drop'))(
+    slots, rows)
+
+
+def _fill_rows(rows, inv, fill):
+  """[B, n_all, ...]: rows [B, n, ...] placed by inv (`_inverse_slots`), `fill` elsewhere."""
+  got = _gather_rows(rows, jnp.maximum(inv, 0))
+  return jnp.where((inv >= 0).reshape(inv.shape + (1,) * (rows.ndim - 2)), got,
+                   jnp.asarray(fill, rows.dtype))
+
+
 def _encoder_rows(model, tokens, positions, class_vec):
   """z_proj + position embedding + z_proj_ln of buffer + tokens at `positions` -> [B, nb+n, D]."""
   nb = model.config.buffer_size
@@ -160,17 +176,21 @@ def _encoder_rows(model, tokens, positions, class_vec):
   return model.z_proj_ln(jnp.concatenate([buf, x], axis=1))
 
 
-def _decoder_input(model, enc_out, slots, prev=None):
-  """decoder_embed(enc_out) written at slots [B, n] over `prev` (or mask tokens) + pos embed."""
+def _decoder_input(model, enc_out, slots, prev):
+  """decoder_embed(enc_out) + pos embed written at slots [B, n] over the cached `prev`."""
   c = model.config
-  b = enc_out.shape[0]
   y = model.decoder_embed(enc_out).astype(jnp.float32)
   pos = model.decoder_pos_embed_learned[...][0]
   y = y + pos[jnp.minimum(slots, c.buffer_size + c.seq_len - 1)]
-  if prev is None:
-    prev = jnp.broadcast_to(model.mask_token[...][0].astype(jnp.float32) + pos,
-                            (b,) + pos.shape)
   return _scatter_rows(prev, slots, y)
+
+
+def _full_decoder_input(model, enc_out, inv):
+  """decoder_embed(enc_out) at the slots of inv [B, nb+L] (`_inverse_slots`), mask_token at
+  the others, + pos embed (the MAR decoder input, as `MAR.decode`)."""
+  y = _fill_rows(model.decoder_embed(enc_out).astype(jnp.float32), inv, 0.0)
+  y = jnp.where((inv >= 0)[..., None], y, model.mask_token[...].astype(jnp.float32))
+  return y + model.decoder_pos_embed_learned[...]
 
 
 def _slots(positions, valid, nb, seq):
@@ -180,11 +200,10 @@ def _slots(positions, valid, nb, seq):
   return jnp.concatenate([jnp.broadcast_to(jnp.arange(nb, dtype=jnp.int32), (b, nb)), tok], 1)
 
 
-def _finish_z(model, rows_full, pred_pos):
-  """decoder_norm of the last-layer rows at the predicted positions + diffusion pos embed."""
-  nb = model.config.buffer_size
-  z = _gather_rows(rows_full, nb + pred_pos)
-  return model.decoder_norm(z) + model.diffusion_pos_embed_learned[...][0][pred_pos]
+def _finish_z(model, rows, pred_pos):
+  """decoder_norm of the last-layer rows [B, n, D] of the predicted positions [B, n] +
+  diffusion pos embed."""
+  return model.decoder_norm(rows) + model.diffusion_pos_embed_learned[...][0][pred_pos]
 
 
 # ------------------------------------------------------------------------------------------
@@ -214,19 +233,17 @@ def refresh_step(state, tokens, orders, class_vec, m_cur, n_pred, *, graphdef, v
   else:
     cv = class_vec
   cond = lambda a: a.reshape((b, nbr) + a.shape[1:])[:, 0]  # noqa: E731
-  slots = _slots(vis_pos, vis_valid, nb, seq)
+  inv = _inverse_slots(_slots(vis_pos, vis_valid, nb, seq), nb + seq)
   key_mask = jnp.concatenate([jnp.ones((b * nbr, nb), bool), rep(vis_valid)], axis=1)
   x = _encoder_rows(model, rep(vis_tok), rep(vis_pos), cv)
   enc_k, enc_v = [], []
   for blk in model.encoder_blocks:
     q, k, v = _qkv(blk, x)
-    hd = k.shape[2:]
-    empty = jnp.zeros((b, nb + seq) + hd, k.dtype)
-    enc_k.append(_scatter_rows(empty, slots, cond(k)))
-    enc_v.append(_scatter_rows(empty, slots, cond(v)))
+    enc_k.append(_fill_rows(cond(k), inv, 0))
+    enc_v.append(_fill_rows(cond(v), inv, 0))
     x = _mlp(blk, _finish_attn(blk, x, q, k, v, key_mask))
   enc_out = model.encoder_norm(x)
-  h = _decoder_input(model, enc_out, rep(slots))
+  h = _full_decoder_input(model, enc_out, rep(inv))
   dec_in = cond(h)
   dec_k, dec_v = [], []
   for blk in model.decoder_blocks:
@@ -235,13 +252,15 @@ def refresh_step(state, tokens, orders, class_vec, m_cur, n_pred, *, graphdef, v
     dec_v.append(cond(v))
     h = _mlp(blk, _finish_attn(blk, h, q, k, v))
   hc = cond(h)
+  at_pred = lambda a: _gather_rows(a, nb + pred_pos)  # noqa: E731
   if use_cfg:
     hu = h.reshape((b, 2) + h.shape[1:])[:, 1]
     diff = hu - hc
-    z = jnp.stack([_finish_z(model, hc, pred_pos), _finish_z(model, hu, pred_pos)], axis=1)
+    z = jnp.stack([_finish_z(model, at_pred(hc), pred_pos),
+                   _finish_z(model, at_pred(hu), pred_pos)], axis=1)
   else:
     diff = jnp.zeros_like(hc)
-    z = _finish_z(model, hc, pred_pos)
+    z = _finish_z(model, at_pred(hc), pred_pos)
   cache = dict(enc_k=tuple(enc_k), enc_v=tuple(enc_v), dec_in=dec_in,
                dec_k=tuple(dec_k), dec_v=tuple(dec_v), cfg_diff=diff)
   return z, pred_pos, pred_valid, cache
@@ -299,10 +318,13 @@ def lazy_step(state, cache, tokens, orders, class_vec, m_cur, n_pred, n_prev, *,
     dec_k[i] = _scatter_rows(dec_k[i], kept, k)
     dec_v[i] = _scatter_rows(dec_v[i], kept, v)
     hk = _mlp(blk, _finish_attn(blk, hk, q, dec_k[i], dec_v[i]))
-  full = _scatter_rows(jnp.zeros((b, n_all, hk.shape[-1]), hk.dtype), kept, hk)
-  zc = _finish_z(model, full, pred_pos)
+  # Last-layer rows of the predicted slots: the kept row that holds each, 0 where the slot was
+  # dropped (the official unprune); only these rows, never all nb + L, are assembled.
+  row_of = _gather_rows(_inverse_slots(kept, n_all), nb + pred_pos)       # [B, n_query]
+  hp = _fill_rows(hk, row_of, 0.0)
+  zc = _finish_z(model, hp, pred_pos)
   if use_cfg:
-    zu = _finish_z(model, full + cache['cfg_diff'], pred_pos)
+    zu = _finish_z(model, hp + _gather_rows(cache['cfg_diff'], nb + pred_pos), pred_pos)
     z = jnp.stack([zc, zu], axis=1)
   else:
     z = zc
