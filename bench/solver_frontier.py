@@ -4,10 +4,11 @@
       --json=outputs/solver_frontier.json --plot=docs/solver_frontier.png
 
 Every point generates the same images (labels, seed, generation orders) with one head solver
-(`ddpm` = the official ancestral sampler, `ddim` with --eta, `dpmpp_2m`, `dpmpp_2m_sde`) and one per-AR-step
-step list: DiSA linear upper -> lower (`disa:U:L`) or the same count at every AR step
-(`const:N`), both with DiSA's 950 timestep clamp (the digits model, like every MAR, is poor at
-t = 999; `docs/benchmarks.md`). Quality is `eval/digits_quality.py` (classifier accuracy and
+(`ddpm` = the official ancestral sampler, `ddim` with --eta, `dpmpp_2m`, `dpmpp_2m_sde`,
+`ddpm_2m`) and one per-AR-step step list: DiSA linear upper -> lower (`disa:U:L`), the same
+count at every AR step (`const:N`), an explicit list (`list:N1/N2/...`) or a `disa-tune` file
+(`file:PATH`), all with DiSA's 950 timestep clamp (a tuned file: its own clamp; the digits
+model, like every MAR, is poor at t = 999; `docs/benchmarks.md`). Quality is `eval/digits_quality.py` (classifier accuracy and
 Frechet distance); cost is the counted head evaluations per image (token-steps summed over AR
 steps, `SamplingPlan.head_token_steps`; a guided step is one evaluation of the doubled batch).
 Prints a table, writes --json and a plot of FD against head evaluations (--plot).
@@ -40,7 +41,18 @@ def step_plan(spec: str, num_iter: int):
   if kind == 'const' and len(nums) == 1:
     return resolve_steps(num_iter=num_iter, preset='mar', upper=int(nums[0]),
                          lower=int(nums[0]), max_timestep=DISA_MAX_TIMESTEP)
-  raise SystemExit(f'bad schedule {spec!r}; use disa:UPPER:LOWER or const:N')
+  if kind == 'list' and len(nums) == 1:
+    return resolve_steps(num_iter=num_iter, preset='disa',
+                         steps=[int(n) for n in nums[0].split('/')],
+                         max_timestep=DISA_MAX_TIMESTEP)
+  if kind == 'file' and nums:
+    from disa_jax.tune import load_schedule
+
+    sched = load_schedule(':'.join(nums), num_iter=num_iter, system='mar')
+    return resolve_steps(num_iter=num_iter, preset='disa', steps=list(sched.steps),
+                         max_timestep=sched.max_timestep)
+  raise SystemExit(f'bad schedule {spec!r}; use disa:UPPER:LOWER, const:N, list:N1/N2/... '
+                   '(one count per AR step) or file:TUNED.json (a disa-tune schedule)')
 
 
 def main(argv=None):
@@ -140,6 +152,14 @@ def plot(result, path):
                 marker=markers.get(solver, 'x'), color=colors.get(solver),
                 label=f"{solver}, {'DiSA linear' if family == 'disa' else 'constant'}"
                       + (f', CFG {cfg}' if several else ''))
+    for family, marker in (('list', 'P'), ('file', '*')):
+      pts = [p for p in result['points'] if p['solver'] == solver and cfg_of(p) == cfg
+             and p['schedule'].startswith(family)]
+      if pts:
+        ax.scatter([p['head_evals_per_image'] for p in pts], [p['fd'] for p in pts], s=60,
+                   marker=marker, color=colors.get(solver),
+                   label=f"{solver}, {'explicit lists' if family == 'list' else 'disa-tune'}"
+                         + (f', CFG {cfg}' if several else ''))
   ax.set_xscale('log')
   ax.set_yscale('log')
   evals = [p['head_evals_per_image'] for p in result['points']]

@@ -162,23 +162,15 @@ def test_dpmpp_2m_matches_numpy(model, steps, cfg, max_t):
   assert max_rel_error(got, want) < 2e-5
 
 
+@pytest.mark.parametrize('solver', ['dpmpp_2m_sde', 'ddpm_2m'])
 @pytest.mark.parametrize('steps,cfg,max_t,temp', [(7, 1.0, None, 1.0), (9, 3.0, 950, 0.9),
                                                   (2, 2.0, None, 1.0), (1, 2.0, 950, 1.0)])
-def test_dpmpp_2m_sde_matches_numpy(model, steps, cfg, max_t, temp):
+def test_stochastic_second_order_matches_numpy(model, solver, steps, cfg, max_t, temp):
+  reference = {'dpmpp_2m_sde': _numpy_dpmpp_2m_sde, 'ddpm_2m': _numpy_ddpm_2m}[solver]
   z, key = _z(4, cfg, seed=6), jax.random.key(7)
   got = disa_jax.sample_head(model, z, key, num_steps=steps, cfg=cfg, max_timestep=max_t,
-                             solver='dpmpp_2m_sde', temperature=temp)
-  want = _numpy_dpmpp_2m_sde(model.diffloss.net, z, key, steps, max_t, cfg, temp)
-  assert max_rel_error(got, want) < 2e-5
-
-
-@pytest.mark.parametrize('steps,cfg,max_t,temp', [(7, 1.0, None, 1.0), (9, 3.0, 950, 0.9),
-                                                  (2, 2.0, None, 1.0), (1, 2.0, 950, 1.0)])
-def test_ddpm_2m_matches_numpy(model, steps, cfg, max_t, temp):
-  z, key = _z(4, cfg, seed=9), jax.random.key(8)
-  got = disa_jax.sample_head(model, z, key, num_steps=steps, cfg=cfg, max_timestep=max_t,
-                             solver='ddpm_2m', temperature=temp)
-  want = _numpy_ddpm_2m(model.diffloss.net, z, key, steps, max_t, cfg, temp)
+                             solver=solver, temperature=temp)
+  want = reference(model.diffloss.net, z, key, steps, max_t, cfg, temp)
   assert max_rel_error(got, want) < 2e-5
 
 
