@@ -172,7 +172,8 @@ def plot(result, path):
   ax.set_xlabel('head evaluations per image (token-steps)')
   ax.set_ylabel('Frechet distance (digits classifier features), lower is better')
   ax.set_title(f"Head solvers on the bundled digits model ({result['num_images']} images, "
-               f"seeds {result['seeds']}, CFG {result['cfg']})", fontsize=9)
+               f"seeds {result['seeds']}, CFG {'per line' if several else default_cfg})",
+               fontsize=9)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
