@@ -32,6 +32,7 @@ def _traces(d):
   return sorted(Path(d).glob('*' + aot.TRACE_SUFFIX))
 
 
+@pytest.mark.slow   # ~90-100 s on the 2-core machine (fresh-clone durations, 2026-11-30)
 def test_traces_are_reused_with_the_same_tokens(model, tmp_path):
   labels, key = np.array([1, 2]), jax.random.key(6)
   plain = Sampler(model, enc_bucket=4).generate(labels, key, **KW)
@@ -46,6 +47,7 @@ def test_traces_are_reused_with_the_same_tokens(model, tmp_path):
   np.testing.assert_array_equal(np.asarray(b), np.asarray(plain))
 
 
+@pytest.mark.slow   # ~90-100 s on the 2-core machine (fresh-clone durations, 2026-11-30)
 def test_trace_key_follows_what_the_trace_depends_on(model, tmp_path):
   labels, key = np.array([1, 2]), jax.random.key(6)
   Sampler(model, enc_bucket=4, trace_cache=str(tmp_path)).generate(labels, key, **KW)
@@ -85,6 +87,7 @@ def test_unwritable_trace_dir_warns_and_samples(model, tmp_path):
   assert any('not writable' in str(w.message) for w in caught)
 
 
+@pytest.mark.slow   # ~90-100 s on the 2-core machine (fresh-clone durations, 2026-11-30)
 def test_traces_on_a_mesh_match(model, tmp_path):
   mesh = make_mesh(num_devices=2)
   labels, key = np.array([1, 2]), jax.random.key(6)
