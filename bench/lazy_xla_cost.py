@@ -1,0 +1,82 @@
+"""XLA's own cost analysis of the LazyMAR executables next to the uncached backbone's.
+
+  PYTHONPATH=. python bench/lazy_xla_cost.py --model=mar_base --num_iter=64 --batch=4
+
+Compiles (no sampling) every uncached backbone bucket and every refresh / lazy bucket of the
+DiSA linear 50 -> 5 plan (random weights, CFG 2.9) and prints, per executable, the FLOPs and
+bytes accessed that XLA counts (`Compiled.cost_analysis()`), so measured per-step times
+(`bench/lazy_cache.py --split`) can be read against counted work: time that follows neither
+count is overhead outside the arithmetic (allocation, dispatch, threading of small GEMMs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from disa_jax.schedules import resolve_steps  # noqa: E402
+from disa_jax.systems.mar.lazy import LazyBackbone, parse_cache  # noqa: E402
+from disa_jax.systems.mar.sampling import Sampler  # noqa: E402
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--model', default='mar_base')
+  p.add_argument('--num_iter', type=int, default=64)
+  p.add_argument('--batch', type=int, default=4)
+  p.add_argument('--cache', default='lazymar')
+  p.add_argument('--json', default='')
+  args = p.parse_args(argv)
+  from flax import nnx
+
+  from disa_jax.systems.mar.model import MAR, MARConfig
+  from disa_jax.systems.mar.variants import MAR_VARIANTS, PAPER_CFG
+
+  model = MAR(MARConfig(**MAR_VARIANTS[args.model]), rngs=nnx.Rngs(0))
+  sp = Sampler(model, background_compile=False)
+  sched = resolve_steps(num_iter=args.num_iter, preset='disa', upper=50, lower=5)
+  plan = sp.plan(args.batch, steps=sched.steps, max_timestep=sched.max_timestep,
+                 cfg=PAPER_CFG[args.model])
+  b, seq, ch = args.batch, sp.config.seq_len, sp.config.token_embed_dim
+  labels = sp._batch(np.zeros((b,), np.int32))
+  keys = sp._batch(jax.random.split(jax.random.key(0), b))
+  orders, class_vec = sp._run('init', (sp.state, labels, keys),
+                              dict(graphdef=sp.graphdef, seq_len=seq))
+  tokens = sp._batch(np.zeros((b, seq, ch), np.float32))
+  for job in sp._compile_jobs(plan, False, None, None, tokens, orders, class_vec, keys):
+    if job[0] == 'backbone':
+      sp._executable(*job)
+  LazyBackbone(sp, plan, parse_cache(args.cache)).compile(tokens, orders, class_vec)
+  rows = []
+  for key, exe in sp._executables.items():
+    name, static = key[0], dict(key[2])
+    if name not in ('backbone', 'lazy_refresh', 'lazy_step'):
+      continue
+    cost = getattr(exe, 'compiled', exe).cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    rows.append({'function': name,
+                 **{k: static[k] for k in ('visible_pad', 'new_pad', 'keep') if k in static},
+                 'gflop': round(cost.get('flops', 0.0) / 1e9, 1),
+                 'gb_accessed': round(cost.get('bytes accessed', 0.0) / 1e9, 2)})
+  rows.sort(key=lambda r: (r['function'], r.get('visible_pad', 0), -r.get('keep', 0)))
+  print(f"{args.model}, batch {b}, {args.num_iter} AR steps, cfg {PAPER_CFG[args.model]}, "
+        f"cache {args.cache}: XLA-counted cost per executable call")
+  for r in rows:
+    shape = ', '.join(f'{k} {r[k]}' for k in ('visible_pad', 'new_pad', 'keep') if k in r)
+    print(f"{r['function']:<14}{shape:<26}{r['gflop']:>9.1f} GFLOP{r['gb_accessed']:>8.2f} GB")
+  if args.json:
+    with open(args.json + '.partial', 'w') as f:
+      json.dump(rows, f, indent=1)
+    os.replace(args.json + '.partial', args.json)
+  return rows
+
+
+if __name__ == '__main__':
+  main()
