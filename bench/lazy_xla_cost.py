@@ -1,12 +1,16 @@
 """XLA's own cost analysis of the LazyMAR executables next to the uncached backbone's.
 
   PYTHONPATH=. python bench/lazy_xla_cost.py --model=mar_base --num_iter=64 --batch=4
+  PYTHONPATH=. python bench/lazy_xla_cost.py ... --time_step=59 --repeats=4
 
 Compiles (no sampling) every uncached backbone bucket and every refresh / lazy bucket of the
 DiSA linear 50 -> 5 plan (random weights, CFG 2.9) and prints, per executable, the FLOPs and
 bytes accessed that XLA counts (`Compiled.cost_analysis()`), so measured per-step times
 (`bench/lazy_cache.py --split`) can be read against counted work: time that follows neither
 count is overhead outside the arithmetic (allocation, dispatch, threading of small GEMMs).
+--time_step=S also times, in isolation (each call synchronised, --repeats times, alternating),
+the uncached backbone and the cached executable (refresh or lazy) of AR step S on the same
+inputs: what one call costs outside the sampling loop.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ def main(argv=None):
   p.add_argument('--batch', type=int, default=4)
   p.add_argument('--cache', default='lazymar')
   p.add_argument('--json', default='')
+  p.add_argument('--time_step', type=int, default=-1, help='AR step to time in isolation')
+  p.add_argument('--repeats', type=int, default=4)
   args = p.parse_args(argv)
   from flax import nnx
 
@@ -53,7 +59,8 @@ def main(argv=None):
   for job in sp._compile_jobs(plan, False, None, None, tokens, orders, class_vec, keys):
     if job[0] == 'backbone':
       sp._executable(*job)
-  LazyBackbone(sp, plan, parse_cache(args.cache)).compile(tokens, orders, class_vec)
+  lazy = LazyBackbone(sp, plan, parse_cache(args.cache))
+  lazy.compile(tokens, orders, class_vec)
   rows = []
   for key, exe in sp._executables.items():
     name, static = key[0], dict(key[2])
@@ -75,7 +82,38 @@ def main(argv=None):
     with open(args.json + '.partial', 'w') as f:
       json.dump(rows, f, indent=1)
     os.replace(args.json + '.partial', args.json)
+  if args.time_step >= 0:
+    time_step(sp, plan, lazy, args.time_step, args.repeats, tokens, orders, class_vec)
   return rows
+
+
+def time_step(sp, plan, lazy, index, repeats, tokens, orders, class_vec):
+  """Synchronised wall seconds of AR step `index`'s uncached backbone and cached executable."""
+  import time
+
+  import jax.numpy as jnp
+
+  tokens = jax.random.normal(jax.random.key(1), tokens.shape, tokens.dtype)
+  s, st = plan.steps[index], lazy.steps[index]
+  plain = ('backbone', (sp.state, tokens, orders, class_vec, jnp.int32(s.m_cur),
+                        jnp.int32(s.n_pred)),
+           dict(graphdef=sp.graphdef, visible_pad=s.visible_pad, n_query=plan.n_query,
+                use_cfg=plan.use_cfg))
+  if not st.refresh:   # a lazy step needs a filled cache: the refresh of step 0's shapes
+    lazy.cache = sp._run(*lazy._args(lazy.steps[0], tokens, orders, class_vec))[3]
+  times = {'backbone': [], 'refresh' if st.refresh else 'lazy': []}
+  for _ in range(repeats):
+    for name in times:
+      if name == 'lazy':
+        job = lazy._args(st, tokens, orders, class_vec,
+                         cache=jax.block_until_ready(jax.tree.map(jnp.copy, lazy.cache)))
+      else:
+        job = plain if name == 'backbone' else lazy._args(st, tokens, orders, class_vec)
+      t0 = time.perf_counter()
+      jax.block_until_ready(sp._run(*job))
+      times[name].append(round(time.perf_counter() - t0, 2))
+  print(f'AR step {index} in isolation (s per call, {repeats} alternating calls):',
+        ', '.join(f'{k} {v}' for k, v in times.items()))
 
 
 if __name__ == '__main__':
