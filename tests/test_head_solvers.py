@@ -21,13 +21,19 @@ def model():
   return tiny_model(seed=5)
 
 
-def _eps(net, x, t, z, cfg):
-  """Guided eps from the official algebra (`forward_with_cfg`: CFG on the eps channels)."""
+def _eps_v(net, x, t, z, cfg):
+  """(guided eps, conditional variance channels) from the official algebra
+  (`forward_with_cfg`: CFG on the eps channels)."""
   if cfg == 1.0:
-    return np.asarray(net(jnp.asarray(x, jnp.float32), jnp.full((x.shape[0],), t), z))[:, :C]
-  xx = jnp.asarray(np.concatenate([x, x]), jnp.float32)
-  out = net.forward_with_cfg(xx, jnp.full((xx.shape[0],), t), z, cfg)
-  return np.asarray(out)[: x.shape[0], :C]
+    out = np.asarray(net(jnp.asarray(x, jnp.float32), jnp.full((x.shape[0],), t), z))
+  else:
+    xx = jnp.asarray(np.concatenate([x, x]), jnp.float32)
+    out = np.asarray(net.forward_with_cfg(xx, jnp.full((xx.shape[0],), t), z, cfg))
+  return out[: x.shape[0], :C], out[: x.shape[0], C:]
+
+
+def _eps(net, x, t, z, cfg):
+  return _eps_v(net, x, t, z, cfg)[0]
 
 
 def _draws(key, n, count):
@@ -101,16 +107,6 @@ def _numpy_dpmpp_2m_sde(net, z, key, steps, max_t, cfg, temperature):
          + sigma_t * np.sqrt(1 - np.exp(-2 * h)) * temperature * draws[i + 1])
     x0_prev = x0
   raise AssertionError('unreachable')
-
-
-def _eps_v(net, x, t, z, cfg):
-  """(guided eps, conditional variance channels) as the official `forward_with_cfg`."""
-  if cfg == 1.0:
-    out = np.asarray(net(jnp.asarray(x, jnp.float32), jnp.full((x.shape[0],), t), z))
-  else:
-    xx = jnp.asarray(np.concatenate([x, x]), jnp.float32)
-    out = np.asarray(net.forward_with_cfg(xx, jnp.full((xx.shape[0],), t), z, cfg))
-  return out[: x.shape[0], :C], out[: x.shape[0], C:]
 
 
 def _numpy_ddpm_2m(net, z, key, steps, max_t, cfg, temperature):

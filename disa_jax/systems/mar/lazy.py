@@ -45,6 +45,7 @@ from flax import nnx
 
 from disa_jax.errors import UserError
 from disa_jax.layers.vit import dot_product_attention
+from disa_jax.systems.mar.model import decoder_slots, fill_rows, inverse_slots
 from disa_jax.systems.mar.sampling import _positions
 
 # LazyMAR's retention ratio per AR step (64 steps), models/basic.py RETAIN_RATIO_SCHEDULE.
@@ -151,22 +152,6 @@ def _gather_rows(x, slots):
   return jnp.take_along_axis(x, slots.reshape(slots.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
-def _inverse_slots(slots, n_all):
-  """For slots [B, n] (slot >= n_all: none) -> inv [B, n_all]: the row filling each slot, -1
-  where none does. Filling a whole cache is then a gather (`_fill_rows`), which XLA runs much
-  faster on CPU than a scatter of full rows (only int32 indices are scattered here)."""
-  rows = jnp.broadcast_to(jnp.arange(slots.shape[1], dtype=jnp.int32), slots.shape)
-  return jax.vmap(lambda s, r: jnp.full((n_all,), -1, jnp.int32).at[s].set(r, mode='drop'))(
-    slots, rows)
-
-
-def _fill_rows(rows, inv, fill):
-  """[B, n_all, ...]: rows [B, n, ...] placed by inv (`_inverse_slots`), `fill` elsewhere."""
-  got = _gather_rows(rows, jnp.maximum(inv, 0))
-  return jnp.where((inv >= 0).reshape(inv.shape + (1,) * (rows.ndim - 2)), got,
-                   jnp.asarray(fill, rows.dtype))
-
-
 def _encoder_rows(model, tokens, positions, class_vec):
   """z_proj + position embedding + z_proj_ln of buffer + tokens at `positions` -> [B, nb+n, D]."""
   nb = model.config.buffer_size
@@ -183,21 +168,6 @@ def _decoder_input(model, enc_out, slots, prev):
   pos = model.decoder_pos_embed_learned[...][0]
   y = y + pos[jnp.minimum(slots, c.buffer_size + c.seq_len - 1)]
   return _scatter_rows(prev, slots, y)
-
-
-def _full_decoder_input(model, enc_out, inv):
-  """decoder_embed(enc_out) at the slots of inv [B, nb+L] (`_inverse_slots`), mask_token at
-  the others, + pos embed (the MAR decoder input, as `MAR.decode`)."""
-  y = _fill_rows(model.decoder_embed(enc_out).astype(jnp.float32), inv, 0.0)
-  y = jnp.where((inv >= 0)[..., None], y, model.mask_token[...].astype(jnp.float32))
-  return y + model.decoder_pos_embed_learned[...]
-
-
-def _slots(positions, valid, nb, seq):
-  """Sequence slots of the buffer + token rows (invalid rows -> nb + seq, dropped)."""
-  b = positions.shape[0]
-  tok = jnp.where(valid, nb + positions, nb + seq)
-  return jnp.concatenate([jnp.broadcast_to(jnp.arange(nb, dtype=jnp.int32), (b, nb)), tok], 1)
 
 
 def _finish_z(model, rows, pred_pos):
@@ -233,17 +203,17 @@ def refresh_step(state, tokens, orders, class_vec, m_cur, n_pred, *, graphdef, v
   else:
     cv = class_vec
   cond = lambda a: a.reshape((b, nbr) + a.shape[1:])[:, 0]  # noqa: E731
-  inv = _inverse_slots(_slots(vis_pos, vis_valid, nb, seq), nb + seq)
+  inv = inverse_slots(decoder_slots(vis_pos, vis_valid, nb, seq), nb + seq)
   key_mask = jnp.concatenate([jnp.ones((b * nbr, nb), bool), rep(vis_valid)], axis=1)
   x = _encoder_rows(model, rep(vis_tok), rep(vis_pos), cv)
   enc_k, enc_v = [], []
   for blk in model.encoder_blocks:
     q, k, v = _qkv(blk, x)
-    enc_k.append(_fill_rows(cond(k), inv, 0))
-    enc_v.append(_fill_rows(cond(v), inv, 0))
+    enc_k.append(fill_rows(cond(k), inv, 0))
+    enc_v.append(fill_rows(cond(v), inv, 0))
     x = _mlp(blk, _finish_attn(blk, x, q, k, v, key_mask))
   enc_out = model.encoder_norm(x)
-  h = _full_decoder_input(model, enc_out, rep(inv))
+  h = model.decoder_input(enc_out, rep(inv))
   dec_in = cond(h)
   dec_k, dec_v = [], []
   for blk in model.decoder_blocks:
@@ -279,7 +249,7 @@ def lazy_step(state, cache, tokens, orders, class_vec, m_cur, n_pred, n_prev, *,
   # Keys of the encoder: the buffer and every visible token (order rank >= m_cur).
   rank = jax.vmap(lambda o: jnp.zeros((seq,), jnp.int32).at[o].set(jnp.arange(seq)))(orders)
   key_mask = jnp.concatenate([jnp.ones((b, nb), bool), rank >= m_cur], axis=1)
-  slots = _slots(new_pos, new_valid, nb, seq)
+  slots = decoder_slots(new_pos, new_valid, nb, seq)
   x = _encoder_rows(model, _gather_rows(tokens, new_pos), new_pos, class_vec)
   enc_k, enc_v = [], []
   for i, blk in enumerate(model.encoder_blocks):
@@ -320,8 +290,8 @@ def lazy_step(state, cache, tokens, orders, class_vec, m_cur, n_pred, n_prev, *,
     hk = _mlp(blk, _finish_attn(blk, hk, q, dec_k[i], dec_v[i]))
   # Last-layer rows of the predicted slots: the kept row that holds each, 0 where the slot was
   # dropped (the official unprune); only these rows, never all nb + L, are assembled.
-  row_of = _gather_rows(_inverse_slots(kept, n_all), nb + pred_pos)       # [B, n_query]
-  hp = _fill_rows(hk, row_of, 0.0)
+  row_of = _gather_rows(inverse_slots(kept, n_all), nb + pred_pos)       # [B, n_query]
+  hp = fill_rows(hk, row_of, 0.0)
   zc = _finish_z(model, hp, pred_pos)
   if use_cfg:
     zu = _finish_z(model, hp + _gather_rows(cache['cfg_diff'], nb + pred_pos), pred_pos)

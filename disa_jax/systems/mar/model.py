@@ -42,6 +42,31 @@ TRAINING_FIELDS = ('label_drop_prob', 'attn_dropout', 'proj_dropout', 'mask_rati
 NON_ARCHITECTURE_FIELDS = COMPUTE_FIELDS + TRAINING_FIELDS
 
 
+def decoder_slots(positions, valid, nb: int, seq: int):
+  """Decoder slots [B, nb+V] of the buffer rows and of the token rows at positions [B, V]
+  (rows with valid False -> nb + seq, i.e. none)."""
+  b = positions.shape[0]
+  tok = jnp.where(valid, nb + positions, nb + seq)
+  return jnp.concatenate([jnp.broadcast_to(jnp.arange(nb, dtype=jnp.int32), (b, nb)), tok], 1)
+
+
+def inverse_slots(slots, n_all: int):
+  """For slots [B, n] (slot >= n_all: none) -> inv [B, n_all]: the row filling each slot, -1
+  where none does. Placing rows is then a gather (`fill_rows`): only int32 indices are
+  scattered, which XLA runs much faster on CPU than a scatter of full rows."""
+  rows = jnp.broadcast_to(jnp.arange(slots.shape[1], dtype=jnp.int32), slots.shape)
+  return jax.vmap(lambda s, r: jnp.full((n_all,), -1, jnp.int32).at[s].set(r, mode='drop'))(
+    slots, rows)
+
+
+def fill_rows(rows, inv, fill):
+  """[B, n_all, ...]: rows [B, n, ...] placed by inv (`inverse_slots`), `fill` elsewhere."""
+  got = jnp.take_along_axis(rows, jnp.maximum(inv, 0).reshape(inv.shape + (1,) * (rows.ndim - 2)),
+                            axis=1)
+  return jnp.where((inv >= 0).reshape(inv.shape + (1,) * (rows.ndim - 2)), got,
+                   jnp.asarray(fill, rows.dtype))
+
+
 @dataclasses.dataclass(frozen=True)
 class MARConfig:
   """Architecture of a MAR model (official names; defaults are the fixed MAR settings)."""
@@ -178,6 +203,13 @@ class MAR(nnx.Module):
       x = blk(x, key_mask=key_mask, dropout_key=k)
     return self.encoder_norm(x)
 
+  def decoder_input(self, x, inv):
+    """decoder_embed(x) [B, nb+V, Dd] placed at the decoder slots by inv [B, nb+L]
+    (`inverse_slots`), mask_token at the others, + decoder pos embed -> [B, nb+L, Dd]."""
+    y = fill_rows(self.decoder_embed(x).astype(jnp.float32), inv,
+                  self.mask_token[...][0].astype(jnp.float32))
+    return y + self.decoder_pos_embed_learned[...]
+
   def decode(self, x, positions, *, valid=None, query_positions=None, dropout_key=None):
     """Decoder from the encoder output of buffer + tokens at `positions` [B, V].
 
@@ -187,18 +219,9 @@ class MAR(nnx.Module):
     c = self.config
     nb, seq = c.buffer_size, c.seq_len
     b, v = positions.shape
-    y = self.decoder_embed(x).astype(jnp.float32)
-    # Inverse map: for each of the nb + L decoder slots, which encoder row fills it (or none).
-    src = jnp.broadcast_to(jnp.arange(nb + v, dtype=jnp.int32), (b, nb + v))
-    slot = jnp.concatenate(
-      [jnp.broadcast_to(jnp.arange(nb, dtype=jnp.int32), (b, nb)), nb + positions], axis=1)
-    if valid is not None:
-      slot = jnp.where(jnp.concatenate([jnp.ones((b, nb), bool), valid], 1), slot, nb + seq)
-    inv = jax.vmap(lambda s, r: jnp.full((nb + seq,), -1, jnp.int32).at[s].set(r, mode='drop'))(
-      slot, src)
-    filled = jnp.take_along_axis(y, jnp.maximum(inv, 0)[..., None], axis=1)
-    h = jnp.where((inv >= 0)[..., None], filled, self.mask_token[...].astype(jnp.float32))
-    h = h + self.decoder_pos_embed_learned[...]
+    if valid is None:
+      valid = jnp.ones((b, v), bool)
+    h = self.decoder_input(x, inverse_slots(decoder_slots(positions, valid, nb, seq), nb + seq))
     keys = split_key(dropout_key, len(self.decoder_blocks))
     for blk, k in zip(self.decoder_blocks[:-1], keys[:-1], strict=True):
       h = blk(h, dropout_key=k)
