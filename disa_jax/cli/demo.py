@@ -3,6 +3,7 @@
   disa-demo                                   # 100 images (10 per class), seed 0
   disa-demo --bundled=mnist                   # the MNIST model, once it is shipped
   disa-demo --num-images=200 --seed=3 --out=outputs/demo3 --overwrite
+  disa-demo --systems=                        # MAR only (no FlowAR / xAR panels)
 
 All schedules sample the same classes with the same seed (same generation orders and
 initial noise per image): MAR = the original schedule, a fixed number of diffusion steps at
@@ -15,11 +16,12 @@ embedded classifier of the model's dataset (`disa_jax.eval.digits_quality`,
 to the held-out real digits in its feature space.
 
 Writes <out>/grid.png (one labelled panel per schedule, one row per class, digits upscaled
-2x) and <out>/metrics.json. A progress bar (stderr) follows the AR steps while sampling.
+2x; one row of panels per system) and <out>/metrics.json. A progress bar (stderr) follows the AR steps while sampling.
 
-Other systems: `OTHER_SYSTEMS` is the hook for FlowAR / xAR rows. When such a system ships a
-bundled model (its own issue), it adds an entry there with a function returning its
-schedules' images and timings; entries whose bundled model is missing are skipped.
+With the digits model, the bundled FlowAR and xAR digits models (`configs/flowar/digits.py`,
+`configs/xar/digits.py`) add two panels each, their official schedule and DiSA (their configs'
+`baseline` / `disa` presets; speedups relative to their own official schedule), sampled for
+the same classes and scored by the same classifier (--systems= for MAR only).
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ flags.DEFINE_integer('disa_lower', 5, 'DiSA: steps at the last AR step.')
 cli_flags.define_progress()
 flags.DEFINE_enum('bundled', None, ['mnist', 'digits'],
                   'Which bundled model to run (default: DEFAULT_BUNDLED).')
+flags.DEFINE_list('systems', None,
+                  'Other systems whose bundled digits models run beside MAR (official schedule '
+                  'vs DiSA): any of FlowAR, xAR (default: both); --systems= for MAR only.')
 cli_flags.rule_validator('disa_upper', 'sampling', 'upper_steps')
 cli_flags.rule_validator('disa_lower', 'sampling', 'lower_steps')
 
@@ -52,25 +57,28 @@ _UNUSED = ('classes', 'preset', 'strategy', 'upper_steps', 'lower_steps', 'steps
            'cfg_schedule', 'temperature', 'max_timestep')
 
 
-# The hook for other systems' rows and panels (FlowAR, xAR; empty until they ship bundled
-# models). Each entry maps a system name to 'module:function'; the function is called as
-# f(labels, args, quality) and returns None when the system has no bundled model, else
-# {schedule name: (images uint8 [N, 32, 32, 3], result dict)} with the keys of MAR's results
-# (steps_requested, max_timestep, head_token_steps_per_image, compile_s, sample_s,
-# ms_per_image, accuracy, fd) and 'speedup' w.r.t. that system's own original schedule.
-OTHER_SYSTEMS: dict[str, str] = {}
+# The other systems' bundled digits models, shown beside MAR when the demo runs the digits
+# model: display name -> 'module:function' returning the model's config (its checkpoint in the
+# package, its presets 'baseline' = the official schedule and 'disa'). A model missing from
+# the package is skipped with a note.
+OTHER_SYSTEMS: dict[str, str] = {
+  'FlowAR': 'disa_jax.systems.flowar.config:digits_config',
+  'xAR': 'disa_jax.systems.xar.config:digits_config',
+}
 
 
-def other_system_rows(labels, args, quality) -> dict:
-  """{schedule name: (images, result)} of every system in OTHER_SYSTEMS with a bundled model."""
-  import importlib
-
+def other_system_rows(labels, args, quality, print_fn=print) -> dict:
+  """{'<system> <schedule>': (images, result)} of every system in OTHER_SYSTEMS whose bundled
+  model is in the package (`bundled_system_rows`)."""
   rows = {}
-  for system, target in OTHER_SYSTEMS.items():
-    module, fn = target.split(':')
-    got = getattr(importlib.import_module(module), fn)(labels, args, quality)
-    if got:
-      rows.update({f'{system} {name}': v for name, v in got.items()})
+  for system in args.systems:
+    target = OTHER_SYSTEMS[system]
+    got = bundled_system_rows(target, labels, args, quality)
+    if got is None:
+      if args.bundled == 'digits' and not args.checkpoint:
+        print_fn(f'note: no bundled {system} digits model in this package; its rows are skipped')
+      continue
+    rows.update({f'{system} {name}': v for name, v in got.items()})
   return rows
 
 
@@ -104,6 +112,7 @@ class DemoArgs:
   overwrite: bool = False
   progress: bool = True
   bundled: str = DEFAULT_BUNDLED
+  systems: tuple = tuple(OTHER_SYSTEMS)
 
 
 def args_from_flags() -> DemoArgs:
@@ -119,8 +128,16 @@ def args_from_flags() -> DemoArgs:
     except ValueError:
       raise common.CliError('--mar-steps must be one integer for disa-demo, got '
                             f'{FLAGS.mar_steps!r}') from None
+  systems = d.systems
+  if FLAGS.systems is not None:
+    known = {k.lower(): k for k in OTHER_SYSTEMS}
+    bad = [x for x in FLAGS.systems if x.lower() not in known]
+    if bad:
+      raise common.CliError(f'--systems: unknown system {bad[0]!r}; choose from '
+                            f'{", ".join(OTHER_SYSTEMS)} (or --systems= for MAR only)')
+    systems = tuple(dict.fromkeys(known[x.lower()] for x in FLAGS.systems))
   return DemoArgs(
-    checkpoint=FLAGS.checkpoint, out=FLAGS.out or d.out, overwrite=FLAGS.overwrite,
+    systems=systems, checkpoint=FLAGS.checkpoint, out=FLAGS.out or d.out, overwrite=FLAGS.overwrite,
     num_images=d.num_images if FLAGS.num_images is None else FLAGS.num_images,
     batch_size=d.batch_size if FLAGS.batch_size is None else FLAGS.batch_size,
     seed=d.seed if FLAGS.seed is None else FLAGS.seed, num_iter=FLAGS.num_iter, cfg=FLAGS.cfg,
@@ -181,39 +198,13 @@ def demo(args, print_fn=print) -> dict:
     sampler = runner.make_sampler(model, config, mesh)
     labels = runner.class_labels(args.num_images, [], model.config.class_num)
     key = jax.random.key(args.seed)
-    results, images = {}, {}
-    for name, plan in runs.items():
-      compile_s = sample_s = 0.0
-      out = []
-      batches = range(0, args.num_images, args.batch_size)
-      with _progress(len(batches) * num_iter, name, args.progress) as bar:
-        for lo in batches:
-          ids = np.arange(lo, min(lo + args.batch_size, args.num_images))
-          tokens = runner.generate_checked(sampler, labels[ids], key, steps=plan.steps,
-                                           max_timestep=plan.max_timestep, cfg=cfg,
-                                           cfg_schedule=s.cfg_schedule,
-                                           temperature=s.temperature, image_ids=ids,
-                                           progress=lambda _k: bar.update(1))
-          st = sampler.last_stats
-          compile_s += st.compile_s
-          sample_s += st.wall_s
-          out.append(tok.decode(tokens))
-      images[name] = np.concatenate(out)
-      report = st.plan.report()
-      results[name] = {
-        'steps_requested': report['steps_requested'], 'steps_actual': report['steps_actual'],
-        'max_timestep': plan.max_timestep,
-        'head_token_steps_per_image': report['head_token_steps_per_image'],
-        'compile_s': compile_s, 'sample_s': sample_s,
-        'ms_per_image': 1000 * sample_s / args.num_images,
-      }
+    extra = dict(cfg=cfg, cfg_schedule=s.cfg_schedule, temperature=s.temperature)
+    images, results = sample_schedules(sampler, {n: (p, extra) for n, p in runs.items()},
+                                       labels=labels, key=key, args=args, decode=tok.decode,
+                                       num_stages=num_iter)
     # Scored after all timed sampling, so the evaluation's BLAS threads cannot slow it down.
-    for name in runs:
-      results[name].update(quality.evaluate(images[name], labels))
-    base = results['MAR']['sample_s']
-    for r in results.values():
-      r['speedup'] = base / r['sample_s'] if r['sample_s'] > 0 else None
-    for name, (imgs, r) in other_system_rows(labels, args, quality).items():
+    score_runs(results, images, labels, quality, base='MAR')
+    for name, (imgs, r) in other_system_rows(labels, args, quality, print_fn).items():
       images[name], results[name] = imgs, r
     _write_grid(os.path.join(od.path, 'grid.png'), images, labels, make_grid,
                 titles={n: panel_title(n, r) for n, r in results.items()})
@@ -223,8 +214,89 @@ def demo(args, print_fn=print) -> dict:
                'backend': jax.default_backend(), 'runs': results}
     write_json(os.path.join(od.path, 'metrics.json'), summary)
   print_fn(format_table(summary))
-  print_fn(f'wrote {od.final}/grid.png (panels: {", ".join(runs)}) and metrics.json')
+  print_fn(f'wrote {od.final}/grid.png (panels: {", ".join(images)}) and metrics.json')
   return summary
+
+
+def sample_schedules(sampler, runs: dict, *, labels, key, args, decode, num_stages: int):
+  """({name: images}, {name: result}) of every schedule in `runs` ({name: (StepPlan, generate
+  kwargs)}), with the same labels, key and per-image randomness; compilation (first call of a
+  plan) is counted apart from the sampling time."""
+  from disa_jax.engine import runner
+
+  results, images = {}, {}
+  for name, (plan, extra) in runs.items():
+    compile_s = sample_s = 0.0
+    out = []
+    batches = range(0, args.num_images, args.batch_size)
+    with _progress(len(batches) * num_stages, name, args.progress) as bar:
+      for lo in batches:
+        ids = np.arange(lo, min(lo + args.batch_size, args.num_images))
+        tokens = runner.generate_checked(sampler, labels[ids], key, steps=plan.steps,
+                                         max_timestep=plan.max_timestep, image_ids=ids,
+                                         progress=lambda _k: bar.update(1), **extra)
+        st = sampler.last_stats
+        compile_s += st.compile_s
+        sample_s += st.wall_s
+        out.append(decode(tokens))
+    images[name] = np.concatenate(out)
+    report = st.plan.report()
+    results[name] = {
+      'steps_requested': report['steps_requested'], 'steps_actual': report['steps_actual'],
+      'max_timestep': plan.max_timestep,
+      'head_token_steps_per_image': report['head_token_steps_per_image'],
+      'compile_s': compile_s, 'sample_s': sample_s,
+      'ms_per_image': 1000 * sample_s / args.num_images,
+    }
+  return images, results
+
+
+def score_runs(results: dict, images: dict, labels, quality, *, base: str) -> None:
+  """Adds accuracy / FD (after all timed sampling, so the evaluation's BLAS threads cannot slow
+  it down) and the speedup w.r.t. run `base` to every result."""
+  for name in results:
+    results[name].update(quality.evaluate(images[name], labels))
+  base_s = results[base]['sample_s']
+  for r in results.values():
+    r['speedup'] = base_s / r['sample_s'] if r['sample_s'] > 0 else None
+
+
+def bundled_system_rows(config_fn: str, labels, args, quality) -> dict | None:
+  """{schedule: (images, result)} of a bundled FlowAR / xAR digits model: its official
+  schedule ('baseline' preset) and DiSA ('disa' preset, at the config's DiSA cfg), None when
+  the demo's dataset is not digits or the model is not in the package."""
+  import importlib
+
+  import jax
+
+  from disa_jax.engine import runner
+  from disa_jax.systems.base import system_of
+
+  if args.bundled != 'digits':
+    return None
+  module, fn = config_fn.split(':')
+  config = getattr(importlib.import_module(module), fn)()
+  if args.checkpoint or not os.path.isdir(config.checkpoint):
+    return None
+  model, _ = runner.build_model(config)
+  decoder = runner.build_decoder(config, model)
+  mesh = runner.make_mesh(config)
+  runner.check_batch_size(args.batch_size, mesh, '--batch-size')
+  sampler = runner.make_sampler(model, config, mesh)
+  s = config.sampling
+  runs = {}
+  for name, preset, cfg in (('official', 'baseline', s.get('baseline_cfg', s.cfg)),
+                            ('DiSA', 'disa', s.cfg)):
+    sampling = s.copy_and_resolve_references()
+    sampling.preset = preset
+    runs[name] = (runner.step_plan(sampling, system_of(config)), {'cfg': cfg})
+  num_stages = len(runs['DiSA'][0].steps)
+  images, results = sample_schedules(sampler, runs, labels=labels, key=jax.random.key(args.seed),
+                                     args=args, decode=decoder.decode, num_stages=num_stages)
+  for name, (_, extra) in runs.items():
+    results[name]['cfg'] = extra['cfg']
+  score_runs(results, images, labels, quality, base='official')
+  return {name: (images[name], results[name]) for name in runs}
 
 
 class _NoBar:
@@ -252,39 +324,48 @@ def panel_title(name: str, r: dict) -> str:
 UPSCALE = 2
 
 
+def system_of_run(name: str) -> str:
+  """'MAR' for MAR's schedules, else the system in front of the schedule ('FlowAR DiSA')."""
+  first = name.split()[0]
+  return first if first in OTHER_SYSTEMS else 'MAR'
+
+
+PANEL_GAP = 12      # grey bar between panels of a row
+TITLE_H = 44        # title band above each row of panels
+
+
 def _write_grid(path, images, labels, make_grid, titles=None):
-  """One labelled panel per schedule (rows = classes, digits upscaled), side by side."""
+  """One labelled panel per schedule (rows = classes, digits upscaled); one row of panels per
+  system (MAR, then FlowAR, xAR), each row under its own title band."""
   from PIL import Image, ImageDraw, ImageFont
 
   order = np.argsort(labels, kind='stable')
   per_class = int(np.bincount(labels).max())
-  panels = [make_grid(imgs[order].repeat(UPSCALE, axis=1).repeat(UPSCALE, axis=2),
-                      ncol=min(per_class, 10))
-            for imgs in images.values()]
-  h = max(x.shape[0] for x in panels)
-  width = max(260, *(p.shape[1] for p in panels))   # room for the two title lines
-  panels = [np.pad(p, ((0, 0), (0, width - p.shape[1]), (0, 0)), constant_values=255)
-            for p in panels]
-  bar = np.full((h, 12, 3), 128, np.uint8)
-  parts = []
-  for i, panel in enumerate(panels):
-    if i:
-      parts.append(bar)
-    parts.append(np.pad(panel, ((0, h - panel.shape[0]), (0, 0), (0, 0)), constant_values=255))
-  body = np.concatenate(parts, axis=1)
-  title_h = 44
-  canvas = Image.new('RGB', (body.shape[1], body.shape[0] + title_h), 'white')
-  canvas.paste(Image.fromarray(body), (0, title_h))
+  panels = {name: make_grid(imgs[order].repeat(UPSCALE, axis=1).repeat(UPSCALE, axis=2),
+                            ncol=min(per_class, 10))
+            for name, imgs in images.items()}
+  h = max(x.shape[0] for x in panels.values())
+  width = max(260, *(p.shape[1] for p in panels.values()))   # room for the two title lines
+  rows = {}
+  for name in images:
+    rows.setdefault(system_of_run(name), []).append(name)
+  cols = max(len(r) for r in rows.values())
+  canvas = Image.new('RGB', (cols * width + (cols - 1) * PANEL_GAP, len(rows) * (h + TITLE_H)),
+                     'white')
   draw = ImageDraw.Draw(canvas)
   try:
     font = ImageFont.load_default(size=14)
   except TypeError:  # Pillow without FreeType sizes
     font = ImageFont.load_default()
-  x = 0
-  for i, (name, panel) in enumerate(zip(images, panels, strict=True)):
-    draw.multiline_text((x + 4, 4), (titles or {}).get(name, name), fill='black', font=font,
-                        spacing=4)
-    x += panel.shape[1] + (12 if i < len(panels) - 1 else 0)
+  for r, names in enumerate(rows.values()):
+    y = r * (h + TITLE_H)
+    for c, name in enumerate(names):
+      x = c * (width + PANEL_GAP)
+      if c:
+        canvas.paste((128, 128, 128), (x - PANEL_GAP, y + TITLE_H, x, y + TITLE_H + h))
+      canvas.paste(Image.fromarray(panels[name]), (x, y + TITLE_H))
+      draw.multiline_text((x + 4, y + 4), (titles or {}).get(name, name), fill='black',
+                          font=font, spacing=4)
   canvas.save(path)
 
 

@@ -83,8 +83,32 @@ def add_common_sections(c, opts: dict, *, train_overrides: dict) -> None:
   if opts['digits']:
     from disa_jax.data.digits import TOKEN_SCALE
 
-    t.update(kind='none', scale=TOKEN_SCALE)
+    t.update(kind='pixels', scale=TOKEN_SCALE)      # images = tokens / scale
     c.data.update(kind='digits', cache_dir='~/.cache/disa_jax/digits_cache', flip_prob=0.0,
                   latent_scale=TOKEN_SCALE)
     c.train.update(batch_size=16, num_steps=20, blr=0.016, warmup_steps=2,
                    lr_schedule='constant', log_every=5, checkpoint_every=10, ema_rate=0.995)
+
+
+# The recipe of the bundled FlowAR / xAR digits models (`configs/{flowar,xar}/digits.py`):
+# peak lr 1e-3 (blr 4e-3 at batch 64) after 50 warmup steps, cosine decay to 1e-5, EMA 0.995
+# (a 200-step window, short against the run), 900 steps.
+DIGITS_RECIPE = dict(batch_size=64, num_steps=900, blr=4e-3, warmup_steps=50,
+                     lr_schedule='cosine', min_lr=1e-5, ema_rate=0.995, log_every=50,
+                     checkpoint_every=100)
+
+
+def bundled_checkpoint(name: str) -> str:
+  """Path of a model shipped inside the package (`disa_jax/assets/<name>`)."""
+  from pathlib import Path
+
+  return str(Path(__file__).resolve().parents[2] / 'assets' / name)
+
+
+def make_bundled_digits(c, asset: str) -> None:
+  """Turns a `:cpu,digits` config into the bundled digits model's config: its checkpoint in
+  the package, the training recipe that reproduces it, and 20-image sampling batches."""
+  c.checkpoint = bundled_checkpoint(asset)
+  c.train.update(**DIGITS_RECIPE)
+  c.sampling.update(num_images=20, batch_size=20)
+

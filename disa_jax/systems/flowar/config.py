@@ -188,3 +188,18 @@ def flowar_config(name: str, arg: str | None = None):
   # blr 1e-4, cosine to 1e-5 after warmup, clip 3.0, EMA 0.9999) and label drop 0.1.
   common_config.add_common_sections(c, opts, train_overrides=dict(lr_schedule='cosine', min_lr=1e-5))
   return c
+
+
+# The bundled digits model (`configs/flowar/digits.py`, `disa_jax/assets/digits_flowar`): the
+# CPU stand-in's trunk with a 64-wide flow head, 1-channel 16x16 pixel tokens, 10 classes.
+DIGITS_ASSET = 'digits_flowar'
+
+
+def digits_config():
+  """Config of the bundled FlowAR digits model (sampling, `disa-demo`, its training recipe)."""
+  c = flowar_config('S', 'cpu,digits')
+  c.name = 'flowar_digits'
+  c.model.head_width = 64
+  common_config.make_bundled_digits(c, DIGITS_ASSET)
+  c.train.num_steps = 500           # its trunk + head step costs ~1.5x xAR's: a shorter run
+  return c

@@ -83,6 +83,9 @@ def make_sampler(model, config, mesh):
 conditions, condition_count = class_condition_hooks(model_config)
 
 
+TOKENIZER_KINDS = ('kl16', 'pixels', 'none')
+
+
 def latent_layout(cfg):
   """What `VAETokenizer` reads off a model config: tokens (B, side^2, C) row-major, one token
   per latent pixel."""
@@ -92,8 +95,13 @@ def latent_layout(cfg):
 
 
 def make_decoder(config, model):
-  """KL-16 VAE decoder (latent = tokens / config.tokenizer.scale), or None (tokens only)."""
+  """KL-16 VAE decoder (latent = tokens / config.tokenizer.scale), pixels (the digits models:
+  image = tokens / scale), or None (tokens only)."""
   tk = config.tokenizer
+  if tk.kind == 'pixels':           # the bundled digits model: tokens are scaled pixels
+    from disa_jax.tokenizers.image import PixelTokenizer
+
+    return PixelTokenizer(latent_layout(model.cfg), scale=tk.scale)
   if tk.kind == 'kl16' and tk.get('vae'):
     import jax
 
@@ -106,9 +114,9 @@ def make_decoder(config, model):
     return tok.VAETokenizer(latent_layout(model.cfg), vae, scale=tk.scale,
                             matmul_precision=rt.get('matmul_precision') or None,
                             devices=jax.local_devices()[:n] if n else None)
-  if tk.kind not in ('kl16', 'none'):
-    raise UserError(f'FlowAR decodes KL-16 latents; --config.tokenizer.kind must be kl16 or '
-                    f'none, got {tk.kind!r}')
+  if tk.kind not in TOKENIZER_KINDS:
+    raise UserError(f'FlowAR decodes KL-16 latents or pixel tokens; --config.tokenizer.kind '
+                    f'must be kl16, pixels or none, got {tk.kind!r}')
   return None
 
 
@@ -152,9 +160,9 @@ def validate(config) -> None:
   scales = len(model_config(config).scales)
   if n is not None and n != scales:
     raise UserError(f'FlowAR has one AR stage per scale ({scales}); drop --num_iter (got {n})')
-  if config.tokenizer.kind not in ('kl16', 'none'):
-    raise UserError(f'FlowAR decodes KL-16 latents; --config.tokenizer.kind must be kl16 or '
-                    f'none, got {config.tokenizer.kind!r}')
+  if config.tokenizer.kind not in TOKENIZER_KINDS:
+    raise UserError(f'FlowAR decodes KL-16 latents or pixel tokens; --config.tokenizer.kind '
+                    f'must be kl16, pixels or none, got {config.tokenizer.kind!r}')
   stage_plan(s)                                           # schedule errors
 
 

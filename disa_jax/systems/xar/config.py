@@ -165,3 +165,16 @@ def xar_config(name: str, arg: str | None = None):
   # xAR README / engine; the rest (wd 0.02, clip 3.0, EMA 0.9999, warmup) is the shared recipe.
   common_config.add_common_sections(c, opts, train_overrides=dict(b2=0.96, blr=5e-5))
   return c
+
+
+# The bundled digits model (`configs/xar/digits.py`, `disa_jax/assets/digits_xar`): the CPU
+# stand-in (width 128, 2 + 2 blocks), 1-channel 16x16 pixel tokens in 4 cells, 10 classes.
+DIGITS_ASSET = 'digits_xar'
+
+
+def digits_config():
+  """Config of the bundled xAR digits model (sampling, `disa-demo`, its training recipe)."""
+  c = xar_config('B', 'cpu,digits')
+  c.name = 'xar_digits'
+  common_config.make_bundled_digits(c, DIGITS_ASSET)
+  return c

@@ -71,7 +71,12 @@ conditions, condition_count = class_condition_hooks(model_config)
 
 
 def make_decoder(config, model):
+  """KL-16 VAE decoder, pixels (the digits models: image = tokens / scale), or None."""
   tk = config.tokenizer
+  if tk.kind == 'pixels':
+    from disa_jax.tokenizers.image import PixelTokenizer
+
+    return PixelTokenizer(token_layout(model.cfg), scale=tk.scale)
   if tk.kind == 'kl16' and tk.get('vae'):
     from disa_jax.checkpoint import load_vae
     from disa_jax.tokenizers import image as tok
