@@ -129,7 +129,16 @@ def test_disa_train_digits_resume_and_sample(tmp_path):
   r = subprocess.run([sys.executable, '-m', 'disa_jax.cli.sample',
                       f'--config={REPO}/configs/xar/b.py:tiny,digits',
                       f'--checkpoint={tmp_path / "model"}', '--num-images=2', '--batch-size=2',
-                      '--noprogress', f'--out={out}', f'--config.runtime.compilation_cache={CACHE}'],
+                      '--noprogress', f'--out={out}', f'--config.runtime.compilation_cache={CACHE}',
+                      '--save-tokens'],
                      capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
   assert r.returncode == 0, r.stderr
-  assert np.load(out / 'tokens.npy').shape == (2, 256, 1)
+  tokens = np.load(out / 'tokens.npy')
+  assert tokens.shape == (2, 256, 1)
+  from PIL import Image
+
+  from disa_jax.tokenizers.image import to_uint8
+
+  for i in range(2):          # the digits configs decode pixel tokens: image = tokens / 1.4
+    img = np.asarray(Image.open(out / 'images' / f'{i:06d}.png').convert('L'))
+    np.testing.assert_array_equal(img, to_uint8(tokens[i, :, 0].reshape(16, 16) / 1.4))
