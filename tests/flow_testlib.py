@@ -110,3 +110,17 @@ def listed_shapes(path, section: str) -> dict[str, tuple[int, ...]]:
       k, shape, _ = line.split('\t')
       keys[k] = tuple(int(x) for x in shape.strip('()').split(',') if x.strip())
   return keys
+
+
+def check_pixel_images(out, n: int, scale: float = 1.4) -> None:
+  """disa-sample's output of a digits config (written with --save-tokens): images/NNNNNN.png are
+  the 16x16 pixel tokens decoded as to_uint8(tokens / scale)."""
+  from PIL import Image
+
+  from disa_jax.tokenizers.image import to_uint8
+
+  tokens = np.load(out / 'tokens.npy')
+  assert tokens.shape == (n, 256, 1)
+  for i in range(n):
+    img = np.asarray(Image.open(out / 'images' / f'{i:06d}.png').convert('L'))
+    np.testing.assert_array_equal(img, to_uint8(tokens[i, :, 0].reshape(16, 16) / scale))

@@ -16,7 +16,8 @@ embedded classifier of the model's dataset (`disa_jax.eval.digits_quality`,
 to the held-out real digits in its feature space.
 
 Writes <out>/grid.png (one labelled panel per schedule, one row per class, digits upscaled
-2x; one row of panels per system) and <out>/metrics.json. A progress bar (stderr) follows the AR steps while sampling.
+2x; one row of panels per system) and <out>/metrics.json. A progress bar (stderr) follows the
+AR steps while sampling.
 
 With the digits model, the bundled FlowAR and xAR digits models (`configs/flowar/digits.py`,
 `configs/xar/digits.py`) add two panels each, their official schedule and DiSA (their configs'
@@ -137,7 +138,8 @@ def args_from_flags() -> DemoArgs:
                             f'{", ".join(OTHER_SYSTEMS)} (or --systems= for MAR only)')
     systems = tuple(dict.fromkeys(known[x.lower()] for x in FLAGS.systems))
   return DemoArgs(
-    systems=systems, checkpoint=FLAGS.checkpoint, out=FLAGS.out or d.out, overwrite=FLAGS.overwrite,
+    systems=systems, checkpoint=FLAGS.checkpoint, out=FLAGS.out or d.out,
+    overwrite=FLAGS.overwrite,
     num_images=d.num_images if FLAGS.num_images is None else FLAGS.num_images,
     batch_size=d.batch_size if FLAGS.batch_size is None else FLAGS.batch_size,
     seed=d.seed if FLAGS.seed is None else FLAGS.seed, num_iter=FLAGS.num_iter, cfg=FLAGS.cfg,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from flow_testlib import train_a_few_steps
+from flow_testlib import check_pixel_images, train_a_few_steps
 
 from disa_jax.systems.flowar.train import draw_randomness, flowar_loss, init_state, train_step
 
@@ -113,20 +113,7 @@ def test_disa_train_digits_then_sample(tmp_path):
   r = _cli('sample', cfg, f'--checkpoint={tmp_path / "model"}', '--num-images=2',
            '--batch-size=2', '--noprogress', f'--out={out}', '--save-tokens')
   assert r.returncode == 0, r.stderr
-  assert np.load(out / 'tokens.npy').shape == (2, 256, 1)
-  _check_pixel_images(out, 2)
-
-
-def _check_pixel_images(out, n):
-  """The digits configs decode pixel tokens: 16x16 images equal to tokens / 1.4."""
-  from PIL import Image
-
-  from disa_jax.tokenizers.image import to_uint8
-
-  tokens = np.load(out / 'tokens.npy')
-  for i in range(n):
-    img = np.asarray(Image.open(out / 'images' / f'{i:06d}.png').convert('L'))
-    np.testing.assert_array_equal(img, to_uint8(tokens[i, :, 0].reshape(16, 16) / 1.4))
+  check_pixel_images(out, 2)
 
 
 def test_train_bad_label_drop(tmp_path):

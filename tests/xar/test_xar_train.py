@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from flow_testlib import train_a_few_steps
+from flow_testlib import check_pixel_images, train_a_few_steps
 
 from disa_jax.systems.xar.config import TINY, xar_config
 from disa_jax.systems.xar.model import XAR, cell_order
@@ -133,12 +133,4 @@ def test_disa_train_digits_resume_and_sample(tmp_path):
                       '--save-tokens'],
                      capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
   assert r.returncode == 0, r.stderr
-  tokens = np.load(out / 'tokens.npy')
-  assert tokens.shape == (2, 256, 1)
-  from PIL import Image
-
-  from disa_jax.tokenizers.image import to_uint8
-
-  for i in range(2):          # the digits configs decode pixel tokens: image = tokens / 1.4
-    img = np.asarray(Image.open(out / 'images' / f'{i:06d}.png').convert('L'))
-    np.testing.assert_array_equal(img, to_uint8(tokens[i, :, 0].reshape(16, 16) / 1.4))
+  check_pixel_images(out, 2)

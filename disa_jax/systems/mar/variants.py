@@ -52,9 +52,9 @@ DIGITS_TOKEN_SCALE = 1.4
 
 def bundled_digits_checkpoint() -> str:
   """Path of the digits model shipped inside the package."""
-  from pathlib import Path
+  from disa_jax.systems.common.config import bundled_checkpoint
 
-  return str(Path(__file__).resolve().parents[2] / 'assets' / 'digits_mar')
+  return bundled_checkpoint('digits_mar')
 
 
 def digits_config(*, tiny: bool = False) -> ml_collections.ConfigDict:
@@ -128,9 +128,9 @@ MNIST_TOKEN_SCALE = 1.8
 
 def bundled_mnist_checkpoint() -> str:
   """Path of the MNIST model shipped inside the package (the CLIs' default)."""
-  from pathlib import Path
+  from disa_jax.systems.common.config import bundled_checkpoint
 
-  return str(Path(__file__).resolve().parents[2] / 'assets' / 'mnist_mar')
+  return bundled_checkpoint('mnist_mar')
 
 
 def mnist_config(*, tiny: bool = False) -> ml_collections.ConfigDict:
