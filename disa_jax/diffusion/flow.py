@@ -91,6 +91,25 @@ def time_to_tau(t) -> np.ndarray:
   return np.trunc((t32 * np.float32(1000)).astype(np.float32)).astype(np.int32)
 
 
+STEP_BUCKET = 64
+
+
+def step_bucket(num_evals: int) -> int:
+  """Padded length of a solver plan: the next multiple of STEP_BUCKET. The samplers pass the
+  plan zero-padded to it plus the evaluation count as a traced scalar, so one executable serves
+  every step count in the bucket (the padded entries are never evaluated)."""
+  return -(-int(num_evals) // STEP_BUCKET) * STEP_BUCKET
+
+
+def padded_arrays(arrays, length: int | None = None) -> tuple:
+  """Host arrays (n,) as device arrays zero-padded to `length` (default n)."""
+  n = len(arrays[0])
+  pad = (n if length is None else int(length)) - n
+  if pad < 0:
+    raise ValueError(f'cannot pad a {n}-evaluation plan to {length}')
+  return tuple(jnp.asarray(np.pad(a, (0, pad))) for a in arrays)
+
+
 @dataclasses.dataclass(frozen=True)
 class EulerPlan:
   """Host-side arrays of one Euler solve (length = evaluations).
@@ -108,9 +127,9 @@ class EulerPlan:
   def num_evals(self) -> int:
     return len(self.t)
 
-  def arrays(self):
-    return (jnp.asarray(self.t), jnp.asarray(self.dt), jnp.asarray(self.tau),
-            jnp.asarray(self.guided))
+  def arrays(self, length: int | None = None):
+    """(t, dt, tau, guided) as device arrays, zero-padded to `length` (>= num_evals)."""
+    return padded_arrays((self.t, self.dt, self.tau, self.guided), length)
 
 
 def guided_flags(grid: np.ndarray, cfg: float, high: float, low: float = 0.0) -> np.ndarray:
@@ -151,8 +170,9 @@ class HeunPlan:
   def num_evals(self) -> int:
     return len(self.t)
 
-  def arrays(self):
-    return tuple(jnp.asarray(v) for v in (self.t, self.tau, self.guided, self.a, self.b, self.c))
+  def arrays(self, length: int | None = None):
+    """(t, tau, guided, a, b, c) as device arrays, zero-padded to `length` (>= num_evals)."""
+    return padded_arrays((self.t, self.tau, self.guided, self.a, self.b, self.c), length)
 
 
 def heun_plan_from_grid(grid: np.ndarray, cfg: float = 1.0, guidance_high: float = 1.0,
@@ -198,11 +218,12 @@ def cfg_combine(v_cond, v_uncond, scale):
   return v_uncond + scale * (v_cond - v_uncond)
 
 
-def euler_solve(velocity, x, plan_arrays):
+def euler_solve(velocity, x, plan_arrays, num_evals=None):
   """x after the Euler steps of `plan_arrays` = (t, dt, tau, guided) (device arrays).
 
   velocity(x, t, tau, guided) -> v with x's shape (t, tau, guided: scalars of the step);
-  runs as one `lax.fori_loop`, so it traces `velocity` once.
+  runs as one `lax.fori_loop`, so it traces `velocity` once. `num_evals` (may be traced): the
+  steps to run of a padded plan (default: all).
   """
   t, dt, tau, guided = plan_arrays
 
@@ -210,14 +231,14 @@ def euler_solve(velocity, x, plan_arrays):
     v = velocity(x, t[i], tau[i], guided[i])
     return x + dt[i].astype(x.dtype) * v.astype(x.dtype)
 
-  return jax.lax.fori_loop(0, t.shape[0], body, x)
+  return jax.lax.fori_loop(0, t.shape[0] if num_evals is None else num_evals, body, x)
 
 
-def heun_solve(velocity, x, plan_arrays):
+def heun_solve(velocity, x, plan_arrays, num_evals=None):
   """x after the Heun evaluations of `plan_arrays` = (t, tau, guided, a, b, c) (`HeunPlan`).
 
   velocity(x, t, tau, guided) -> v as for `euler_solve`; one `lax.fori_loop` over evaluations
-  with carry (x_base, x_eval, v_prev), so `velocity` is traced once.
+  with carry (x_base, x_eval, v_prev), so `velocity` is traced once; `num_evals` as there.
   """
   t, tau, guided, a, b, c = plan_arrays
 
@@ -227,13 +248,15 @@ def heun_solve(velocity, x, plan_arrays):
     x_base = x_base + a[i].astype(x.dtype) * v + b[i].astype(x.dtype) * v_prev
     return x_base, x_base + c[i].astype(x.dtype) * v, v
 
-  x_base, _, _ = jax.lax.fori_loop(0, t.shape[0], body, (x, x, jnp.zeros_like(x)))
+  x_base, _, _ = jax.lax.fori_loop(0, t.shape[0] if num_evals is None else num_evals, body,
+                                   (x, x, jnp.zeros_like(x)))
   return x_base
 
 
-def flow_solve(velocity, x, plan_arrays):
+def flow_solve(velocity, x, plan_arrays, num_evals=None):
   """`euler_solve` for an EulerPlan's arrays (4), `heun_solve` for a HeunPlan's (6)."""
-  return (euler_solve if len(plan_arrays) == 4 else heun_solve)(velocity, x, plan_arrays)
+  solve = euler_solve if len(plan_arrays) == 4 else heun_solve
+  return solve(velocity, x, plan_arrays, num_evals)
 
 
 def euler_maruyama_grid(num_steps: int) -> np.ndarray:

@@ -21,6 +21,7 @@ from disa_jax.diffusion.flow import (
   heun_plan_from_grid,
   heun_solve,
   num_evaluations,
+  step_bucket,
   time_to_tau,
   torch_linspace,
 )
@@ -177,9 +178,9 @@ def test_flowar_heun_matches_torch_heun(tmp_path_factory, monkeypatch, cfg):
   assert err < 2e-5, err
   assert np.abs(want).max() > 1.0
   assert max_rel_error(euler_want, want) > 1e-2        # Heun is not Euler on this model
-  # one trace per scale; the evaluation counts 2 N - 1 of every scale's grid
-  assert sorted(k[:2] for k in sampler.traces) == [
-    (s, num_evaluations(n, 'heun')) for s, n in enumerate(steps)]
+  # one trace per scale, keyed by the bucket of its 2 N - 1 evaluations and the solver
+  assert sorted((k[:2], k[4]) for k in sampler.traces) == [
+    ((s, step_bucket(num_evaluations(n, 'heun'))), 'heun') for s, n in enumerate(steps)]
 
 
 def test_default_solver_is_euler_bit_for_bit(tmp_path_factory):

@@ -1,15 +1,20 @@
 """Flow solvers of disa_jax.diffusion.flow: Euler loop, CFG hook, Euler-Maruyama pieces, Heun."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from disa_jax.diffusion.flow import (
   cfg_combine,
   euler_maruyama_step,
   euler_solve,
   flowar_euler_plan,
+  flowar_heun_plan,
+  heun_solve,
   heun_step,
   linear_path_drift,
+  step_bucket,
 )
 
 
@@ -29,6 +34,26 @@ def test_euler_solve_matches_numpy_loop_and_guidance_flags():
     x = x + dt * v
   np.testing.assert_allclose(np.asarray(got), x, rtol=1e-5, atol=1e-6)
   assert plan.guided.tolist() == [False] + [True] * 15
+  # padded to its bucket with a traced count (how the samplers call it): the same steps
+  n = plan.num_evals
+  padded = jax.jit(lambda x, arrays, n: euler_solve(velocity, x, arrays, n))(
+    jnp.asarray(x0), plan.arrays(step_bucket(n)), jnp.int32(n))
+  np.testing.assert_array_equal(np.asarray(padded), np.asarray(got))
+  assert step_bucket(n) == 64 and plan.arrays(64)[0].shape == (64,)
+  with pytest.raises(ValueError, match='cannot pad'):
+    plan.arrays(n - 1)
+
+
+def test_heun_solve_padded_plan_runs_only_its_evaluations():
+  plan = flowar_heun_plan(9, cfg=2.0, guidance_high=0.8)
+  x0 = np.linspace(-1, 1, 6).astype(np.float32)
+
+  def velocity(x, t, tau, guided):
+    return jnp.where(guided, -2.0 * x, -x) * t + tau * 1e-4
+
+  want = heun_solve(velocity, jnp.asarray(x0), plan.arrays())
+  got = heun_solve(velocity, jnp.asarray(x0), plan.arrays(128), jnp.int32(plan.num_evals))
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_linear_path_drift_is_v_minus_t_score():

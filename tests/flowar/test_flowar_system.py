@@ -77,10 +77,15 @@ def test_compile_once_per_shape(model):
   assert sampler.last_stats.compiles == {'scale': 0} and sampler.last_stats.compile_s == 0
   sampler.generate(np.array([1, 2]), jax.random.key(0), steps=(6, 6, 6, 6, 6), timed=True)
   st = sampler.last_stats
-  assert st.compiles == {'scale': 5}           # 6 evaluations at every scale: all new
+  assert st.compiles == {'scale': 0}           # the step count is traced: same executables
   assert st.trunk_s > 0 and st.head_s > 0
   rep = st.as_dict()
   assert rep['steps_actual'] == [6] * 5 and rep['head_token_steps_per_image'] == 341 * 6
+  sampler.generate(np.array([1, 2]), jax.random.key(0), steps=(6, 6, 6, 6, 6), solver='heun')
+  assert sampler.last_stats.compiles == {'scale': 5}     # another solver: all new
+  sampler.generate(np.array([1, 2]), jax.random.key(0), steps=(66, 2, 2, 2, 2))
+  assert sampler.last_stats.compiles == {'scale': 1}     # 66 evaluations: the next bucket
+  assert {k[3] for k in sampler.compile_log if k[0] == 'scale'} == {64, 128}
 
 
 def test_inert_mar_options_are_refused(model):

@@ -68,7 +68,7 @@ def test_plan_stats_and_compiles(engine):
   assert engine.compile(plan) == 0.0
   keys = [k for k in engine.compile_log if k[0] == 'backbone' and k[3] == 2]
   assert sorted(k[1] for k in keys) == [0, 1, 2, 3]
-  assert {(s, n, b) for s, n, b in engine.inner.traces} <= {(s, 3, b) for s in range(4)
+  assert {(s, n, b) for s, n, b in engine.inner.traces} <= {(s, 64, b) for s in range(4)
                                                              for b in (2, 4)}
   assert all(v == 1 for v in engine.inner.traces.values())  # never retraced
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from xar_testlib import injected_noise, jax_model, max_rel_error, torch_model
 
-from disa_jax.diffusion.flow import time_to_tau
+from disa_jax.diffusion.flow import step_bucket, time_to_tau
 from disa_jax.systems.xar.sampling import XARSampler, first_pass_mask
 from disa_jax.systems.xar.steps import disa_cell_steps
 
@@ -106,11 +106,15 @@ def test_sampled_grid_disa(models, cfg):
 
 
 def test_compile_counts(models):
-  """One trace per (cell, evaluations, batch): CFG and the noise are traced inputs."""
+  """One trace per (cell, step bucket, batch): CFG, the noise and the step count are traced
+  inputs, so the DiSA and the baseline schedules share one executable per cell."""
   _, _, sampler = models
   _grid(models, DISA, 1.0)
   _grid(models, DISA, 2.5)
-  assert dict(sampler.traces) == {(s, n, 2): 1 for s, n in enumerate(DISA)}
+  assert dict(sampler.traces) == {(s, 64, 2): 1 for s in range(4)}
+  sampler.generate(LABELS, steps=BASELINE, cfg=2.5, key=jax.random.key(0))
+  assert dict(sampler.traces) == {(s, 64, 2): 1 for s in range(4)}
+  assert [step_bucket(n) for n in (3, 50, 64, 65, 128, 129)] == [64, 64, 64, 128, 128, 192]
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ scale: trunk step + `lax.fori_loop` Euler solve + next-scale input) for the shar
                                                (jit -> lower -> compile) before timing
   generate(labels, key, *, steps, image_ids, progress, cfg, guidance, timed)
                                              -> tokens (B, 256, 16) row-major (the last scale)
-  last_stats (FlowARRunStats), compile_log {('scale', s, evals, rows, batch): seconds,
+  last_stats (FlowARRunStats), compile_log {('scale', s, solver, bucket, rows, batch): seconds,
                                             ('noise', s, rows, batch): seconds}
 Randomness per image, independent of the batch it lands in: image i (global id) draws its
 scale-s noise from k = fold_in(fold_in(fold_in(key, i), s), half), half 0 for its class row
@@ -34,9 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from disa_jax import sharding as shd
-from disa_jax.diffusion.flow import check_flow_solver, flowar_plan, num_evaluations
+from disa_jax.diffusion.flow import check_flow_solver, flowar_plan, num_evaluations, step_bucket
 from disa_jax.errors import UserError
-from disa_jax.systems.flowar.sampling import FlowARSampler, scale_cfg
+from disa_jax.systems.flowar.sampling import FlowARSampler, plan_args, scale_cfg
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,14 +178,15 @@ class FlowAREngineSampler:
     return contextlib.nullcontext()
 
   def _euler(self, plan: FlowARPlan, s: int):
-    """Device arrays of scale s's solver plan (Euler or Heun, by `plan.solver`)."""
-    return flowar_plan(plan.steps[s], scale_cfg(plan.cfg, s, len(plan.scales)), plan.guidance,
-                       solver=plan.solver).arrays()
+    """(padded device arrays, traced evaluation count) of scale s's solver plan (Euler or Heun,
+    by `plan.solver`; `sampling.plan_args`)."""
+    return plan_args(flowar_plan(plan.steps[s], scale_cfg(plan.cfg, s, len(plan.scales)),
+                                 plan.guidance, solver=plan.solver))
 
   def _executable(self, plan: FlowARPlan, s: int, args):
-    """The AOT-compiled scale function for these shapes (compiled and logged once; Heun's
-    evaluation counts are odd, Euler's even or 50, so the key tells the solvers apart)."""
-    key = ('scale', s, plan.evals[s], plan.rows, plan.batch_size)
+    """The AOT-compiled scale function for these shapes (compiled and logged once per solver
+    and step bucket: every evaluation count in a bucket shares it)."""
+    key = ('scale', s, plan.solver, step_bucket(plan.evals[s]), plan.rows, plan.batch_size)
     exe = self._exes.get(key)
     if exe is None:
       t0 = time.perf_counter()
@@ -205,7 +206,7 @@ class FlowAREngineSampler:
     tokens, cond, cache = sds((rows, 1, d), jnp.float32), sds((rows, d), jnp.float32), None
     for s, m in enumerate(plan.scales):
       noise = sds((rows, m * m, c.token_dim), jnp.float32)
-      args = (self.inner.state, tokens, cond, cache, noise, self._euler(plan, s),
+      args = (self.inner.state, tokens, cond, cache, noise, *self._euler(plan, s),
               jnp.float32(1.0))
       _, (_, tokens, cache) = self._executable(plan, s, args)
       self._noise_exe(s, rows, plan.batch_size)
@@ -286,7 +287,7 @@ class FlowAREngineSampler:
       if timed:
         stats.trunk_s += self._trunk_time(st, s)
         t0 = time.perf_counter()
-      args = (self.inner.state, st.tokens, st.cond, st.cache, draw, self._euler(plan, s),
+      args = (self.inner.state, st.tokens, st.cond, st.cache, draw, *self._euler(plan, s),
               jnp.float32(scale_cfg(plan.cfg, s, len(plan.scales))))
       exe, _ = self._executable(plan, s, args)
       sample, tokens, cache = exe(*args)

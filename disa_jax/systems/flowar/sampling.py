@@ -16,8 +16,11 @@ steps T_s per scale:
       tokens of block s + 1 = z_proj(u)
   result: sample_4 (B, 256, 16) -> (B, 16, 16, 16) channel-first latent (`unpatchify`).
 Each scale is one jitted function (trunk step + `lax.fori_loop` Euler + next-scale input); its
-static shape is (scale, evaluations, rows), the per-step times/taus/guided flags and cfg_s are
-traced inputs. A FlowAR-S DiSA run therefore traces at most 5 functions per batch size.
+static shape is (scale, solver, step bucket, rows): the per-step times/taus/guided flags, cfg_s
+and the evaluation count itself are traced inputs, the plan zero-padded to
+`step_bucket(evaluations)` (`disa_jax.diffusion.flow`, a multiple of 64; padded entries are never
+evaluated). A run therefore traces at most 5 functions per batch size, and the official and
+every DiSA schedule up to 64 evaluations per scale share them.
 
 Data parallel: with a `mesh` (`disa_jax.sharding.make_mesh`, as MAR's sampler) every per-row
 array (tokens, cond, noise, the KV cache, the samples) is sharded over the mesh's data axis along
@@ -54,7 +57,13 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from disa_jax import sharding as shd
-from disa_jax.diffusion.flow import cfg_combine, check_flow_solver, flow_solve, flowar_plan
+from disa_jax.diffusion.flow import (
+  cfg_combine,
+  check_flow_solver,
+  flow_solve,
+  flowar_plan,
+  step_bucket,
+)
 from disa_jax.errors import UserError
 from disa_jax.systems.flowar.model import FlowAR
 from disa_jax.systems.flowar.next_scale import next_scale_input
@@ -96,7 +105,8 @@ def unpatchify(tokens, side: int = 16):
 class FlowARSampler:
   """Compiled FlowAR sampler for one model; `generate` runs the scale loop.
 
-  `traces` counts traces per (scale, evaluations, rows, batch) key (each trace = one compile);
+  `traces` counts traces per (scale, step bucket, rows, batch, solver) key (each trace = one
+  compile; the evaluation count itself is traced);
   `compile_count` is their sum. `mesh`: optional device mesh; rows sharded over its data axis,
   parameters replicated (module docstring).
   """
@@ -131,7 +141,8 @@ class FlowARSampler:
     if self.mesh is None:
       return {}
     rep, bat = shd.replicated(self.mesh), shd.batch_sharded(self.mesh)
-    return dict(in_shardings=(rep, bat, bat, bat, bat, rep, rep), out_shardings=bat)
+    #                         state tokens cond cache noise plan evals cfg_s
+    return dict(in_shardings=(rep, bat, bat, bat, bat, rep, rep, rep), out_shardings=bat)
 
   def _scale_fn(self, s: int):
     if s in self._fns:
@@ -140,9 +151,10 @@ class FlowARSampler:
     last = len(cfg.scales) - 1
     graphdef = self.graphdef
 
-    def run(state, tokens, cond, cache, noise, plan, cfg_s, batch):
+    def run(state, tokens, cond, cache, noise, plan, evals, cfg_s, batch):
       rows = tokens.shape[0]
-      self.traces[(s, int(plan[0].shape[0]), rows, batch)] += 1
+      solver = 'euler' if len(plan) == 4 else 'heun'
+      self.traces[(s, int(plan[0].shape[0]), rows, batch, solver)] += 1
       model = nnx.merge(graphdef, state)
       z, cache = model.trunk_step(tokens, cond, s, cache)
       doubled = rows == 2 * batch
@@ -156,7 +168,7 @@ class FlowARSampler:
         vg = cfg_combine(v[:batch], v[batch:], cfg_s)
         return jnp.where(guided, jnp.concatenate([vg, vg]), v)
 
-      x = flow_solve(velocity, noise.astype(jnp.float32), plan)
+      x = flow_solve(velocity, noise.astype(jnp.float32), plan, evals)
       sample = x[:batch]
       if s == last:
         return sample, None, cache
@@ -165,7 +177,7 @@ class FlowARSampler:
         u = jnp.concatenate([u, u])
       return sample, model.embed_tokens(u), cache
 
-    fn = jax.jit(run, static_argnums=(7,), **self.jit_shardings())   # 7: batch
+    fn = jax.jit(run, static_argnums=(8,), **self.jit_shardings())   # 8: batch
     self._fns[s] = fn
     return fn
 
@@ -195,7 +207,8 @@ class FlowARSampler:
                       f'{want} (rows, tokens, channels)')
     sample, tokens, cache = self._scale_fn(s)(
       self.state, st.tokens, st.cond, st.cache,
-      self.rows_sharded(jnp.asarray(noise, jnp.float32)), plan.arrays(), jnp.float32(cfg_s), st.batch)
+      self.rows_sharded(jnp.asarray(noise, jnp.float32)), *plan_args(plan), jnp.float32(cfg_s),
+      st.batch)
     return dataclasses.replace(st, scale=s + 1, tokens=tokens, cache=cache,
                                samples=[*st.samples, sample])
 
@@ -230,6 +243,11 @@ class FlowARSampler:
                      noise=np.asarray(draw) if not isinstance(draw, jax.Array) else draw)
     out = unpatchify(st.samples[-1], self.cfg.scales[-1])
     return (out, st) if return_state else out
+
+
+def plan_args(plan) -> tuple:
+  """(plan arrays padded to the step bucket, traced evaluation count) of a solver plan."""
+  return plan.arrays(step_bucket(plan.num_evals)), jnp.int32(plan.num_evals)
 
 
 def generate(model: FlowAR, labels, *, steps: Sequence[int], cfg: float = 1.0,

@@ -1,7 +1,7 @@
 """xAR under the engine's sampler contract (`disa_jax.systems.base.Sampler`).
 
 `XAREngineSampler` wraps `sampling.XARSampler` (the cell loop, one jitted function per cell and
-evaluation count: first pass with the previous clean cell + `lax.fori_loop` over the rest) for
+step bucket: first pass with the previous clean cell + `lax.fori_loop` over the rest) for
 the shared commands (disa-sample, disa-eval, disa-bench):
   plan(batch, *, steps, cfg, ...)   -> XARRunPlan (evaluations per cell, per-cell CFG), report()
   compile(plan)                     -> seconds; one warm-up batch traces every cell function
@@ -175,7 +175,7 @@ class XAREngineSampler:
     """Traces and compiles every cell function of `plan` (a warm-up batch of zeros when any is
     missing); returns the seconds spent (0 when all were compiled before)."""
     missing = [(s, n) for s, n in enumerate(plan.steps)
-               if self.inner.traces.get((s, n, plan.batch_size), 0) == 0]
+               if not self.inner.compiled(s, n, plan.batch_size)]
     if not missing:
       return 0.0
     t0 = time.perf_counter()

@@ -1,4 +1,4 @@
-"""xAR sampling: Python loop over cells, one jitted function per (cell, step count, batch).
+"""xAR sampling: Python loop over cells, one jitted function per (cell, step bucket, batch).
 
 Official: `xAR.sample_tokens` (`xAR_DiSA/models/xar.py`) and `sampler.euler_maruyama_sampler`
 (`xAR_DiSA/models/sampler.py`), spec §5.4 and §6. For labels y (B,), cfg and n_s steps in cell s:
@@ -14,7 +14,11 @@ Official: `xAR.sample_tokens` (`xAR_DiSA/models/xar.py`) and `sampler.euler_maru
   sample_s = x; after 4 cells the cell-major tokens are scattered back to the raster latent.
 So the compiled shapes are bounded: per cell one function (first pass with 64 or 128 queries
 and cache 64 (s - 1), then a `lax.fori_loop` over the remaining steps with cache 64 s); the
-per-step t, dt, tau, noise scale and cfg_s are traced inputs; the step count is static.
+per-step t, dt, tau, noise scale, cfg_s and the step count itself are traced inputs. The plan
+and noise arrays are zero-padded to `step_bucket(n)` (`disa_jax.diffusion.flow`, a multiple of
+64) and the loop stops at the traced n, so one executable per (cell, bucket, batch) serves
+every step count up to 64 (the official 40 / 50 and every DiSA schedule): padding costs only
+the zero noise rows (bucket - n) x (B, 64, 16) floats, never an evaluation.
 Implementation detail: the deterministic last step uses the same loop body with a noise
 scale of exactly 0 (x + 0 xi = x), so the velocity is traced twice per cell, not three times.
 
@@ -48,7 +52,13 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from disa_jax import sharding as shd
-from disa_jax.diffusion.flow import euler_maruyama_grid, linear_path_drift, time_to_tau
+from disa_jax.diffusion.flow import (
+  euler_maruyama_grid,
+  linear_path_drift,
+  padded_arrays,
+  step_bucket,
+  time_to_tau,
+)
 from disa_jax.errors import UserError
 from disa_jax.systems.xar.model import XAR, to_raster
 
@@ -70,8 +80,9 @@ class CellPlan:
   def num_evals(self) -> int:
     return len(self.t)
 
-  def arrays(self):
-    return tuple(jnp.asarray(a) for a in (self.t, self.dt, self.tau, self.noise_scale))
+  def arrays(self, length: int | None = None):
+    """(t, dt, tau, noise_scale) as device arrays, zero-padded to `length` (>= num_evals)."""
+    return padded_arrays((self.t, self.dt, self.tau, self.noise_scale), length)
 
 
 def cell_plan(num_steps: int) -> CellPlan:
@@ -123,8 +134,9 @@ class XARSamplingState:
 class XARSampler:
   """Compiled xAR sampler for one model; `generate` runs the cell loop.
 
-  `traces` counts traces per (cell, evaluations, batch) (each trace = one compile);
-  `compile_count` is their sum. `mesh`: optional device mesh; the batch is sharded over its
+  `traces` counts traces per (cell, step bucket, batch) (each trace = one compile; the step
+  count itself is traced, `step_bucket`); `compile_count` is their sum; `compiled(s, n, batch)`
+  says whether cell s with n evaluations at that batch needs no new compile. `mesh`: optional device mesh; the batch is sharded over its
   data axis, parameters replicated (module docstring).
   """
 
@@ -139,6 +151,9 @@ class XARSampler:
   @property
   def compile_count(self) -> int:
     return sum(self.traces.values())
+
+  def compiled(self, s: int, num_steps: int, batch: int) -> bool:
+    return self.traces.get((s, step_bucket(num_steps), batch), 0) > 0
 
   def check_batch(self, batch: int) -> None:
     n = shd.data_size(self.mesh)
@@ -162,8 +177,8 @@ class XARSampler:
     if self.mesh is None:
       return {}
     rep, bat, steps = shd.replicated(self.mesh), self._sharding(0), self._sharding(1)
-    #             state ctx  x    labels cache plan noise  cfg_s
-    return dict(in_shardings=(rep, bat, bat, bat, bat, rep, steps, rep), out_shardings=bat)
+    #             state ctx  x    labels cache plan noise  cfg_s evals
+    return dict(in_shardings=(rep, bat, bat, bat, bat, rep, steps, rep, rep), out_shardings=bat)
 
   def _cell_fn(self, s: int):
     if s in self._fns:
@@ -171,8 +186,8 @@ class XARSampler:
     graphdef = self.graphdef
     n_tok = self.cfg.cell_tokens
 
-    def run(state, ctx, x, labels, cache, plan, noise, cfg_s, batch):
-      t, dt, tau, noise_scale = plan
+    def run(state, ctx, x, labels, cache, plan, noise, cfg_s, evals, batch):
+      t, dt, tau, noise_scale = plan          # padded to the bucket; `evals` of them are used
       self.traces[(s, int(t.shape[0]), batch)] += 1
       model = nnx.merge(graphdef, state)
       rows = labels.shape[0]
@@ -203,10 +218,10 @@ class XARSampler:
         v, _ = model.forward_cells(jnp.concatenate([x, x]), c, s, cache=cache)
         return x + drift(v, x, t[i]) * dt[i] + noise_scale[i] * noise[i]
 
-      x = jax.lax.fori_loop(1, t.shape[0], body, x)
+      x = jax.lax.fori_loop(1, evals, body, x)
       return x, cache
 
-    fn = jax.jit(run, static_argnums=(8,), **self.jit_shardings())   # 8: batch
+    fn = jax.jit(run, static_argnums=(9,), **self.jit_shardings())   # 9: batch
     self._fns[s] = fn
     return fn
 
@@ -232,13 +247,16 @@ class XARSampler:
     if tuple(step_noise.shape) != (num_steps - 1, *shape):
       raise UserError(f'injected step noise of cell {s} has shape {tuple(step_noise.shape)}, '
                       f'expected {(num_steps - 1, *shape)} (steps - 1, batch, tokens, channels)')
-    noise = self.batch_sharded(jnp.concatenate([jnp.asarray(step_noise, jnp.float32),
-                                                jnp.zeros((1, *shape), jnp.float32)]), axis=1)
+    bucket = step_bucket(num_steps)
+    noise = self.batch_sharded(jnp.concatenate([
+      jnp.asarray(step_noise, jnp.float32),
+      jnp.zeros((bucket - num_steps + 1, *shape), jnp.float32)]), axis=1)
     ctx = st.samples[-1] if st.samples else self.batch_sharded(jnp.zeros(shape, jnp.float32))
     x, cache = self._cell_fn(s)(self.state, ctx,
                                 self.batch_sharded(jnp.asarray(initial, jnp.float32)),
-                                st.labels, st.cache, plan.arrays(), noise,
-                                jnp.float32(cell_cfg(cfg, s, self.cfg.num_cells)), st.batch)
+                                st.labels, st.cache, plan.arrays(bucket), noise,
+                                jnp.float32(cell_cfg(cfg, s, self.cfg.num_cells)),
+                                jnp.int32(num_steps), st.batch)
     return dataclasses.replace(st, cell=s + 1, cache=cache, samples=[*st.samples, x])
 
   def draws(self, key, s: int, num_steps: int, batch: int):
