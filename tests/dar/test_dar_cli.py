@@ -86,6 +86,27 @@ def test_convert_then_sample_with_layout_and_previews(converted, tmp_path):
   assert 'RANDOM' not in m['model']
 
 
+def test_speculative_sample_with_the_target_as_draft_equals_the_plain_run(converted, tmp_path):
+  """--draft: with the target itself as the draft every id is accepted, so the ids and the
+  images are the plain run's (the drafts use the plain loop's draws)."""
+  common = [f'--checkpoint={converted["dar"]}',
+            f'--tokenizer-checkpoint={converted["dar-tokenizer"]}', '--num-images=3',
+            '--batch-size=2', '--save-tokens', '--config.sampling.cfg=2.0']
+  plain, spec = tmp_path / 'plain', tmp_path / 'spec'
+  r = run_cli('cli.sample', TINY, *common, f'--out={plain}')
+  assert r.returncode == 0, r.stderr
+  r = run_cli('cli.sample', TINY, *common, f'--draft={converted["dar"]}', '--draft-tokens=3',
+              '--speculate-from=5', f'--out={spec}')
+  assert r.returncode == 0, r.stderr
+  np.testing.assert_array_equal(np.load(spec / 'tokens.npy'), np.load(plain / 'tokens.npy'))
+  assert np.abs(_pngs(spec / 'images').astype(int)
+                - _pngs(plain / 'images').astype(int)).max() <= 1
+  m = json.loads((spec / 'metrics.json').read_text())
+  sp = m['speculation']
+  assert sp['acceptance'] == 1.0 and sp['target_passes'] == 2 * 4     # 11 ids, 3 per pass
+  assert m['compilations']['verify'] == 1 and m['compilations']['draft_round'] == 1
+
+
 def test_sample_prefix_from_sample_and_batch_independence(tmp_path):
   a, b = tmp_path / 'a', tmp_path / 'b'
   r = run_cli('cli.sample', TINY, '--num-images=3', '--batch-size=3', '--prefix-from-sample',
@@ -114,6 +135,18 @@ def test_bench_knob_table(tmp_path):
   for name in ('stop=8', 'grid=2'):
     assert rows[name]['mean_abs_diff_to_full'] > 0 and rows[name]['tokens_per_s'] > 0
   assert json.loads((tmp_path / 'b.json').read_text())['runs'] == res['runs']
+
+
+def test_bench_speculative_runs(tmp_path):
+  r = run_cli('cli.bench', TINY, '--batch-size=2', '--draft=random:toy', '--runs=full,spec=2',
+              '--json')
+  assert r.returncode == 0, r.stderr
+  rows = {row['run']: row for row in json.loads(r.stdout)['runs']}
+  assert list(rows) == ['full', 'spec=2'] and 'speculation' not in rows['full']
+  sp = rows['spec=2']['speculation']
+  assert rows['spec=2']['tokens'] == 16 and rows['spec=2']['draft_s'] > 0
+  assert len(sp['acceptance_per_group']) == 4 and 0 <= sp['acceptance'] <= 1
+  assert sp['target_passes'] >= -(-8 // 2)     # ids 8..15 drafted, at most 2 per pass
 
 
 @pytest.mark.slow
@@ -175,6 +208,10 @@ def test_eval_resumes_to_the_uninterrupted_result(tmp_path):
   (['--preset=disa'], '--preset does not apply to D-AR'),
   (['--config.sampling.cfg=0.5,3'], 'needs every scale > 1'),
   (['--tokenizer-checkpoint=/no/tok'], 'tokenizer_checkpoint /no/tok does not exist'),
+  (['--draft=/no/draft'], '--draft /no/draft does not exist'),
+  (['--draft=random:huge'], '--draft=random:huge: unknown size'),
+  (['--draft=random:toy', '--previews'], 'speculative decoding (--draft) generates every id'),
+  (['--draft=random:toy', '--speculate-from=16'], '--speculate-from must be in 1..15'),
 ])
 def test_sample_bad_input_one_line_error(tmp_path, args, message):
   out = tmp_path / 'out'

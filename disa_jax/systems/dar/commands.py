@@ -7,6 +7,8 @@ commands drive `system.RunSampler.run` instead of the shared tokens-then-decode 
   disa-sample --config=configs/dar/l.py:tiny --layout-from=ref.png --prefix-groups=2 --out=...
   disa-sample --config=configs/dar/l.py:tiny --prefix-from-sample --prefix-groups=1 --out=...
   disa-bench  --config=configs/dar/l.py:cpu --batch-size=4 --runs=full,stop=192,grid=4
+  disa-bench  --config=configs/dar/l.py:cpu --draft=random:toy --runs=full,spec=2,spec=4
+  disa-sample --config=configs/dar/xl.py --checkpoint=ckpt/dar_xl --draft=ckpt/dar_l ...
   disa-eval   --config=configs/dar/l.py --checkpoint=ckpt/dar_l \\
       --tokenizer-checkpoint=ckpt/dar_tokenizer --inception=ckpt/inc --ref-stats=REF.npz \\
       --num-images=50000 --batch-size=64 --out=outputs/eval_dar_l
@@ -18,7 +20,10 @@ Image i's randomness is fold_in(key(seed), i) (`system.RunSampler.image_randomne
 The bench's `--runs` lists `full`, `stop=N` (early stop after N ids, the image is the preview of
 the last completed group) and `grid=S` (coarser decoder grid of S steps); every run uses the
 same images' randomness, and the distance of each run's images to the `full` run's is
-reported (mean |diff| in [-1, 1] units and PSNR of the uint8 images).
+reported (mean |diff| in [-1, 1] units and PSNR of the uint8 images). `spec=K` runs speculative
+decoding with the `--draft` GPT, K ids drafted per round (`speculative.py`): it keeps the
+target's distribution, not its samples (the acceptance tests consume their own draws), so its
+distance to `full` is that of another sample; the table adds the acceptance per group.
 """
 
 from __future__ import annotations
@@ -132,11 +137,13 @@ def generate_all(rs, config, labels, *, on_batch, previews=False, log=print, pro
     on_batch(ids[real], images, prev, gen)
     if i == 0:
       totals['first_batch_s'] = gen.seconds['wall']
-    totals['gpt_s'] += gen.seconds['gpt']
+    totals['gpt_s'] += gen.seconds['gpt'] + gen.seconds.get('draft', 0.0)
     totals['decoder_s'] += gen.seconds['decoder']
     totals['wall_s'] += gen.seconds['wall']
     totals['tokens'] += rs.last_stats.tokens
     totals['images'] += int(real.sum())
+    if gen.speculation:
+      totals.setdefault('speculation', []).append(gen.speculation)
     if bar:
       bar.update(int(real.sum()))
   if bar:
@@ -162,7 +169,24 @@ def _run_metrics(config, rs, plan, totals, source, load_s):
     'tokens_per_s': totals['tokens'] / totals['gpt_s'] if totals['gpt_s'] > 0 else None,
     'images_per_s': totals['images'] / totals['wall_s'] if totals['wall_s'] > 0 else None,
     'compilations': dict(rs.last_stats.compiles),
+    **({'speculation': speculation_summary(totals['speculation'])}
+       if totals.get('speculation') else {}),
   }
+
+
+def speculation_summary(stats: list) -> dict:
+  """Acceptance per group summed over batches (SpeculativeSampler stats), with the settings."""
+  keys = ('proposed', 'accepted', 'rounds', 'ids')
+  tot = {k: [int(sum(v)) for v in zip(*(st[k] for st in stats), strict=True)] for k in keys}
+  out = {'acceptance_per_group': [round(a / p, 4) if p else None
+                                  for a, p in zip(tot['accepted'], tot['proposed'],
+                                                  strict=True)],
+         'ids_per_target_pass_per_group': [round(i / r, 3) if r else None
+                                           for i, r in zip(tot['ids'], tot['rounds'],
+                                                           strict=True)],
+         'acceptance': round(sum(tot['accepted']) / max(1, sum(tot['proposed'])), 4),
+         'target_passes': sum(tot['rounds'])}
+  return out
 
 
 # ------------------------------------------------------------------------------ disa-sample
@@ -241,11 +265,17 @@ def parse_runs(text: str, num_ids: int, groups: int) -> list[tuple[str, dict]]:
         if not 1 <= s <= groups:
           raise ValueError
         runs.append((part, {'decoder_steps': s}))
+      elif name == 'spec':
+        k = int(value)
+        if not 1 <= k <= 16:
+          raise ValueError
+        runs.append((part, {'draft_tokens': k}))
       else:
         raise ValueError
     except ValueError:
-      raise UserError(f'--runs entry {part!r}: use full, stop=N (N in 1..{num_ids}) or grid=S '
-                      f'(S in 1..{groups}), e.g. --runs=full,stop=192,grid=4') from None
+      raise UserError(f'--runs entry {part!r}: use full, stop=N (N in 1..{num_ids}), grid=S '
+                      f'(S in 1..{groups}) or spec=K (K in 1..16, with --draft), e.g. '
+                      '--runs=full,stop=192,grid=4,spec=4') from None
   if not runs or runs[0][0] != 'full':
     runs.insert(0, ('full', {}))
   return runs
@@ -263,9 +293,14 @@ def benchmark(config, runs, *, batch_size: int, repeats: int = 1, log=print) -> 
   labels = SYSTEM.conditions(config, batch_size)
   ids = np.arange(batch_size)
   rows, ref = [], None
+  draft = rs._draft
+  if any('draft_tokens' in k for _, k in runs) and draft is None:
+    raise UserError('--runs=spec=K needs a draft GPT: --draft=DIR or --draft=random:SIZE')
   for label, knobs in runs:
     rs.num_tokens = knobs.get('num_tokens')
     rs.decoder_steps = knobs.get('decoder_steps')
+    rs._draft = draft if 'draft_tokens' in knobs else None  # only spec runs speculate
+    rs.draft_tokens = knobs.get('draft_tokens', rs.draft_tokens)
     rs.run(labels, ids)                                     # compile + warm
     best = None
     for _ in range(repeats):
@@ -285,10 +320,14 @@ def benchmark(config, runs, *, batch_size: int, repeats: int = 1, log=print) -> 
                                                     knobs.get('decoder_steps')),
            'wall_s': round(best.seconds['wall'], 4), 'gpt_s': round(best.seconds['gpt'], 4),
            'decoder_s': round(best.seconds['decoder'], 4),
-           'tokens_per_s': round(n_tok / best.seconds['gpt'], 2),
+           'tokens_per_s': round(n_tok / (best.seconds['gpt'] + best.seconds.get('draft', 0.0)),
+                                 2),
            'images_per_s': round(batch_size / best.seconds['wall'], 4),
            'mean_abs_diff_to_full': round(mad, 6),
            'psnr_to_full_db': None if mse == 0 else round(10 * np.log10(255.0 ** 2 / mse), 2)}
+    if best.speculation:
+      row['speculation'] = speculation_summary([best.speculation])
+      row['draft_s'] = round(best.seconds['draft'], 4)
     row['speedup'] = round(rows[0]['wall_s'] / row['wall_s'], 3) if rows else 1.0
     rows.append(row)
     log(f'{label}: {row["wall_s"]:.3f} s (GPT {row["gpt_s"]:.3f}, decoder '
@@ -310,11 +349,17 @@ def decoder_steps_taken(tok_cfg, num_ids: int, decoder_steps=None) -> int:
 
 
 def format_table(result) -> str:
-  cols = ('run', 'tokens', 'decoder_steps_run', 'wall_s', 'gpt_s', 'decoder_s', 'tokens_per_s',
-          'images_per_s', 'speedup', 'mean_abs_diff_to_full', 'psnr_to_full_db')
+  cols = ('run', 'tokens', 'decoder_steps_run', 'wall_s', 'gpt_s', 'draft_s', 'decoder_s',
+          'tokens_per_s', 'images_per_s', 'speedup', 'mean_abs_diff_to_full', 'psnr_to_full_db')
   lines = [' | '.join(cols), ' | '.join('---' for _ in cols)]
   for r in result['runs']:
     lines.append(' | '.join(str(r.get(c)) for c in cols))
+  for r in result['runs']:
+    if r.get('speculation'):
+      sp = r['speculation']
+      lines.append(f"{r['run']}: acceptance {sp['acceptance']} (per group "
+                   f"{sp['acceptance_per_group']}), ids per target pass "
+                   f"{sp['ids_per_target_pass_per_group']}")
   return '\n'.join(lines)
 
 

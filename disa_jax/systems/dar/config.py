@@ -28,6 +28,10 @@ TINY_GPT = dict(dim=128, n_layer=2, n_head=2, vocab_size=64, block_size=16, num_
 TINY_TOKENIZER = dict(image_size=64, width=64, encoder_layers=2, decoder_layers=2,
                       num_queries=16, num_groups=4, queries_per_group=4, num_steps=4,
                       table_size=32, codebook_size=64, flow_width=64, flow_depth=2)
+# Widths of random-weight drafts (`sampling.draft = 'random:SIZE'`): LlamaGen's GPT-B shape,
+# D-AR's two, and a toy one for the CPU / tiny configs.
+DRAFT_SIZES = {'b': dict(dim=768, n_layer=12, n_head=12), **GPT_VARIANTS,
+               'toy': dict(dim=64, n_layer=1, n_head=1)}
 OFFICIAL_FILES = {'l': 'D-AR-L-360K.pt', 'xl': 'D-AR-XL-360K.pt',
                   'tokenizer': 'D-AR-tokenizer_v1.pt'}
 
@@ -49,6 +53,10 @@ def sampling_config(**overrides) -> ml_collections.ConfigDict:
   c.num_tokens = 0           # knob: early stop after this many ids, image = last preview (0 = off)
   c.decoder_steps = 0        # knob: coarser decoder grid of S < groups steps (0 = official)
   c.num_groups = 8           # the tokenizer's groups (stages), set from model.tokenizer
+  c.draft = ''               # speculative decoding (speculative.py): a converted D-AR GPT
+                             # directory, or random:SIZE (SIZE in DRAFT_SIZES, benchmarks)
+  c.draft_tokens = 4         # ids drafted per round
+  c.speculate_from = 0       # first id generated speculatively (0 = the second half)
   c.update(overrides)
   return c
 
@@ -89,6 +97,27 @@ def dar_config(variant: str, *, cpu: bool = False, tiny: bool = False
     c.sampling.update(num_images=4, batch_size=4)
     c.runtime.gpt_dtype = 'float32'
   return c
+
+
+def build_draft(config, *, seed: int = 0) -> GPT | None:
+  """The draft GPT of `sampling.draft` (None when off): a converted directory, or random
+  weights of a DRAFT_SIZES width with the target's vocabulary, length and classes."""
+  from disa_jax.systems.dar.convert import load_gpt
+
+  spec, dtype = str(config.sampling.get('draft', '') or ''), config.runtime.gpt_dtype
+  if not spec:
+    return None
+  if spec.startswith('random:'):
+    size = spec.split(':', 1)[1]
+    if size not in DRAFT_SIZES:
+      raise UserError(f'--draft=random:{size}: unknown size; choose one of '
+                      f'{", ".join(sorted(DRAFT_SIZES))}')
+    gpt = GPT(GPTConfig.from_dict({**config.model.gpt.to_dict(), **DRAFT_SIZES[size],
+                                   'ffn_hidden': 0, 'dtype': dtype}), rngs=nnx.Rngs(seed + 7))
+    if dtype == 'bfloat16':
+      cast_params(gpt, jnp.bfloat16)
+    return gpt
+  return load_gpt(spec, dtype=dtype, block_size=config.model.gpt.block_size)
 
 
 def build_models(config, *, seed: int = 0) -> tuple[GPT, Tokenizer]:

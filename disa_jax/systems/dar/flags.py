@@ -10,6 +10,9 @@
   --num_tokens=n              knob: stop after n ids; the image is the last group's preview
   --decoder_steps=S           knob: coarser decoder grid (S < groups steps)
   --top_k, --top_p            sampling filters (0 / 1.0 = off, the official setting)
+  --draft=DIR|random:SIZE     speculative decoding with this draft GPT (distribution kept)
+  --draft_tokens=K            ids drafted per round (default 4)
+  --speculate_from=j          first id drafted (default: the second half)
   --tokenizer_checkpoint=DIR  tokenizer model directory (`disa-convert dar-tokenizer`)
 """
 
@@ -40,11 +43,17 @@ _define(flags.DEFINE_integer, 'decoder_steps', 'D-AR knob: coarser decoder grid 
         'steps (0 = the official one step per group).', lower_bound=0)
 _define(flags.DEFINE_integer, 'top_k', 'top-k filter (0 = off).', lower_bound=0)
 _define(flags.DEFINE_float, 'top_p', 'top-p filter in (0, 1] (1.0 = off).')
+_define(flags.DEFINE_string, 'draft', 'D-AR: speculative decoding with this draft GPT (a '
+        'converted D-AR GPT directory, or random:SIZE for benchmarks).')
+_define(flags.DEFINE_integer, 'draft_tokens', 'D-AR: ids drafted per speculative round.',
+        lower_bound=1)
+_define(flags.DEFINE_integer, 'speculate_from', 'D-AR: first id generated speculatively '
+        '(0 = the second half).', lower_bound=0)
 _define(flags.DEFINE_string, 'tokenizer_checkpoint', 'D-AR: tokenizer model directory '
         '(disa-convert dar-tokenizer).')
 
 SAMPLING = ('previews', 'layout_from', 'prefix_groups', 'prefix_from_sample', 'num_tokens',
-            'decoder_steps', 'top_k', 'top_p')
+            'decoder_steps', 'top_k', 'top_p', 'draft', 'draft_tokens', 'speculate_from')
 
 
 def apply(config):

@@ -261,6 +261,7 @@ class Generation:
   previews: np.ndarray | None = None
   seconds: dict = dataclasses.field(default_factory=dict)
   num_ids: int = 0           # ids sampled per image (prefix included; < L after an early stop)
+  speculation: dict | None = None   # speculative decoding's acceptance (`speculative.py`)
 
 
 class Sampler:

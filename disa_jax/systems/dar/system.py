@@ -67,13 +67,17 @@ def stage_plan(sampling):
   return StepPlan(steps=(1,) * s, max_timestep=None)
 
 
+SPECULATION_STREAM = 1 << 20   # fold_in tag of the speculative acceptance / residual draws
+
+
 @dataclasses.dataclass
 class RunStats:
   compile_s: float
-  gpt_s: float
+  gpt_s: float                  # target + draft GPT seconds
   decoder_s: float
   tokens: int
   compiles: dict
+  speculation: dict | None = None
 
   def as_dict(self):
     return dataclasses.asdict(self)
@@ -94,8 +98,26 @@ class RunSampler:
                                    top_k=int(s.top_k), top_p=float(s.top_p))
     self.num_tokens = int(s.get('num_tokens', 0)) or None
     self.decoder_steps = int(s.get('decoder_steps', 0)) or None
+    self.draft_tokens = int(s.get('draft_tokens', 4))
+    self.speculate_from = int(s.get('speculate_from', 0)) or None
+    self._draft = draft_sampler(config, prec)
+    self._speculative: dict = {}
     self.compile_log: dict = {}
     self.last_stats = None
+
+  @property
+  def speculative(self):
+    """The SpeculativeSampler for the current draft_tokens (None without a draft)."""
+    if self._draft is None:
+      return None
+    key = (self.draft_tokens, self.speculate_from)
+    if key not in self._speculative:
+      from disa_jax.systems.dar.speculative import SpeculativeSampler
+
+      self._speculative[key] = SpeculativeSampler(self.sampler, self._draft,
+                                                  draft_tokens=self.draft_tokens,
+                                                  start=self.speculate_from)
+    return self._speculative[key]
 
   @property
   def cfg(self):
@@ -121,23 +143,58 @@ class RunSampler:
   def set_key(self, key):
     self.key = key
 
+  def speculation_draws(self, image_ids):
+    """(acceptance, residual) uniforms (B, L) of images `image_ids` for speculative decoding
+    (their own stream under fold_in(fold_in(key, i), SPECULATION_STREAM))."""
+    import jax
+    import jax.numpy as jnp
+
+    L = self.cfg.block_size
+
+    def one(i):
+      k = jax.random.fold_in(jax.random.fold_in(self.key, i), SPECULATION_STREAM)
+      k_a, k_r = jax.random.split(k)
+      return jax.random.uniform(k_a, (L,)), jax.random.uniform(k_r, (L,))
+
+    a, r = jax.vmap(one)(jnp.asarray(image_ids, jnp.uint32))
+    return np.asarray(a), np.asarray(r)
+
+  def _compiles(self) -> dict:
+    out = {**self.sampler.compiles,
+           **{f'tokenizer_{k}': v for k, v in self.tok.compiles.items()}}
+    for spec in self._speculative.values():
+      for k, v in spec.compiles.items():
+        out[k] = out.get(k, 0) + v
+    return out
+
   def run(self, labels, image_ids, *, prefix=None, previews=False, decode=True,
           num_tokens=None):
-    """Generation (ids, images in about [-1, 1], previews) of one batch."""
+    """Generation (ids, images in about [-1, 1], previews) of one batch; speculative with a
+    draft (sampling.draft) for full-length runs."""
     uniforms, noise = self.image_randomness(image_ids)
-    before = sum(self.sampler.compiles.values()) + sum(self.tok.compiles.values())
+    before = sum(self._compiles().values())
     t0 = time.perf_counter()
-    gen = self.sampler.generate(labels, options=self.options, uniforms=uniforms, noise=noise,
-                                prefix_ids=prefix, decode=decode, previews=previews,
-                                num_tokens=num_tokens or self.num_tokens,
-                                decoder_steps=self.decoder_steps)
+    spec = self.speculative if not (num_tokens or self.num_tokens) else None
+    if spec is not None:
+      if previews or self.decoder_steps:
+        raise UserError('speculative decoding (--draft) decodes after the last id: drop '
+                        '--previews / --decoder-steps, or the draft')
+      accept_u, resid_u = self.speculation_draws(image_ids)
+      gen = spec.generate(labels, options=self.options, uniforms=uniforms,
+                          accept_uniforms=accept_u, resid_uniforms=resid_u, noise=noise,
+                          prefix_ids=prefix, decode=decode)
+    else:
+      gen = self.sampler.generate(labels, options=self.options, uniforms=uniforms,
+                                  noise=noise, prefix_ids=prefix, decode=decode,
+                                  previews=previews, num_tokens=num_tokens or self.num_tokens,
+                                  decoder_steps=self.decoder_steps)
     wall = time.perf_counter() - t0
-    after = sum(self.sampler.compiles.values()) + sum(self.tok.compiles.values())
+    after = sum(self._compiles().values())
     n_tok = int(gen.ids.shape[0]) * (gen.num_ids - (0 if prefix is None else np.shape(prefix)[-1]))
     self.last_stats = RunStats(
-      compile_s=0.0, gpt_s=gen.seconds['gpt'], decoder_s=gen.seconds['decoder'],
-      tokens=n_tok, compiles={**self.sampler.compiles, **{f'tokenizer_{k}': v for k, v in
-                                                          self.tok.compiles.items()}})
+      compile_s=0.0, gpt_s=gen.seconds['gpt'] + gen.seconds.get('draft', 0.0),
+      decoder_s=gen.seconds['decoder'], tokens=n_tok, compiles=self._compiles(),
+      speculation=gen.speculation)
     gen.seconds['wall'] = wall
     gen.seconds['new_compiles'] = after - before
     return gen
@@ -157,6 +214,15 @@ class RunSampler:
 
 def make_sampler(model, config, mesh):
   return RunSampler(model, config, mesh)
+
+
+def draft_sampler(config, precision):
+  """A `Sampler` over the draft GPT of `sampling.draft`, or None."""
+  from disa_jax.systems.dar.config import build_draft
+  from disa_jax.systems.dar.sampling import Sampler
+
+  draft = build_draft(config, seed=int(config.sampling.seed))
+  return None if draft is None else Sampler(draft, matmul_precision=precision)
 
 
 def conditions(config, num_images: int, *, order: str = 'cycle') -> np.ndarray:
@@ -239,6 +305,28 @@ def validate(config) -> None:
     from disa_jax.systems.dar.commands import load_reference
 
     load_reference(s.layout_from, int(tok.image_size))      # readable as an image
+  draft = str(s.get('draft', '') or '')
+  if draft:
+    if s.previews or ds or nt:
+      raise UserError('speculative decoding (--draft) generates every id and decodes after the '
+                      'last: drop --previews / --decoder-steps / --num-tokens, or the draft')
+    if draft.startswith('random:'):
+      from disa_jax.systems.dar.config import DRAFT_SIZES
+
+      if draft[len('random:'):] not in DRAFT_SIZES:
+        raise UserError(f'--draft={draft}: unknown size; choose random:SIZE with SIZE one of '
+                        f'{", ".join(sorted(DRAFT_SIZES))}')
+    else:
+      import os
+
+      if not os.path.exists(os.path.expanduser(draft)):
+        raise UserError(f'--draft {draft} does not exist (a disa-convert dar directory, or '
+                        'random:SIZE)')
+    j = int(s.get('speculate_from', 0))
+    if j and not 1 <= j < L:
+      raise UserError(f'--speculate-from must be in 1..{L - 1} (0 = the second half), got {j}')
+    if int(s.get('draft_tokens', 4)) < 1:
+      raise UserError(f'--draft-tokens must be >= 1, got {s.draft_tokens}')
   for name in ('checkpoint', 'tokenizer_checkpoint'):
     path = config.get(name)
     if path:
@@ -260,6 +348,7 @@ SYSTEM = System(
   validate=validate,
   converter='disa_jax.systems.dar.convert',
   flag_names=('previews', 'layout_from', 'prefix_groups', 'prefix_from_sample', 'num_tokens',
-              'decoder_steps', 'top_k', 'top_p', 'tokenizer_checkpoint'),
+              'decoder_steps', 'top_k', 'top_p', 'tokenizer_checkpoint', 'draft',
+              'draft_tokens', 'speculate_from'),
   commands='disa_jax.systems.dar.commands',
 )

@@ -1,0 +1,295 @@
+"""Speculative decoding of D-AR ids with a smaller draft GPT (distribution-preserving).
+
+Not in the official code (spec §7 lists it as an option): late ids are more constrained by
+the ones before them, so a small draft GPT guesses runs of them and the target GPT checks a
+whole run in one K-token pass instead of K one-token steps.
+
+Per round, with n ids known (the last one not yet fed to either model):
+  draft   feeds [id_{n-1}, d_n, ..., d_{n+K-2}] one at a time at positions n..n+K-1 and
+          samples d_j ~ q_j (its own CFG at the same per-position scale, the same temperature /
+          top-k / top-p) with the plain sampler's uniform u_j
+  target  one pass over the same K ids at the same positions: p_n..p_{n+K-1}, the exact
+          distributions the plain loop would sample from (CFG, temperature, filters)
+  row b, position j: accept d_j if a_j q_j(d_j) <= p_j(d_j), else draw from
+          max(p_j - q_j, 0) (normalised; p_j if that is all zero) with the uniform r_j
+  advance every row by m + 1 ids, m = the first position any row rejected (all K if none)
+The target's distribution is kept exactly (Leviathan et al. 2023, Chen et al. 2023): every
+decided id is d_j with probability min(1, p/q), else a residual draw, i.e. p_j. Stopping at
+the batch's first rejection keeps shapes static; ids a row accepted beyond it are decided
+again next round from the same prefix and the same (u_j, a_j, r_j), so they come out
+identical: a row's ids depend only on its own randomness, not on the batch it is in. With
+draft == target every draft is accepted and the ids equal the plain loop's (same u_j).
+
+Ids before `start` (and any layout prefix) come from the plain loop; the draft is prefilled
+once with them. Caches are (layers, 2, rows, H, round_up(L + K, 8), 64) so a round near the
+end never writes past them (positions past L - 1 are computed and dropped).
+Compiles: target prefill + step (plain part), draft prefill (per switch point), one draft
+round and one verify function (K static).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from disa_jax.errors import UserError
+from disa_jax.systems.dar.sampling import (
+  Generation,
+  Sampler,
+  SamplingOptions,
+  cfg_schedule,
+  filter_logits,
+  guide,
+  sample_from_logits,
+)
+
+
+def processed_probs(logits, temperature: float, top_k: int, top_p: float):
+  """Probabilities (..., V) after temperature and top-k / top-p, as `sample_from_logits`."""
+  shape = logits.shape
+  logits = logits.reshape(-1, shape[-1]) / max(temperature, 1e-5)
+  if top_k > 0 or top_p < 1.0:
+    logits = filter_logits(logits, top_k, top_p)
+  return jax.nn.softmax(logits, axis=-1).reshape(shape)
+
+
+def inverse_cdf(probs, uniforms):
+  """Ids (...,) drawn from unnormalised probs (..., V) with uniforms (...) in [0, 1)."""
+  cdf = jnp.cumsum(probs, axis=-1)
+  ids = jnp.sum(cdf < uniforms[..., None] * cdf[..., -1:], axis=-1)
+  return jnp.minimum(ids, probs.shape[-1] - 1).astype(jnp.int32)
+
+
+def verify(p, q, drafts, accept_u, resid_u):
+  """Per-row decisions of one round.
+
+  p, q (B, K, V) target / draft probabilities; drafts, accept_u, resid_u (B, K).
+  Returns (ids (B, K), accepted (B, K) bool, advance = m + 1 or K): ids[b, j] = the draft if
+  row b accepts it, else the residual draw."""
+  pd = jnp.take_along_axis(p, drafts[..., None], axis=-1)[..., 0]
+  qd = jnp.take_along_axis(q, drafts[..., None], axis=-1)[..., 0]
+  accepted = accept_u * qd <= pd
+  resid = jnp.maximum(p - q, 0.0)
+  resid = jnp.where(jnp.sum(resid, axis=-1, keepdims=True) > 0, resid, p)
+  ids = jnp.where(accepted, drafts, inverse_cdf(resid, resid_u))
+  k = drafts.shape[1]
+  first_reject = jnp.where(jnp.all(accepted, axis=1), k, jnp.argmin(accepted, axis=1))
+  return ids, accepted, jnp.minimum(jnp.min(first_reject) + 1, k)
+
+
+@dataclasses.dataclass
+class SpeculationStats:
+  """Per group g of ids: drafts decided (`proposed`, rows x positions), drafts their row
+  accepted, target passes (rounds) started in the group and positions decided in it."""
+  proposed: list
+  accepted: list
+  rounds: list
+  ids: list
+
+  def as_dict(self) -> dict:
+    rate = [a / p if p else None for a, p in zip(self.accepted, self.proposed, strict=True)]
+    per_pass = [i / r if r else None for i, r in zip(self.ids, self.rounds, strict=True)]
+    return {'acceptance_per_group': rate, 'ids_per_target_pass_per_group': per_pass,
+            'proposed': self.proposed, 'accepted': self.accepted, 'rounds': self.rounds,
+            'ids': self.ids,
+            'acceptance': sum(self.accepted) / max(1, sum(self.proposed)),
+            'target_passes': sum(self.rounds)}
+
+
+class SpeculativeSampler:
+  """Target `Sampler` + draft `Sampler` (same vocabulary, classes and length); `generate`
+  returns a `Generation` with `speculation` (SpeculationStats) set.
+
+  draft_tokens: K ids drafted per round (>= 1); start: first image-id index generated
+  speculatively (ids before it by the plain loop; default: the second half)."""
+
+  def __init__(self, target: Sampler, draft: Sampler, *, draft_tokens: int = 4,
+               start: int | None = None):
+    t, d = target.gpt_cfg, draft.gpt_cfg
+    if (t.vocab_size, t.block_size, t.num_classes) != (d.vocab_size, d.block_size,
+                                                        d.num_classes):
+      raise UserError(f'the draft GPT (vocab {d.vocab_size}, {d.block_size} ids, '
+                      f'{d.num_classes} classes) does not match the target (vocab '
+                      f'{t.vocab_size}, {t.block_size} ids, {t.num_classes} classes); use a '
+                      'draft trained on the same tokenizer and classes')
+    if draft_tokens < 1:
+      raise UserError(f'draft_tokens must be >= 1, got {draft_tokens}')
+    L = t.block_size
+    start = L // 2 if start is None else int(start)
+    if not 1 <= start < L:
+      raise UserError(f'speculation start must be an id index in 1..{L - 1}, got {start}')
+    self.target, self.draft, self.k, self.start = target, draft, int(draft_tokens), start
+    self.cache_len = -(-(L + self.k) // 8) * 8
+    self.compiles = collections.Counter()
+    self._build()
+
+  def _build(self):
+    count = self.compiles
+    tgd, dgd = self.target.graphdef, self.draft.graphdef
+
+    def draft_prefill(state, labels, prefix, cache):
+      count['draft_prefill'] += 1
+      m = nnx.merge(dgd, state)
+      _, cache = m.forward(m.embed(labels, prefix), 0, cache)
+      return cache
+
+    def draft_round(state, last, pos, cache, scales, uniforms, on, batch, temperature, top_k,
+                    top_p):
+      count['draft_round'] += 1
+      m = nnx.merge(dgd, state)
+
+      def one(carry, xs):
+        tok, cache, i = carry
+        scale, u = xs
+        rows = jnp.concatenate([tok, tok]) if on else tok
+        logits, cache = m.forward(m.embed_tokens(rows)[:, None], pos + i, cache)
+        logits = guide(logits[:, -1], scale, on, batch)
+        d, q = sample_from_logits(logits, u, temperature, top_k, top_p)
+        return (d, cache, i + 1), (d, q)
+
+      (_, cache, _), (drafts, q) = jax.lax.scan(one, (last, cache, jnp.int32(0)),
+                                                (scales, uniforms))
+      return drafts.T, jnp.swapaxes(q, 0, 1), cache          # (B, K), (B, K, V)
+
+    def target_round(state, tokens, pos, cache, scales, drafts, q, accept_u, resid_u, on,
+                     batch, temperature, top_k, top_p):
+      count['verify'] += 1
+      m = nnx.merge(tgd, state)
+      rows = jnp.concatenate([tokens, tokens]) if on else tokens
+      logits, cache = m.forward(m.embed_tokens(rows), pos, cache)    # (rows, K, V)
+      if on:
+        logits = guide(logits, scales[None, :, None], on, batch)
+      p = processed_probs(logits, temperature, top_k, top_p)
+      ids, accepted, advance = verify(p, q, drafts, accept_u, resid_u)
+      return ids, accepted, advance, cache
+
+    static = ('on', 'batch', 'temperature', 'top_k', 'top_p')
+    self._draft_prefill = jax.jit(draft_prefill, donate_argnames=('cache',))
+    self._draft_round = jax.jit(draft_round, static_argnames=static,
+                                donate_argnames=('cache',))
+    self._target_round = jax.jit(target_round, static_argnames=static,
+                                 donate_argnames=('cache',))
+
+  def _cache(self, sampler: Sampler, rows: int):
+    c = sampler.gpt_cfg
+    dtype = jnp.bfloat16 if c.dtype == 'bfloat16' else jnp.float32
+    return jnp.zeros((c.n_layer, 2, rows, c.n_head, self.cache_len, 64), dtype)
+
+  def generate(self, labels, *, key=None, options: SamplingOptions | None = None,
+               uniforms=None, accept_uniforms=None, resid_uniforms=None, prefix_ids=None,
+               decode: bool = True, noise=None, num_tokens: int | None = None) -> Generation:
+    """Ids (B, L) (and the decoded images) as `Sampler.generate`, the ids from `start` on
+    drafted and verified. uniforms (B, L): the categorical draws of the plain loop and of the
+    draft; accept_uniforms / resid_uniforms (B, L): the acceptance tests and residual draws
+    (all three from `key` when not given)."""
+    options = options or SamplingOptions()
+    tgt = self.target
+    cfg = tgt.gpt_cfg
+    labels = np.asarray(labels, np.int32).reshape(-1)
+    b, L, k = labels.shape[0], cfg.block_size, self.k
+    if labels.min() < 0 or labels.max() >= cfg.num_classes:
+      raise UserError(f'class labels must lie in [0, {cfg.num_classes}), got '
+                      f'[{labels.min()}, {labels.max()}]')
+    if options.top_k < 0 or not 0.0 < options.top_p <= 1.0:
+      raise UserError(f'top_k must be >= 0 and top_p in (0, 1], got {options.top_k}, '
+                      f'{options.top_p}')
+    key = jax.random.key(0) if key is None else key
+    k_u, k_noise, k_a, k_r = jax.random.split(key, 4)
+    draws = []
+    for given, kk, name in ((uniforms, k_u, 'uniforms'), (accept_uniforms, k_a,
+                                                          'accept_uniforms'),
+                            (resid_uniforms, k_r, 'resid_uniforms')):
+      arr = np.asarray(jax.random.uniform(kk, (b, L), jnp.float32) if given is None else given,
+                       np.float32)
+      if arr.shape != (b, L):
+        raise UserError(f'{name} must have shape ({b}, {L}), got {arr.shape}')
+      draws.append(np.pad(arr, ((0, 0), (0, k)), constant_values=0.5))
+    uniforms, accept_u, resid_u = draws
+    prefix = tgt._prefix(prefix_ids, b)
+    p_len = prefix.shape[1]
+    n_total = L if num_tokens is None else int(num_tokens)
+    if not p_len < n_total <= L:
+      raise UserError(f'num_tokens must be in {p_len + 1}..{L} (after a {p_len}-id prefix), '
+                      f'got {num_tokens}')
+    scales, on = cfg_schedule(options.cfg, L)
+    scales = np.pad(scales, (0, k), mode='edge')
+    stat = dict(on=on, batch=b, temperature=float(options.temperature),
+                top_k=int(options.top_k), top_p=float(options.top_p))
+    rows = 2 * b if on else b
+    lab = np.concatenate([labels, np.full((b,), cfg.num_classes, np.int32)]) if on else labels
+    seq = np.zeros((b, L + k), np.int32)
+    seq[:, :p_len] = prefix
+    groups = -(-L // 32)
+    q_size = 32
+    if tgt.tokenizer is not None:
+      q_size = tgt.tokenizer.cfg.queries_per_group
+      groups = L // q_size
+    stats = SpeculationStats(*([0] * groups for _ in range(4)))
+    t_gpt = t_draft = 0.0
+    with tgt.precision():
+      t0 = time.perf_counter()
+      cache = self._cache(tgt, rows)
+      pre = np.concatenate([prefix, prefix]) if on else prefix
+      ids, cache = tgt._prefill(tgt.state, jnp.asarray(lab), jnp.asarray(pre), cache,
+                                jnp.float32(scales[p_len]), jnp.asarray(uniforms[:, p_len]),
+                                **stat)
+      seq[:, p_len] = np.asarray(ids)
+      n = p_len + 1
+      switch = min(max(self.start, n), n_total)
+      for j in range(n, switch):
+        ids, cache = tgt._step(tgt.state, ids, jnp.int32(j), cache, jnp.float32(scales[j]),
+                               jnp.asarray(uniforms[:, j]), **stat)
+        seq[:, j] = np.asarray(ids)
+      n = switch
+      t_gpt += time.perf_counter() - t0
+      if n < n_total:
+        t0 = time.perf_counter()
+        known = np.concatenate([seq[:, :n - 1], seq[:, :n - 1]]) if on else seq[:, :n - 1]
+        dcache = self._draft_prefill(self.draft.state, jnp.asarray(lab), jnp.asarray(known),
+                                     self._cache(self.draft, rows))
+        t_draft += time.perf_counter() - t0
+      while n < n_total:
+        t0 = time.perf_counter()
+        last = jnp.asarray(seq[:, n - 1])
+        drafts, q, dcache = self._draft_round(
+          self.draft.state, last, jnp.int32(n), dcache, jnp.asarray(scales[n:n + k]),
+          jnp.asarray(uniforms[:, n:n + k].T), **stat)
+        drafts.block_until_ready()
+        t1 = time.perf_counter()
+        tokens = jnp.concatenate([last[:, None], drafts[:, :-1]], axis=1)
+        out, accepted, advance, cache = self._target_round(
+          tgt.state, tokens, jnp.int32(n), cache, jnp.asarray(scales[n:n + k]), drafts, q,
+          jnp.asarray(accept_u[:, n:n + k]), jnp.asarray(resid_u[:, n:n + k]), **stat)
+        adv = int(advance)
+        out, accepted = np.asarray(out), np.asarray(accepted)
+        t_draft += t1 - t0
+        t_gpt += time.perf_counter() - t1
+        seq[:, n:n + adv] = out[:, :adv]
+        for i in range(adv):
+          j = n + i
+          if j >= n_total:
+            break
+          g = min(j // q_size, groups - 1)
+          stats.proposed[g] += b
+          stats.accepted[g] += int(accepted[:, i].sum())
+          stats.ids[g] += 1
+        stats.rounds[min(n // q_size, groups - 1)] += 1
+        n += adv
+    seq = np.ascontiguousarray(seq[:, :L])
+    seq[:, n_total:] = 0
+    gen = Generation(ids=seq, seconds={'gpt': t_gpt, 'draft': t_draft, 'decoder': 0.0},
+                     num_ids=n_total, speculation=stats.as_dict())
+    tok = tgt.tokenizer
+    if decode and tok is not None and n_total == L:
+      t0 = time.perf_counter()
+      if noise is None:
+        noise = tok.noise(k_noise, b)
+      gen.images = tok.decode(seq, noise)
+      gen.seconds['decoder'] = time.perf_counter() - t0
+    return gen
