@@ -335,14 +335,8 @@ class Sampler:
     any step reads (previews: one per decoder step). Default: the official G-step grid.
     """
     cfg = self.gpt_cfg
-    labels = np.asarray(labels, np.int32).reshape(-1)
+    labels = self.checked_labels(labels, options)
     b, L = labels.shape[0], cfg.block_size
-    if labels.min() < 0 or labels.max() >= cfg.num_classes:
-      raise UserError(f'class labels must lie in [0, {cfg.num_classes}), got '
-                      f'[{labels.min()}, {labels.max()}]')
-    if options.top_k < 0 or not 0.0 < options.top_p <= 1.0:
-      raise UserError(f'top_k must be >= 0 and top_p in (0, 1], got {options.top_k}, '
-                      f'{options.top_p}')
     key = jax.random.key(0) if key is None else key
     k_u, k_noise = jax.random.split(key)
     if uniforms is None:
@@ -431,6 +425,18 @@ class Sampler:
       if previews:
         out.previews = np.stack(groups_out)
     return out
+
+  def checked_labels(self, labels, options: SamplingOptions) -> np.ndarray:
+    """labels as int32 (B,), after checking them and the sampling filters (UserError)."""
+    cfg = self.gpt_cfg
+    labels = np.asarray(labels, np.int32).reshape(-1)
+    if labels.min() < 0 or labels.max() >= cfg.num_classes:
+      raise UserError(f'class labels must lie in [0, {cfg.num_classes}), got '
+                      f'[{labels.min()}, {labels.max()}]')
+    if options.top_k < 0 or not 0.0 < options.top_p <= 1.0:
+      raise UserError(f'top_k must be >= 0 and top_p in (0, 1], got {options.top_k}, '
+                      f'{options.top_p}')
+    return labels
 
   def gpt_empty_cache(self, rows):
     c = self.gpt_cfg

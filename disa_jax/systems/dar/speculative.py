@@ -191,14 +191,8 @@ class SpeculativeSampler:
     options = options or SamplingOptions()
     tgt = self.target
     cfg = tgt.gpt_cfg
-    labels = np.asarray(labels, np.int32).reshape(-1)
+    labels = tgt.checked_labels(labels, options)
     b, L, k = labels.shape[0], cfg.block_size, self.k
-    if labels.min() < 0 or labels.max() >= cfg.num_classes:
-      raise UserError(f'class labels must lie in [0, {cfg.num_classes}), got '
-                      f'[{labels.min()}, {labels.max()}]')
-    if options.top_k < 0 or not 0.0 < options.top_p <= 1.0:
-      raise UserError(f'top_k must be >= 0 and top_p in (0, 1], got {options.top_k}, '
-                      f'{options.top_p}')
     key = jax.random.key(0) if key is None else key
     k_u, k_noise, k_a, k_r = jax.random.split(key, 4)
     draws = []
