@@ -89,7 +89,11 @@ def make_mesh(config):
   if n and jax.process_count() > 1 and n != jax.device_count():
     raise UserError(f'runtime.num_devices={n} selects part of the {jax.device_count()} devices '
                      f'of a {jax.process_count()}-process job; use 0 (all devices)')
-  return shd.make_mesh(n) if (n or jax.device_count()) > 1 else None
+  fsdp = int(config.runtime.get('fsdp', 1) or 1)
+  total = n or jax.device_count()
+  if fsdp > 1 and total % fsdp:
+    raise UserError(f'runtime.fsdp={fsdp} does not divide the {total} devices; use a divisor')
+  return shd.make_mesh(n, fsdp=fsdp) if total > 1 else None
 
 
 @dataclasses.dataclass

@@ -15,6 +15,8 @@ import pytest
 from conftest import CACHE, REPO
 from harmon_helpers import tiny_harmon, write_tokenizer_json
 
+from disa_jax.errors import UserError
+
 torch = pytest.importorskip('torch')
 pytest.importorskip('tokenizers')
 
@@ -188,6 +190,39 @@ def test_eight_devices_give_the_same_tokens_as_one(tokenizer):
   out = sharded.generate(conds, key, **kw)
   assert len(out.sharding.device_set) == 8
   np.testing.assert_allclose(np.asarray(out), one, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow   # two samplers compiled (one on 8 devices): minutes on the shared CPU
+def test_fsdp_parameters_give_the_same_tokens(tokenizer):
+  """runtime.fsdp=4 on 8 (fake CPU) devices: mesh (data 2, fsdp 4), the large parameters split
+  over `fsdp`, the rows over both axes: the tokens of the one-device run."""
+  from disa_jax.engine import runner
+  from disa_jax.systems.harmon.config import harmon_config
+  from disa_jax.systems.harmon.system import SYSTEM
+
+  c = harmon_config('harmon_0_5b', tiny=True)
+  with c.unlocked():
+    c.tokenizer.text = str(tokenizer)
+    c.sampling.prompt = 'a red apple\na photo of a cat'
+    c.runtime.fsdp = 4
+  model, _ = SYSTEM.build_model(c, seed=2)
+  conds = SYSTEM.conditions(c, 8)
+  kw = dict(steps=[3, 2], max_timestep=950, cfg=3.0, cfg_schedule='constant',
+            image_ids=np.arange(8))
+  key = jax.random.key(5)
+  one = np.asarray(SYSTEM.make_sampler(model, c, None).generate(conds, key, **kw))
+  mesh = runner.make_mesh(c)
+  assert dict(mesh.shape) == {'data': 2, 'fsdp': 4}
+  sharded = SYSTEM.make_sampler(model, c, mesh)
+  specs = [x.sharding.spec for x in jax.tree.leaves(sharded.inner.state)]
+  assert sum('fsdp' in tuple(sp) for sp in specs) >= 10       # the big matrices are split
+  out = sharded.generate(conds, key, **kw)
+  assert len(out.sharding.device_set) == 8
+  np.testing.assert_allclose(np.asarray(out), one, rtol=1e-5, atol=1e-5)
+  with c.unlocked():
+    c.runtime.fsdp = 3
+  with pytest.raises(UserError, match='runtime.fsdp=3 does not divide the 8 devices'):
+    runner.make_mesh(c)
 
 
 def test_bench_rows_fit_the_gpu_suite_table():

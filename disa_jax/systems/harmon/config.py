@@ -140,6 +140,7 @@ def harmon_config(variant: str, *, cpu: bool = False, tiny: bool = False):
     c.sampling.update(num_iter=4, upper_steps=10, lower_steps=3)
   c.runtime = runtime_config(enc_bucket=0)
   c.runtime.prompt_bucket = 16
+  c.runtime.fsdp = 1             # > 1: mesh (data, fsdp), parameters FSDP-sharded over `fsdp`
   c.lock()
   return c
 

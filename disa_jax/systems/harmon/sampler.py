@@ -21,6 +21,11 @@ decoder queries only the `n_query` rows around the predicted tokens; the head is
 `(A, n_pad)` buckets. One plan (`disa_jax.systems.mar.plan.make_plan`, the MAR planner at the run-time
 grid) lists every shape before sampling starts.
 
+Sharding (`mesh`): the rows over every data axis of the mesh; parameters replicated, or with an
+`fsdp` mesh axis (`runtime.fsdp`) split FSDP-style (`disa_jax.train.partition`: each array of
+>= 16k elements along its largest dimension divisible by the axis) so a model that does not
+fit one device is spread over the group, XLA gathering each weight where it is used.
+
 Randomness is per image as in the MAR sampler: image i under key k uses fold_in(k, i); orders from
 stream 0, the noise of the token at position p from stream 1 folded with p. `orders=` and
 `noise=` inject the official code's draws (parity tests).
@@ -45,6 +50,7 @@ from disa_jax.diffusion.ddpm import device_tables
 from disa_jax.systems.harmon.model import Harmon, at_image_size
 from disa_jax.systems.mar.plan import SamplingPlan, make_plan
 from disa_jax.systems.mar.sampling import head_bucket, head_bucket_explicit
+from disa_jax.train.partition import state_shardings
 
 ORDER_STREAM = 0
 
@@ -206,7 +212,10 @@ class HarmonSampler:
     self.config = model.config
     self.mar_config = model.mar.config
     self.graphdef, self.state = nnx.split(model)
-    self.mar_graphdef, self.mar_state = nnx.split(model.mar)
+    self.mar_graphdef, _ = nnx.split(model.mar)
+    if mesh is not None and shd.FSDP in mesh.axis_names:
+      self.state = jax.tree.map(shd.put, self.state, state_shardings(self.state, mesh))
+    self.mar_state = self.state['mar']          # the same arrays (one copy, sharded or not)
     self.enc_bucket = enc_bucket or max(1, self.mar_config.seq_len // 16)
     self.prompt_bucket = prompt_bucket
     self.max_head_waste = max_head_waste
