@@ -143,3 +143,15 @@ def test_bad_settings_are_one_line_errors():
   spec = SpeculativeSampler(target, target)
   with pytest.raises(UserError, match='accept_uniforms must have shape'):
     spec.generate([1], accept_uniforms=np.zeros((1, 3)), decode=False)
+
+
+def test_cost_model_bench_smoke():
+  from disa_jax.systems.dar.spec_bench import ids_per_round, run
+
+  assert ids_per_round(1.0, 4, 4) == 4 and ids_per_round(0.0, 4, 4) == 1
+  assert ids_per_round(0.9, 2, 4) == pytest.approx(1 + 0.9 ** 4)
+  res = run(small=True, ks=(2,), drafts=('toy',), repeats=1, batch=2)
+  assert res['t_step'] > 0 and res['t_verify'][2]['warm'] > 0
+  assert res['t_draft']['toy'][2]['warm'] > 0
+  pred = res['predicted_speedup']['toy'][2]
+  assert pred['1.0'] > pred['0.5'] > 0
