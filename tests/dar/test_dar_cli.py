@@ -147,6 +147,7 @@ def test_bench_speculative_runs(tmp_path):
   assert rows['spec=2']['tokens'] == 16 and rows['spec=2']['draft_s'] > 0
   assert len(sp['acceptance_per_group']) == 4 and 0 <= sp['acceptance'] <= 1
   assert sp['target_passes'] >= -(-8 // 2)     # ids 8..15 drafted, at most 2 per pass
+  assert 1.0 <= sp['ids_per_row_pass'] <= 2.0
 
 
 @pytest.mark.slow

@@ -43,17 +43,19 @@ def test_draft_equal_to_target_reproduces_the_plain_loop(cfg):
                       decode=False)
   np.testing.assert_array_equal(gen.ids, plain)
   s = gen.speculation
-  assert s['acceptance'] == 1.0 and sum(s['proposed']) == 4 * (16 - 5)
+  assert s['acceptance'] == 1.0 and sum(s['decided']) == 4 * (16 - 5)
   assert s['target_passes'] == -(-(16 - 5) // 3)          # every round advances K ids
+  assert s['ids_per_row_pass'] == pytest.approx(11 / 4)
   assert dict(spec.compiles) == {'draft_prefill': 1, 'draft_round': 1, 'verify': 1}
   spec.generate(labels, options=opts, uniforms=u, decode=False)
   assert dict(spec.compiles) == {'draft_prefill': 1, 'draft_round': 1, 'verify': 1}
 
 
-def test_ids_do_not_depend_on_the_batch():
-  """Rounds stop at the batch's first rejection; a row's ids still depend only on its own
-  draws, so a batch of 8 equals two batches of 4 and eight of 1."""
-  target, draft = gpt(0, 8.0, **TINY), gpt(1, 8.0, **TINY)
+def test_ids_do_not_depend_on_the_batch_or_the_advance_rule():
+  """A row's ids depend only on its own draws: a batch of 8 equals two batches of 4 and eight
+  of 1, and the ragged rounds (each row to its own first rejection, every row at its own
+  positions) equal rounds that stop the whole batch at its first rejection, in fewer passes."""
+  target, draft = gpt(0, 8.0, **TINY), gpt(0, 5.0, **TINY)   # a flatter copy: often accepted
   spec = SpeculativeSampler(target, draft, draft_tokens=4, start=3)
   labels = np.arange(8) % 10
   u, a, r = uniforms(8, 16, 2)
@@ -66,6 +68,12 @@ def test_ids_do_not_depend_on_the_batch():
                            accept_uniforms=a[i:i + size], resid_uniforms=r[i:i + size],
                            decode=False).ids for i in range(0, 8, size)]
     np.testing.assert_array_equal(np.concatenate(parts), whole.ids)
+  lockstep = SpeculativeSampler(target, draft, draft_tokens=4, start=3, ragged=False)
+  same = lockstep.generate(labels, options=opts, uniforms=u, accept_uniforms=a,
+                           resid_uniforms=r, decode=False)
+  np.testing.assert_array_equal(same.ids, whole.ids)
+  assert same.speculation['acceptance'] == whole.speculation['acceptance']
+  assert whole.speculation['target_passes'] < same.speculation['target_passes']
 
 
 def _exact_joint(sampler: Sampler, label: int, prefix, opts) -> np.ndarray:
@@ -129,7 +137,7 @@ def test_verify_keeps_drafts_until_the_first_rejection():
   ids, accepted, advance = verify(p, q, drafts, jnp.full((1, 3), 0.3), jnp.full((1, 3), 0.5))
   assert accepted.tolist() == [[True, False, False]]
   assert ids.tolist() == [[1, 1, 0]]            # residual draws: the mass p has beyond q
-  assert int(advance) == 2
+  assert advance.tolist() == [2]                # the row's first rejection + 1
 
 
 def test_bad_settings_are_one_line_errors():
@@ -153,5 +161,7 @@ def test_cost_model_bench_smoke():
   res = run(small=True, ks=(2,), drafts=('toy',), repeats=1, batch=2)
   assert res['t_step'] > 0 and res['t_verify'][2]['warm'] > 0
   assert res['t_draft']['toy'][2]['warm'] > 0
-  pred = res['predicted_speedup']['toy'][2]
-  assert pred['1.0'] > pred['0.5'] > 0
+  pred = res['predicted_speedup']['ragged']['toy'][2]
+  lock = res['predicted_speedup']['lockstep']['toy'][2]
+  assert pred['1.0'] > pred['0.5'] > 0 and pred['0.9'] > lock['0.9']
+  assert pred['1.0'] == lock['1.0']

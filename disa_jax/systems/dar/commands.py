@@ -175,18 +175,13 @@ def _run_metrics(config, rs, plan, totals, source, load_s):
 
 
 def speculation_summary(stats: list) -> dict:
-  """Acceptance per group summed over batches (SpeculativeSampler stats), with the settings."""
-  keys = ('proposed', 'accepted', 'rounds', 'ids')
-  tot = {k: [int(sum(v)) for v in zip(*(st[k] for st in stats), strict=True)] for k in keys}
-  out = {'acceptance_per_group': [round(a / p, 4) if p else None
-                                  for a, p in zip(tot['accepted'], tot['proposed'],
-                                                  strict=True)],
-         'ids_per_target_pass_per_group': [round(i / r, 3) if r else None
-                                           for i, r in zip(tot['ids'], tot['rounds'],
-                                                           strict=True)],
-         'acceptance': round(sum(tot['accepted']) / max(1, sum(tot['proposed'])), 4),
-         'target_passes': sum(tot['rounds'])}
-  return out
+  """SpeculativeSampler stats (`Generation.speculation`) of several batches, summed."""
+  from disa_jax.systems.dar.speculative import SpeculationStats
+
+  keys = ('decided', 'accepted', 'row_rounds')
+  tot = SpeculationStats(*([int(sum(v)) for v in zip(*(st[k] for st in stats), strict=True)]
+                           for k in keys), passes=sum(st['target_passes'] for st in stats))
+  return tot.as_dict()
 
 
 # ------------------------------------------------------------------------------ disa-sample

@@ -90,14 +90,22 @@ class Attention(nnx.Module):
     self.wo = dense(cfg.dim, cfg.dim, rngs=rngs, bias=False)
 
   def __call__(self, x, rope, cache_kv, start, mask):
-    """x (B, S, D); cache_kv (2, B, H, T, 64); start: first position; mask (S, T)."""
+    """x (B, S, D); cache_kv (2, B, H, T, 64); start: first position (scalar, or (B,) per row);
+    mask (S, T) or (B, 1, S, T)."""
     b, s, d = x.shape
     q, k, v = jnp.split(self.wqkv(x), 3, axis=-1)
     q, k, v = (a.reshape(b, s, self.n_head, HEAD_DIM).transpose(0, 2, 1, 3) for a in (q, k, v))
     q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    keys = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv.dtype), (0, 0, start, 0))
-    values = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv.dtype),
+    if jnp.ndim(start) == 0:
+      keys = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv.dtype),
                                           (0, 0, start, 0))
+      values = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv.dtype),
+                                            (0, 0, start, 0))
+    else:                                   # ragged: every row writes at its own position
+      def write(cache, new):
+        return jax.vmap(lambda c, n, p: jax.lax.dynamic_update_slice(c, n, (0, p, 0)))(
+          cache, new.astype(cache.dtype), start)
+      keys, values = write(cache_kv[0], k), write(cache_kv[1], v)
     out = attend(q, keys.astype(q.dtype), values.astype(q.dtype), mask)
     return self.wo(out.transpose(0, 2, 1, 3).reshape(b, s, d)), jnp.stack([keys, values])
 
@@ -146,14 +154,21 @@ class GPT(nnx.Module):
 
   def forward(self, h, start, cache):
     """h (B, S, D) embeddings at positions start..start+S-1 -> (float32 logits (B, S, V), cache).
-    `start` may be traced (one compile for every decode position)."""
+    `start` may be traced (one compile for every decode position), and may be (B,): each row
+    at its own positions (ragged speculative rounds, `speculative.py`)."""
     dtype = self.compute_dtype
     s = h.shape[1]
     table = rope_1d_table(cache.shape[-2], HEAD_DIM, self.cfg.rope_base)
-    cos = jax.lax.dynamic_slice_in_dim(jnp.asarray(table[0]), start, s)
-    sin = jax.lax.dynamic_slice_in_dim(jnp.asarray(table[1]), start, s)
-    q_pos = start + jnp.arange(s)
-    mask = jnp.arange(cache.shape[-2])[None, :] <= q_pos[:, None]
+    keys = jnp.arange(cache.shape[-2])
+    if jnp.ndim(start) == 0:
+      cos = jax.lax.dynamic_slice_in_dim(jnp.asarray(table[0]), start, s)
+      sin = jax.lax.dynamic_slice_in_dim(jnp.asarray(table[1]), start, s)
+      q_pos = start + jnp.arange(s)
+      mask = keys[None, :] <= q_pos[:, None]
+    else:
+      q_pos = start[:, None] + jnp.arange(s)                      # (B, S)
+      cos, sin = jnp.asarray(table[0])[q_pos][:, None], jnp.asarray(table[1])[q_pos][:, None]
+      mask = keys[None, None, None, :] <= q_pos[:, None, :, None]  # (B, 1, S, T)
     h = h.astype(dtype)
     new = []
     for i, layer in enumerate(self.layers):

@@ -10,10 +10,12 @@ this measures what does not depend on it, each jitted function warm, one process
   t_verify(K) one target pass over K ids (a speculative round's check)
   t_draft(K)  one draft round: K one-id steps of the draft GPT (its own CFG rows)
 and predicts the GPT speedup of the speculative part for per-id acceptance rates a:
-  ids per round  E(a, K, B) = sum_{i<K} a^(i B)   (rounds stop at the batch's first rejection;
-                                                   a^(i B): all B rows accepted i drafts)
+  ids per round  ragged (default): E = sum_{i<K} a^i, each row advancing by its own accepted
+                 run (the batch ends with its slowest row, so this is slightly optimistic);
+                 lockstep (`ragged=False`): E = sum_{i<K} a^(i B), the batch stopping at its
+                 first rejection (a^(i B): all B rows accepted i drafts)
   speedup        E t_step / (t_draft(K) + t_verify(K))
-Prints one JSON object (times in seconds, `predicted_speedup[draft][K][a]`).
+Prints one JSON object (times in seconds, `predicted_speedup[rule][draft][K][a]`).
 """
 
 from __future__ import annotations
@@ -73,7 +75,8 @@ def run(gpt='l', drafts=('toy', 'b'), ks=(2, 4, 8), batch=4, cfg='1.2,8.0', smal
   stat = dict(on=on, batch=batch, temperature=1.0, top_k=0, top_p=1.0)
   rng = np.random.default_rng(0)
   ids = jnp.asarray(rng.integers(0, v, batch), jnp.int32)
-  u = jnp.asarray(rng.random((16, batch)), jnp.float32)
+  u = jnp.asarray(rng.random((batch, 16)), jnp.float32)
+  at = jnp.full((batch,), position, jnp.int32)
   out = {'target': gpt if not small else 'toy', 'target_arch': arch, 'batch': batch,
          'cfg': cfg, 'rows': rows, 'position': position, 'backend': jax.default_backend(),
          'repeats': repeats, 'acceptance_rates': list(ACCEPTANCE)}
@@ -81,7 +84,7 @@ def run(gpt='l', drafts=('toy', 'b'), ks=(2, 4, 8), batch=4, cfg='1.2,8.0', smal
 
   def step():
     new, state['cache'] = target._step(target.state, ids, jnp.int32(position), state['cache'],
-                                       jnp.float32(scales[position]), u[0], **stat)
+                                       jnp.float32(scales[position]), u[:, 0], **stat)
     return new
 
   out['t_step_first'], out['t_step'] = _timed(step, repeats)
@@ -93,11 +96,11 @@ def run(gpt='l', drafts=('toy', 'b'), ks=(2, 4, 8), batch=4, cfg='1.2,8.0', smal
     cache = {'t': spec._cache(target, rows)}
     toks = jnp.asarray(rng.integers(0, v, (batch, k)), jnp.int32)
     q = jax.nn.softmax(jnp.asarray(rng.normal(size=(batch, k, v)), jnp.float32), axis=-1)
-    sc = jnp.asarray(scales[position:position + k])
+    sc = jnp.broadcast_to(jnp.asarray(scales[position:position + k]), (batch, k))
 
     def verify(spec=spec, cache=cache, toks=toks, q=q, sc=sc, k=k):
-      res = spec._target_round(target.state, toks, jnp.int32(position), cache['t'], sc, toks, q,
-                               u[:k].T, u[:k].T, **stat)
+      res = spec._target_round(target.state, toks, at, cache['t'], sc, toks, q, u[:, :k],
+                               u[:, :k], **stat)
       cache['t'] = res[3]
       return res[0]
 
@@ -108,19 +111,22 @@ def run(gpt='l', drafts=('toy', 'b'), ks=(2, 4, 8), batch=4, cfg='1.2,8.0', smal
       dcache = {'d': dspec._cache(draft, rows)}
 
       def draft_round(dspec=dspec, dcache=dcache, k=k, draft=draft, sc=sc):
-        d, _, dcache['d'] = dspec._draft_round(draft.state, ids, jnp.int32(position),
-                                               dcache['d'], sc, u[:k], **stat)
+        d, _, dcache['d'] = dspec._draft_round(draft.state, ids, at, dcache['d'], sc,
+                                               u[:, :k], **stat)
         return d
 
       first, best = _timed(draft_round, repeats)
       out['t_draft'].setdefault(name, {})[k] = {'first': first, 'warm': best}
       cost = best + out['t_verify'][k]['warm']
-      out['predicted_speedup'].setdefault(name, {})[k] = {
-        str(a): round(ids_per_round(a, k, batch) * out['t_step'] / cost, 3) for a in ACCEPTANCE}
+      for rule, rows_b in (('ragged', 1), ('lockstep', batch)):
+        out['predicted_speedup'].setdefault(rule, {}).setdefault(name, {})[k] = {
+          str(a): round(ids_per_round(a, k, rows_b) * out['t_step'] / cost, 3)
+          for a in ACCEPTANCE}
   out['draft_archs'] = {name: DRAFT_SIZES[name] for name in drafts}
   out['break_even'] = {
-    name: {k: next((a for a in ACCEPTANCE if float(s[str(a)]) >= 1.0), None)
-           for k, s in per_k.items()} for name, per_k in out['predicted_speedup'].items()}
+    rule: {name: {k: next((a for a in ACCEPTANCE if float(s[str(a)]) >= 1.0), None)
+                  for k, s in per_k.items()} for name, per_k in per_rule.items()}
+    for rule, per_rule in out['predicted_speedup'].items()}
   return out
 
 

@@ -70,8 +70,8 @@ def verify(p, q, drafts, accept_u, resid_u):
   """Per-row decisions of one round.
 
   p, q (B, K, V) target / draft probabilities; drafts, accept_u, resid_u (B, K).
-  Returns (ids (B, K), accepted (B, K) bool, advance = m + 1 or K): ids[b, j] = the draft if
-  row b accepts it, else the residual draw."""
+  Returns (ids (B, K), accepted (B, K) bool, advance (B,) = the row's first rejection + 1, or
+  K): ids[b, j] = the draft if row b accepts it, else the residual draw."""
   pd = jnp.take_along_axis(p, drafts[..., None], axis=-1)[..., 0]
   qd = jnp.take_along_axis(q, drafts[..., None], axis=-1)[..., 0]
   accepted = accept_u * qd <= pd
@@ -80,26 +80,29 @@ def verify(p, q, drafts, accept_u, resid_u):
   ids = jnp.where(accepted, drafts, inverse_cdf(resid, resid_u))
   k = drafts.shape[1]
   first_reject = jnp.where(jnp.all(accepted, axis=1), k, jnp.argmin(accepted, axis=1))
-  return ids, accepted, jnp.minimum(jnp.min(first_reject) + 1, k)
+  return ids, accepted, jnp.minimum(first_reject + 1, k).astype(jnp.int32)
 
 
 @dataclasses.dataclass
 class SpeculationStats:
-  """Per group g of ids: drafts decided (`proposed`, rows x positions), drafts their row
-  accepted, target passes (rounds) started in the group and positions decided in it."""
-  proposed: list
+  """Per group g of ids: row-ids decided by speculative rounds (`decided`), how many of them
+  were the row's accepted draft, and row-rounds (a row's share of a target pass) started in the
+  group; `passes` = target passes in all."""
+  decided: list
   accepted: list
-  rounds: list
-  ids: list
+  row_rounds: list
+  passes: int = 0
 
   def as_dict(self) -> dict:
-    rate = [a / p if p else None for a, p in zip(self.accepted, self.proposed, strict=True)]
-    per_pass = [i / r if r else None for i, r in zip(self.ids, self.rounds, strict=True)]
-    return {'acceptance_per_group': rate, 'ids_per_target_pass_per_group': per_pass,
-            'proposed': self.proposed, 'accepted': self.accepted, 'rounds': self.rounds,
-            'ids': self.ids,
-            'acceptance': sum(self.accepted) / max(1, sum(self.proposed)),
-            'target_passes': sum(self.rounds)}
+    def ratio(a, b, nd):
+      return [round(x / y, nd) if y else None for x, y in zip(a, b, strict=True)]
+
+    return {'acceptance_per_group': ratio(self.accepted, self.decided, 4),
+            'ids_per_row_pass_per_group': ratio(self.decided, self.row_rounds, 3),
+            'decided': self.decided, 'accepted': self.accepted, 'row_rounds': self.row_rounds,
+            'acceptance': round(sum(self.accepted) / max(1, sum(self.decided)), 4),
+            'ids_per_row_pass': round(sum(self.decided) / max(1, sum(self.row_rounds)), 3),
+            'target_passes': self.passes}
 
 
 class SpeculativeSampler:
@@ -107,10 +110,12 @@ class SpeculativeSampler:
   returns a `Generation` with `speculation` (SpeculationStats) set.
 
   draft_tokens: K ids drafted per round (>= 1); start: first image-id index generated
-  speculatively (ids before it by the plain loop; default: the second half)."""
+  speculatively (ids before it by the plain loop; default: the second half); ragged: every row
+  advances by its own accepted run (default), else the batch by its first rejection (same
+  ids, more passes)."""
 
   def __init__(self, target: Sampler, draft: Sampler, *, draft_tokens: int = 4,
-               start: int | None = None):
+               start: int | None = None, ragged: bool = True):
     t, d = target.gpt_cfg, draft.gpt_cfg
     if (t.vocab_size, t.block_size, t.num_classes) != (d.vocab_size, d.block_size,
                                                         d.num_classes):
@@ -125,6 +130,7 @@ class SpeculativeSampler:
     if not 1 <= start < L:
       raise UserError(f'speculation start must be an id index in 1..{L - 1}, got {start}')
     self.target, self.draft, self.k, self.start = target, draft, int(draft_tokens), start
+    self.ragged = bool(ragged)
     self.cache_len = -(-(L + self.k) // 8) * 8
     self.compiles = collections.Counter()
     self._build()
@@ -139,32 +145,35 @@ class SpeculativeSampler:
       _, cache = m.forward(m.embed(labels, prefix), 0, cache)
       return cache
 
+    def rows_of(x, on):
+      return jnp.concatenate([x, x]) if on else x
+
     def draft_round(state, last, pos, cache, scales, uniforms, on, batch, temperature, top_k,
                     top_p):
+      """last, pos (B,); scales, uniforms (B, K) -> drafts (B, K), q (B, K, V), cache."""
       count['draft_round'] += 1
       m = nnx.merge(dgd, state)
 
       def one(carry, xs):
         tok, cache, i = carry
         scale, u = xs
-        rows = jnp.concatenate([tok, tok]) if on else tok
-        logits, cache = m.forward(m.embed_tokens(rows)[:, None], pos + i, cache)
-        logits = guide(logits[:, -1], scale, on, batch)
+        logits, cache = m.forward(m.embed_tokens(rows_of(tok, on))[:, None],
+                                  rows_of(pos, on) + i, cache)
+        logits = guide(logits[:, -1], scale[:, None], on, batch)
         d, q = sample_from_logits(logits, u, temperature, top_k, top_p)
         return (d, cache, i + 1), (d, q)
 
       (_, cache, _), (drafts, q) = jax.lax.scan(one, (last, cache, jnp.int32(0)),
-                                                (scales, uniforms))
-      return drafts.T, jnp.swapaxes(q, 0, 1), cache          # (B, K), (B, K, V)
+                                                (scales.T, uniforms.T))
+      return drafts.T, jnp.swapaxes(q, 0, 1), cache
 
     def target_round(state, tokens, pos, cache, scales, drafts, q, accept_u, resid_u, on,
                      batch, temperature, top_k, top_p):
+      """tokens (B, K) fed at positions pos (B,) + 0..K-1 -> verify(...) + cache."""
       count['verify'] += 1
       m = nnx.merge(tgd, state)
-      rows = jnp.concatenate([tokens, tokens]) if on else tokens
-      logits, cache = m.forward(m.embed_tokens(rows), pos, cache)    # (rows, K, V)
-      if on:
-        logits = guide(logits, scales[None, :, None], on, batch)
+      logits, cache = m.forward(m.embed_tokens(rows_of(tokens, on)), rows_of(pos, on), cache)
+      logits = guide(logits, scales[:, :, None], on, batch)            # (B, K, V)
       p = processed_probs(logits, temperature, top_k, top_p)
       ids, accepted, advance = verify(p, q, drafts, accept_u, resid_u)
       return ids, accepted, advance, cache
@@ -203,7 +212,7 @@ class SpeculativeSampler:
                        np.float32)
       if arr.shape != (b, L):
         raise UserError(f'{name} must have shape ({b}, {L}), got {arr.shape}')
-      draws.append(np.pad(arr, ((0, 0), (0, k)), constant_values=0.5))
+      draws.append(np.pad(arr, ((0, 0), (0, 2 * k)), constant_values=0.5))
     uniforms, accept_u, resid_u = draws
     prefix = tgt._prefix(prefix_ids, b)
     p_len = prefix.shape[1]
@@ -212,19 +221,19 @@ class SpeculativeSampler:
       raise UserError(f'num_tokens must be in {p_len + 1}..{L} (after a {p_len}-id prefix), '
                       f'got {num_tokens}')
     scales, on = cfg_schedule(options.cfg, L)
-    scales = np.pad(scales, (0, k), mode='edge')
+    scales = np.pad(scales, (0, 2 * k), mode='edge')
     stat = dict(on=on, batch=b, temperature=float(options.temperature),
                 top_k=int(options.top_k), top_p=float(options.top_p))
     rows = 2 * b if on else b
     lab = np.concatenate([labels, np.full((b,), cfg.num_classes, np.int32)]) if on else labels
-    seq = np.zeros((b, L + k), np.int32)
+    seq = np.zeros((b, L + 2 * k), np.int32)
     seq[:, :p_len] = prefix
     groups = -(-L // 32)
     q_size = 32
     if tgt.tokenizer is not None:
       q_size = tgt.tokenizer.cfg.queries_per_group
       groups = L // q_size
-    stats = SpeculationStats(*([0] * groups for _ in range(4)))
+    stats = SpeculationStats(*([0] * groups for _ in range(3)))
     t_gpt = t_draft = 0.0
     with tgt.precision():
       t0 = time.perf_counter()
@@ -248,33 +257,39 @@ class SpeculativeSampler:
         dcache = self._draft_prefill(self.draft.state, jnp.asarray(lab), jnp.asarray(known),
                                      self._cache(self.draft, rows))
         t_draft += time.perf_counter() - t0
-      while n < n_total:
+      pos = np.full(b, n, np.int64)                 # next undecided id of every row
+      cols = np.arange(k)
+      while pos.min() < n_total:
         t0 = time.perf_counter()
-        last = jnp.asarray(seq[:, n - 1])
+        at = np.minimum(pos, n_total)               # finished rows idle at the end
+        rows_ix = np.arange(b)[:, None]
+        last = jnp.asarray(seq[np.arange(b), at - 1])
+        idx = at[:, None] + cols                    # (B, K) ids of this round
+        sc = jnp.asarray(scales[idx])
         drafts, q, dcache = self._draft_round(
-          self.draft.state, last, jnp.int32(n), dcache, jnp.asarray(scales[n:n + k]),
-          jnp.asarray(uniforms[:, n:n + k].T), **stat)
+          self.draft.state, last, jnp.asarray(at, jnp.int32), dcache, sc,
+          jnp.asarray(uniforms[rows_ix, idx]), **stat)
         drafts.block_until_ready()
         t1 = time.perf_counter()
         tokens = jnp.concatenate([last[:, None], drafts[:, :-1]], axis=1)
         out, accepted, advance, cache = self._target_round(
-          tgt.state, tokens, jnp.int32(n), cache, jnp.asarray(scales[n:n + k]), drafts, q,
-          jnp.asarray(accept_u[:, n:n + k]), jnp.asarray(resid_u[:, n:n + k]), **stat)
-        adv = int(advance)
-        out, accepted = np.asarray(out), np.asarray(accepted)
+          tgt.state, tokens, jnp.asarray(at, jnp.int32), cache, sc, drafts, q,
+          jnp.asarray(accept_u[rows_ix, idx]), jnp.asarray(resid_u[rows_ix, idx]), **stat)
+        out, accepted, advance = np.asarray(out), np.asarray(accepted), np.asarray(advance)
         t_draft += t1 - t0
         t_gpt += time.perf_counter() - t1
-        seq[:, n:n + adv] = out[:, :adv]
-        for i in range(adv):
-          j = n + i
-          if j >= n_total:
-            break
-          g = min(j // q_size, groups - 1)
-          stats.proposed[g] += b
-          stats.accepted[g] += int(accepted[:, i].sum())
-          stats.ids[g] += 1
-        stats.rounds[min(n // q_size, groups - 1)] += 1
-        n += adv
+        if not self.ragged:                         # the whole batch to its first rejection
+          advance = np.full(b, advance.min())
+        stats.passes += 1
+        for r in np.flatnonzero(pos < n_total):
+          adv = int(min(advance[r], n_total - pos[r]))
+          seq[r, pos[r]:pos[r] + adv] = out[r, :adv]
+          stats.row_rounds[min(int(pos[r]) // q_size, groups - 1)] += 1
+          for i in range(adv):
+            g = min((int(pos[r]) + i) // q_size, groups - 1)
+            stats.decided[g] += 1
+            stats.accepted[g] += int(accepted[r, i])
+          pos[r] += adv
     seq = np.ascontiguousarray(seq[:, :L])
     seq[:, n_total:] = 0
     gen = Generation(ids=seq, seconds={'gpt': t_gpt, 'draft': t_draft, 'decoder': 0.0},
