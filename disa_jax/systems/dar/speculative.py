@@ -278,8 +278,8 @@ class SpeculativeSampler:
         out, accepted, advance = np.asarray(out), np.asarray(accepted), np.asarray(advance)
         t_draft += t1 - t0
         t_gpt += time.perf_counter() - t1
-        if not self.ragged:                         # the whole batch to its first rejection
-          advance = np.full(b, advance.min())
+        if not self.ragged:                         # the batch to its first rejection
+          advance = np.full(b, advance[pos < n_total].min())
         stats.passes += 1
         for r in np.flatnonzero(pos < n_total):
           adv = int(min(advance[r], n_total - pos[r]))
