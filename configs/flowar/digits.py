@@ -4,8 +4,8 @@ scikit-learn's handwritten digits upsampled to 16x16, one pixel per token (1 cha
 1.4); the official next-scale layout (1, 2, 4, 8, 16 tokens per side), the CPU stand-in's
 trunk (width 64, 2 + 2 blocks) and a 64-wide self-attention flow head (0.55M parameters).
 
-Reproduce the shipped checkpoint (disa_jax/assets/digits_flowar) on a CPU (about 30 min alone on
-2 cores, estimated from its step rate; 38 min measured sharing them with the xAR run):
+Reproduce the shipped checkpoint (disa_jax/assets/digits_flowar, 1000 steps) on a CPU (about
+40 min alone on 2 cores at its 0.43 steps/s; 55 min measured sharing them with other work):
   disa-train --config=configs/flowar/digits.py --workdir=runs/flowar_digits \\
       --export=disa_jax/assets/digits_flowar --overwrite-export
 Sample from it (DiSA by default; the official schedule: --config.sampling.preset=baseline):

@@ -201,5 +201,5 @@ def digits_config():
   c.name = 'flowar_digits'
   c.model.head_width = 64
   common_config.make_bundled_digits(c, DIGITS_ASSET)
-  c.train.num_steps = 500           # its trunk + head step costs ~1.5x xAR's: a shorter run
+  c.train.num_steps = 1000
   return c
