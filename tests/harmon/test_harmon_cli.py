@@ -167,10 +167,12 @@ def test_bench_compares_baseline_and_three_disa_settings(tmp_path):
 
 
 @pytest.mark.slow   # two samplers compiled (one on 8 devices): minutes on the shared CPU
-def test_eight_devices_give_the_same_tokens_as_one(tokenizer):
-  """The batch over the data axis of 8 (fake CPU) devices, parameters replicated: same tokens
-  as one device (cond / uncond rows of an image stay on one device)."""
-  from disa_jax import sharding as shd
+@pytest.mark.parametrize('fsdp', [1, 4])
+def test_eight_devices_give_the_same_tokens_as_one(tokenizer, fsdp):
+  """8 (fake CPU) devices give the tokens of one device. fsdp=1: the batch over the data axis,
+  parameters replicated (cond / uncond rows of an image stay on one device); runtime.fsdp=4:
+  mesh (data 2, fsdp 4), the large parameters split over `fsdp`, the rows over both axes."""
+  from disa_jax.engine import runner
   from disa_jax.systems.harmon.config import harmon_config
   from disa_jax.systems.harmon.system import SYSTEM
 
@@ -179,50 +181,27 @@ def test_eight_devices_give_the_same_tokens_as_one(tokenizer):
   with c.unlocked():
     c.tokenizer.text = str(tokenizer)
     c.sampling.prompt = 'a red apple\na photo of a cat\ntwo dogs'
+    c.runtime.fsdp = fsdp
   model, _ = SYSTEM.build_model(c, seed=1)
   conds = SYSTEM.conditions(c, 8)
   kw = dict(steps=[3, 2], max_timestep=950, cfg=3.0, cfg_schedule='constant',
             image_ids=np.arange(8))
   key = jax.random.key(3)
   one = np.asarray(SYSTEM.make_sampler(model, c, None).generate(conds, key, **kw))
-  mesh = shd.make_mesh(8)
-  sharded = SYSTEM.make_sampler(model, c, mesh)
-  out = sharded.generate(conds, key, **kw)
-  assert len(out.sharding.device_set) == 8
-  np.testing.assert_allclose(np.asarray(out), one, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.slow   # two samplers compiled (one on 8 devices): minutes on the shared CPU
-def test_fsdp_parameters_give_the_same_tokens(tokenizer):
-  """runtime.fsdp=4 on 8 (fake CPU) devices: mesh (data 2, fsdp 4), the large parameters split
-  over `fsdp`, the rows over both axes: the tokens of the one-device run."""
-  from disa_jax.engine import runner
-  from disa_jax.systems.harmon.config import harmon_config
-  from disa_jax.systems.harmon.system import SYSTEM
-
-  c = harmon_config('harmon_0_5b', tiny=True)
-  with c.unlocked():
-    c.tokenizer.text = str(tokenizer)
-    c.sampling.prompt = 'a red apple\na photo of a cat'
-    c.runtime.fsdp = 4
-  model, _ = SYSTEM.build_model(c, seed=2)
-  conds = SYSTEM.conditions(c, 8)
-  kw = dict(steps=[3, 2], max_timestep=950, cfg=3.0, cfg_schedule='constant',
-            image_ids=np.arange(8))
-  key = jax.random.key(5)
-  one = np.asarray(SYSTEM.make_sampler(model, c, None).generate(conds, key, **kw))
   mesh = runner.make_mesh(c)
-  assert dict(mesh.shape) == {'data': 2, 'fsdp': 4}
+  assert dict(mesh.shape) == ({'data': 8} if fsdp == 1 else {'data': 2, 'fsdp': 4})
   sharded = SYSTEM.make_sampler(model, c, mesh)
-  specs = [x.sharding.spec for x in jax.tree.leaves(sharded.inner.state)]
-  assert sum('fsdp' in tuple(sp) for sp in specs) >= 10       # the big matrices are split
+  specs = [tuple(getattr(x.sharding, 'spec', ())) for x in jax.tree.leaves(sharded.inner.state)]
+  split = sum('fsdp' in sp for sp in specs)
+  assert split == 0 if fsdp == 1 else split >= 10              # the big matrices are split
   out = sharded.generate(conds, key, **kw)
   assert len(out.sharding.device_set) == 8
   np.testing.assert_allclose(np.asarray(out), one, rtol=1e-5, atol=1e-5)
-  with c.unlocked():
-    c.runtime.fsdp = 3
-  with pytest.raises(UserError, match='runtime.fsdp=3 does not divide the 8 devices'):
-    runner.make_mesh(c)
+  if fsdp > 1:
+    with c.unlocked():
+      c.runtime.fsdp = 3
+    with pytest.raises(UserError, match='runtime.fsdp=3 does not divide the 8 devices'):
+      runner.make_mesh(c)
 
 
 def test_bench_rows_fit_the_gpu_suite_table():
