@@ -288,13 +288,12 @@ def benchmark(config, runs, *, batch_size: int, repeats: int = 1, log=print) -> 
   labels = SYSTEM.conditions(config, batch_size)
   ids = np.arange(batch_size)
   rows, ref = [], None
-  draft = rs._draft
-  if any('draft_tokens' in k for _, k in runs) and draft is None:
+  if any('draft_tokens' in k for _, k in runs) and rs.draft is None:
     raise UserError('--runs=spec=K needs a draft GPT: --draft=DIR or --draft=random:SIZE')
   for label, knobs in runs:
     rs.num_tokens = knobs.get('num_tokens')
     rs.decoder_steps = knobs.get('decoder_steps')
-    rs._draft = draft if 'draft_tokens' in knobs else None  # only spec runs speculate
+    rs.speculate = 'draft_tokens' in knobs                 # only spec runs speculate
     rs.draft_tokens = knobs.get('draft_tokens', rs.draft_tokens)
     rs.run(labels, ids)                                     # compile + warm
     best = None

@@ -438,10 +438,12 @@ class Sampler:
                       f'{options.top_p}')
     return labels
 
-  def gpt_empty_cache(self, rows):
+  def gpt_empty_cache(self, rows, length: int | None = None):
+    """Zero KV cache (layers, 2, rows, H, length, 64) in the GPT's compute dtype (default
+    length: `cache_len`; speculative rounds need room for K ids past the end)."""
     c = self.gpt_cfg
     dtype = jnp.bfloat16 if c.dtype == 'bfloat16' else jnp.float32
-    return jnp.zeros((c.n_layer, 2, rows, c.n_head, c.cache_len, 64), dtype)
+    return jnp.zeros((c.n_layer, 2, rows, c.n_head, length or c.cache_len, 64), dtype)
 
   def _prefix(self, prefix_ids, b):
     L = self.gpt_cfg.block_size

@@ -186,9 +186,7 @@ class SpeculativeSampler:
                                  donate_argnames=('cache',))
 
   def _cache(self, sampler: Sampler, rows: int):
-    c = sampler.gpt_cfg
-    dtype = jnp.bfloat16 if c.dtype == 'bfloat16' else jnp.float32
-    return jnp.zeros((c.n_layer, 2, rows, c.n_head, self.cache_len, 64), dtype)
+    return sampler.gpt_empty_cache(rows, self.cache_len)
 
   def generate(self, labels, *, key=None, options: SamplingOptions | None = None,
                uniforms=None, accept_uniforms=None, resid_uniforms=None, prefix_ids=None,

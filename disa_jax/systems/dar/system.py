@@ -100,21 +100,23 @@ class RunSampler:
     self.decoder_steps = int(s.get('decoder_steps', 0)) or None
     self.draft_tokens = int(s.get('draft_tokens', 4))
     self.speculate_from = int(s.get('speculate_from', 0)) or None
-    self._draft = draft_sampler(config, prec)
+    self.draft = draft_sampler(config, prec)
+    self.speculate = self.draft is not None     # full-length runs go through the draft
     self._speculative: dict = {}
     self.compile_log: dict = {}
     self.last_stats = None
 
   @property
   def speculative(self):
-    """The SpeculativeSampler for the current draft_tokens (None without a draft)."""
-    if self._draft is None:
+    """The SpeculativeSampler for the current draft_tokens (None without a draft, or with
+    `speculate` off)."""
+    if self.draft is None or not self.speculate:
       return None
     key = (self.draft_tokens, self.speculate_from)
     if key not in self._speculative:
       from disa_jax.systems.dar.speculative import SpeculativeSampler
 
-      self._speculative[key] = SpeculativeSampler(self.sampler, self._draft,
+      self._speculative[key] = SpeculativeSampler(self.sampler, self.draft,
                                                   draft_tokens=self.draft_tokens,
                                                   start=self.speculate_from)
     return self._speculative[key]

@@ -177,7 +177,7 @@ class FlowAREngineSampler:
       return jax.default_matmul_precision(self.matmul_precision)
     return contextlib.nullcontext()
 
-  def _euler(self, plan: FlowARPlan, s: int):
+  def _plan_args(self, plan: FlowARPlan, s: int):
     """(padded device arrays, traced evaluation count) of scale s's solver plan (Euler or Heun,
     by `plan.solver`; `sampling.plan_args`)."""
     return plan_args(flowar_plan(plan.steps[s], scale_cfg(plan.cfg, s, len(plan.scales)),
@@ -206,7 +206,7 @@ class FlowAREngineSampler:
     tokens, cond, cache = sds((rows, 1, d), jnp.float32), sds((rows, d), jnp.float32), None
     for s, m in enumerate(plan.scales):
       noise = sds((rows, m * m, c.token_dim), jnp.float32)
-      args = (self.inner.state, tokens, cond, cache, noise, *self._euler(plan, s),
+      args = (self.inner.state, tokens, cond, cache, noise, *self._plan_args(plan, s),
               jnp.float32(1.0))
       _, (_, tokens, cache) = self._executable(plan, s, args)
       self._noise_exe(s, rows, plan.batch_size)
@@ -287,7 +287,7 @@ class FlowAREngineSampler:
       if timed:
         stats.trunk_s += self._trunk_time(st, s)
         t0 = time.perf_counter()
-      args = (self.inner.state, st.tokens, st.cond, st.cache, draw, *self._euler(plan, s),
+      args = (self.inner.state, st.tokens, st.cond, st.cache, draw, *self._plan_args(plan, s),
               jnp.float32(scale_cfg(plan.cfg, s, len(plan.scales))))
       exe, _ = self._executable(plan, s, args)
       sample, tokens, cache = exe(*args)
