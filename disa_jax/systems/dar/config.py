@@ -99,6 +99,17 @@ def dar_config(variant: str, *, cpu: bool = False, tiny: bool = False
   return c
 
 
+def random_draft_size(spec: str) -> str | None:
+  """SIZE of a `random:SIZE` draft spec (UserError if unknown), None for a directory."""
+  if not spec.startswith('random:'):
+    return None
+  size = spec.split(':', 1)[1]
+  if size not in DRAFT_SIZES:
+    raise UserError(f'--draft={spec}: unknown size; choose random:SIZE with SIZE one of '
+                    f'{", ".join(sorted(DRAFT_SIZES))}')
+  return size
+
+
 def build_draft(config, *, seed: int = 0) -> GPT | None:
   """The draft GPT of `sampling.draft` (None when off): a converted directory, or random
   weights of a DRAFT_SIZES width with the target's vocabulary, length and classes."""
@@ -107,11 +118,8 @@ def build_draft(config, *, seed: int = 0) -> GPT | None:
   spec, dtype = str(config.sampling.get('draft', '') or ''), config.runtime.gpt_dtype
   if not spec:
     return None
-  if spec.startswith('random:'):
-    size = spec.split(':', 1)[1]
-    if size not in DRAFT_SIZES:
-      raise UserError(f'--draft=random:{size}: unknown size; choose one of '
-                      f'{", ".join(sorted(DRAFT_SIZES))}')
+  size = random_draft_size(spec)
+  if size:
     gpt = GPT(GPTConfig.from_dict({**config.model.gpt.to_dict(), **DRAFT_SIZES[size],
                                    'ffn_hidden': 0, 'dtype': dtype}), rngs=nnx.Rngs(seed + 7))
     if dtype == 'bfloat16':

@@ -312,13 +312,9 @@ def validate(config) -> None:
     if s.previews or ds or nt:
       raise UserError('speculative decoding (--draft) generates every id and decodes after the '
                       'last: drop --previews / --decoder-steps / --num-tokens, or the draft')
-    if draft.startswith('random:'):
-      from disa_jax.systems.dar.config import DRAFT_SIZES
+    from disa_jax.systems.dar.config import random_draft_size
 
-      if draft[len('random:'):] not in DRAFT_SIZES:
-        raise UserError(f'--draft={draft}: unknown size; choose random:SIZE with SIZE one of '
-                        f'{", ".join(sorted(DRAFT_SIZES))}')
-    else:
+    if random_draft_size(draft) is None:
       import os
 
       if not os.path.exists(os.path.expanduser(draft)):
