@@ -136,7 +136,8 @@ class XARSampler:
 
   `traces` counts traces per (cell, step bucket, batch) (each trace = one compile; the step
   count itself is traced, `step_bucket`); `compile_count` is their sum; `compiled(s, n, batch)`
-  says whether cell s with n evaluations at that batch needs no new compile. `mesh`: optional device mesh; the batch is sharded over its
+  says whether cell s with n evaluations at that batch needs no new compile. `mesh`: optional
+  device mesh; the batch is sharded over its
   data axis, parameters replicated (module docstring).
   """
 
