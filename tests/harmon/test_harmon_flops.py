@@ -56,3 +56,35 @@ def test_bench_settings():
   assert c.llm.hidden_size == 896 and c.llm.num_attention_heads == 14
   assert c.llm.num_hidden_layers == 4 and c.mar.encoder_depth == c.mar.decoder_depth == 2
   assert c.mar.diffloss_w == 1024 and c.runtime_mar.seq_len == 256
+
+
+def test_bench_single_pass_times_one_split_pass():
+  """--single-pass (full-size images on a CPU): one phase-split generate per setting, whose wall
+  time is the reported time; the default runs warm-up, fused and split passes."""
+  import argparse
+
+  from harmon_helpers import tiny_harmon
+
+  from disa_jax.systems.harmon.bench import run_model
+  from disa_jax.systems.harmon.sampler import HarmonSampler
+
+  model = tiny_harmon(seed=1)
+  sampler = HarmonSampler(model)
+  calls, generate = [], sampler.generate
+
+  def spy(*a, **k):
+    calls.append(k.get('timed', False))
+    return generate(*a, **k)
+
+  sampler.generate = spy
+  for single, want in ((True, [True, True]), (False, [False, False, True] * 2)):
+    calls.clear()
+    args = argparse.Namespace(batch=1, num_iter=2, settings=['baseline', 'disa_25_5'],
+                              torch=False, torch_settings=[], threads=1, single_pass=single)
+    out = run_model(model, sampler, args, variant='tiny')
+    assert calls == want
+    base, disa = out['settings']['baseline'], out['settings']['disa_25_5']
+    assert base['steps_requested'] == 200 and disa['steps_requested'] == 30
+    assert set(disa['jax_phase_s']) == {'encoder', 'llm', 'decoder', 'head'}
+    if single:
+      assert disa['jax_s'] == disa['jax_timed_s'] and base['compile_s'] > 0
