@@ -100,3 +100,24 @@ def test_bench_run_parsing():
       parse_runs(bad, c)
   with pytest.raises(UserError, match='at least 3'):
     parse_runs('a=disa:9:2', c)
+
+
+def test_compile_is_ahead_of_time(engine, monkeypatch):
+  """`compile` builds every cell executable of a new batch size from abstract shapes without
+  sampling a batch; the run that follows compiles nothing more."""
+  steps = (3, 4, 3, 5)
+  plan = engine.plan(3, steps=steps, cfg=2.0)
+  with monkeypatch.context() as m:
+    m.setattr(engine.inner, 'step', lambda *a, **k: pytest.fail('compile sampled a batch'))
+    assert engine.compile(plan) > 0
+  assert all(engine.inner.compiled(s, n, 3) for s, n in enumerate(steps))
+  assert {k: v for k, v in engine.inner.traces.items() if k[2] == 3} == {
+    (s, 64, 3): 1 for s in range(4)}
+  before = engine.compile_count
+  got = np.asarray(engine.generate([1, 2, 3], KEY, steps=steps, image_ids=[0, 1, 2]))
+  assert engine.compile_count == before and engine.last_stats.compile_s == 0.0
+  draws = engine.draws(KEY, np.arange(3), steps)
+  _, cell_major = engine.inner.generate([1, 2, 3], steps=steps, cfg=2.0, noise=draws,
+                                        return_tokens=True)
+  np.testing.assert_allclose(got[:, cell_order(engine.config)], np.asarray(cell_major),
+                             rtol=0, atol=1e-6)

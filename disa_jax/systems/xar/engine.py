@@ -4,7 +4,7 @@
 step bucket: first pass with the previous clean cell + `lax.fori_loop` over the rest) for
 the shared commands (disa-sample, disa-eval, disa-bench):
   plan(batch, *, steps, cfg, ...)   -> XARRunPlan (evaluations per cell, per-cell CFG), report()
-  compile(plan)                     -> seconds; one warm-up batch traces every cell function
+  compile(plan)                     -> seconds; every cell function compiled ahead of time
   generate(labels, key, *, steps, image_ids, progress, cfg, timed)
                                     -> tokens (B, 256, 16) row-major (raster order, like MAR's)
   last_stats (XARRunStats), compile_log {('backbone', s, evals, batch): seconds}
@@ -172,22 +172,16 @@ class XAREngineSampler:
     return [self._draw_fn(s, int(n))(key, ids) for s, n in enumerate(steps)]
 
   def compile(self, plan: XARRunPlan) -> float:
-    """Traces and compiles every cell function of `plan` (a warm-up batch of zeros when any is
-    missing); returns the seconds spent (0 when all were compiled before)."""
+    """Compiles every cell function of `plan` from abstract shapes (no warm-up batch runs)
+    and the noise draws; returns the seconds spent (0 when all were compiled before)."""
     missing = [(s, n) for s, n in enumerate(plan.steps)
                if not self.inner.compiled(s, n, plan.batch_size)]
     if not missing:
       return 0.0
     t0 = time.perf_counter()
     with self._precision():
-      zeros = [(np.zeros((plan.batch_size, self.config.cell_tokens, self.config.token_dim),
-                         np.float32),
-                np.zeros((n - 1, plan.batch_size, self.config.cell_tokens,
-                          self.config.token_dim), np.float32)) for n in plan.steps]
-      out = self.inner.generate(np.zeros(plan.batch_size, np.int32), steps=plan.steps,
-                                cfg=plan.cfg, noise=zeros)
-      jax.block_until_ready(out)
-      for s, n in enumerate(plan.steps):     # the draw functions too
+      self.inner.compile_cells(plan.steps, plan.batch_size)
+      for s, n in enumerate(plan.steps):     # the draw functions too (a few MB of normals)
         jax.block_until_ready(self._draw_fn(s, n)(jax.random.key(0),
                                                   jnp.zeros((plan.batch_size,), jnp.uint32)))
     dt = time.perf_counter() - t0

@@ -1,4 +1,4 @@
-"""xAR sampling: Python loop over cells, one jitted function per (cell, step bucket, batch).
+"""xAR sampling: Python loop over cells, one AOT-compiled function per (cell, step bucket, batch).
 
 Official: `xAR.sample_tokens` (`xAR_DiSA/models/xar.py`) and `sampler.euler_maruyama_sampler`
 (`xAR_DiSA/models/sampler.py`), spec §5.4 and §6. For labels y (B,), cfg and n_s steps in cell s:
@@ -134,9 +134,11 @@ class XARSamplingState:
 class XARSampler:
   """Compiled xAR sampler for one model; `generate` runs the cell loop.
 
-  `traces` counts traces per (cell, step bucket, batch) (each trace = one compile; the step
-  count itself is traced, `step_bucket`); `compile_count` is their sum; `compiled(s, n, batch)`
-  says whether cell s with n evaluations at that batch needs no new compile. `mesh`: optional
+  Each cell function is lowered and compiled ahead of time once per (cell, step bucket, batch)
+  (`executable`; `compile_cells` does it for a whole plan from abstract shapes, running
+  nothing). `traces` counts traces per (cell, step bucket, batch) (each trace = one compile; the
+  step count itself is traced, `step_bucket`); `compile_count` is their sum; `compiled(s, n,
+  batch)` says whether cell s with n evaluations at that batch needs no new compile. `mesh`: optional
   device mesh; the batch is sharded over its data axis, parameters replicated (module
   docstring).
   """
@@ -148,13 +150,40 @@ class XARSampler:
     self.state = state if mesh is None else shd.put(state, shd.replicated(mesh))
     self.traces: Counter = Counter()
     self._fns: dict = {}
+    self._exes: dict = {}      # (cell, step bucket, batch) -> (compiled, out_info)
 
   @property
   def compile_count(self) -> int:
     return sum(self.traces.values())
 
   def compiled(self, s: int, num_steps: int, batch: int) -> bool:
-    return self.traces.get((s, step_bucket(num_steps), batch), 0) > 0
+    return (s, step_bucket(num_steps), batch) in self._exes
+
+  def executable(self, s: int, args, batch: int):
+    """(compiled, out_info) of cell s's function for `args` (state, ctx, x, labels, cache,
+    plan, noise, cfg_s, evals: arrays or `jax.ShapeDtypeStruct`s), lowered and compiled on
+    first use (one per cell, step bucket and batch)."""
+    key = (s, int(args[5][0].shape[0]), batch)
+    exe = self._exes.get(key)
+    if exe is None:
+      lowered = self._cell_fn(s).lower(*args, batch)
+      exe = self._exes[key] = (lowered.compile(), lowered.out_info)
+    return exe
+
+  def compile_cells(self, steps: Sequence[int], batch: int) -> None:
+    """Compiles every cell function of a run with `steps` evaluations per cell at `batch`
+    from abstract shapes (nothing runs; each cell's cache shape comes from the previous cell's
+    compiled outputs)."""
+    self.check_batch(batch)
+    sds = jax.ShapeDtypeStruct
+    shape = (batch, self.cfg.cell_tokens, self.cfg.token_dim)
+    labels, cache = sds((2 * batch,), jnp.int32), None
+    for s, n in enumerate(steps):
+      bucket = step_bucket(int(n))
+      args = (self.state, sds(shape, jnp.float32), sds(shape, jnp.float32), labels, cache,
+              cell_plan(int(n)).arrays(bucket), sds((bucket, *shape), jnp.float32),
+              jnp.float32(1.0), jnp.int32(n))
+      cache = self.executable(s, args, batch)[1][1]
 
   def check_batch(self, batch: int) -> None:
     n = shd.data_size(self.mesh)
@@ -253,11 +282,10 @@ class XARSampler:
       jnp.asarray(step_noise, jnp.float32),
       jnp.zeros((bucket - num_steps + 1, *shape), jnp.float32)]), axis=1)
     ctx = st.samples[-1] if st.samples else self.batch_sharded(jnp.zeros(shape, jnp.float32))
-    x, cache = self._cell_fn(s)(self.state, ctx,
-                                self.batch_sharded(jnp.asarray(initial, jnp.float32)),
-                                st.labels, st.cache, plan.arrays(bucket), noise,
-                                jnp.float32(cell_cfg(cfg, s, self.cfg.num_cells)),
-                                jnp.int32(num_steps), st.batch)
+    args = (self.state, ctx, self.batch_sharded(jnp.asarray(initial, jnp.float32)), st.labels,
+            st.cache, plan.arrays(bucket), noise,
+            jnp.float32(cell_cfg(cfg, s, self.cfg.num_cells)), jnp.int32(num_steps))
+    x, cache = self.executable(s, args, st.batch)[0](*args)
     return dataclasses.replace(st, cell=s + 1, cache=cache, samples=[*st.samples, x])
 
   def draws(self, key, s: int, num_steps: int, batch: int):
