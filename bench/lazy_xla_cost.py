@@ -10,7 +10,9 @@ bytes accessed that XLA counts (`Compiled.cost_analysis()`), so measured per-ste
 count is overhead outside the arithmetic (allocation, dispatch, threading of small GEMMs).
 --time_step=S also times, in isolation (each call synchronised, --repeats times, alternating),
 the uncached backbone and the cached executable (refresh or lazy) of AR step S on the same
-inputs: what one call costs outside the sampling loop.
+inputs: what one call costs outside the sampling loop. --profile=DIR also records one call of
+each under `jax.profiler` and prints where its time goes by op kind (XLA:CPU reports each
+thunk: GEMM fusions, copies, scatters, sorts).
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ def main(argv=None):
   p.add_argument('--json', default='')
   p.add_argument('--time_step', type=int, default=-1, help='AR step to time in isolation')
   p.add_argument('--repeats', type=int, default=4)
+  p.add_argument('--profile', default='', help='with --time_step: trace dir; prints top ops')
+  p.add_argument('--top', type=int, default=15, help='op kinds printed per profiled call')
   args = p.parse_args(argv)
   from flax import nnx
 
@@ -83,12 +87,14 @@ def main(argv=None):
       json.dump(rows, f, indent=1)
     os.replace(args.json + '.partial', args.json)
   if args.time_step >= 0:
-    time_step(sp, plan, lazy, args.time_step, args.repeats, tokens, orders, class_vec)
+    time_step(sp, plan, lazy, args.time_step, args.repeats, tokens, orders, class_vec,
+              profile=args.profile, top=args.top)
   return rows
 
 
-def time_step(sp, plan, lazy, index, repeats, tokens, orders, class_vec):
-  """Synchronised wall seconds of AR step `index`'s uncached backbone and cached executable."""
+def time_step(sp, plan, lazy, index, repeats, tokens, orders, class_vec, profile='', top=15):
+  """Synchronised wall seconds of AR step `index`'s uncached backbone and cached executable;
+  with `profile`, one traced call of each and its most expensive ops."""
   import time
 
   import jax.numpy as jnp
@@ -114,6 +120,47 @@ def time_step(sp, plan, lazy, index, repeats, tokens, orders, class_vec):
       times[name].append(round(time.perf_counter() - t0, 2))
   print(f'AR step {index} in isolation (s per call, {repeats} alternating calls):',
         ', '.join(f'{k} {v}' for k, v in times.items()))
+  if not profile:
+    return
+  for name in times:
+    if name == 'lazy':
+      job = lazy._args(st, tokens, orders, class_vec,
+                       cache=jax.block_until_ready(jax.tree.map(jnp.copy, lazy.cache)))
+    else:
+      job = plain if name == 'backbone' else lazy._args(st, tokens, orders, class_vec)
+    out_dir = os.path.join(profile, name)
+    jax.profiler.start_trace(out_dir)
+    jax.block_until_ready(sp._run(*job))
+    jax.profiler.stop_trace()
+    ops = op_times(out_dir)
+    print(f'{name}: {sum(ms for ms, _ in ops.values()):.1f} ms in XLA ops; by kind (ms, count):')
+    for op, (ms, n) in sorted(ops.items(), key=lambda kv: -kv[1][0])[:top]:
+      print(f'  {ms:9.1f} {n:5d}  {op}')
+
+
+def op_times(trace_dir: str) -> dict:
+  """{op kind: (total ms, count)} of the XLA ops in the newest trace under trace_dir (kind =
+  the op name without its '.N' suffix: ynn_fusion = the GEMM fusions, wrapped_scatter, copy,
+  ...; host-side wrapper events left out)."""
+  import collections
+  import glob
+  import gzip
+  import re
+
+  path = max(glob.glob(os.path.join(trace_dir, '**', '*.trace.json.gz'), recursive=True),
+             key=os.path.getmtime)
+  with gzip.open(path) as f:
+    events = json.load(f)['traceEvents']
+  total, count = collections.Counter(), collections.Counter()
+  skip = ('Pjit', 'PjRt', 'Execute', 'Allocate', 'Handle', 'Parse', 'Python', '$', 'end: ',
+          'Await', 'Create', 'ThunkExecutor')
+  for e in events:
+    name = e.get('name', '')
+    if e.get('ph') == 'X' and not any(k in name for k in skip):
+      kind = re.sub(r'\.\d+$', '', name)
+      total[kind] += e.get('dur', 0) / 1e3
+      count[kind] += 1
+  return {k: (round(v, 1), count[k]) for k, v in total.items()}
 
 
 if __name__ == '__main__':
