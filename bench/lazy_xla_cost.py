@@ -108,13 +108,16 @@ def time_step(sp, plan, lazy, index, repeats, tokens, orders, class_vec, profile
   if not st.refresh:   # a lazy step needs a filled cache: the refresh of step 0's shapes
     lazy.cache = sp._run(*lazy._args(lazy.steps[0], tokens, orders, class_vec))[3]
   times = {'backbone': [], 'refresh' if st.refresh else 'lazy': []}
+
+  def job_for(name):   # a lazy step donates its cache: each call gets a fresh copy
+    if name == 'lazy':
+      return lazy._args(st, tokens, orders, class_vec,
+                        cache=jax.block_until_ready(jax.tree.map(jnp.copy, lazy.cache)))
+    return plain if name == 'backbone' else lazy._args(st, tokens, orders, class_vec)
+
   for _ in range(repeats):
     for name in times:
-      if name == 'lazy':
-        job = lazy._args(st, tokens, orders, class_vec,
-                         cache=jax.block_until_ready(jax.tree.map(jnp.copy, lazy.cache)))
-      else:
-        job = plain if name == 'backbone' else lazy._args(st, tokens, orders, class_vec)
+      job = job_for(name)
       t0 = time.perf_counter()
       jax.block_until_ready(sp._run(*job))
       times[name].append(round(time.perf_counter() - t0, 2))
@@ -123,11 +126,7 @@ def time_step(sp, plan, lazy, index, repeats, tokens, orders, class_vec, profile
   if not profile:
     return
   for name in times:
-    if name == 'lazy':
-      job = lazy._args(st, tokens, orders, class_vec,
-                       cache=jax.block_until_ready(jax.tree.map(jnp.copy, lazy.cache)))
-    else:
-      job = plain if name == 'backbone' else lazy._args(st, tokens, orders, class_vec)
+    job = job_for(name)
     out_dir = os.path.join(profile, name)
     jax.profiler.start_trace(out_dir)
     jax.block_until_ready(sp._run(*job))
