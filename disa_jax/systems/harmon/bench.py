@@ -103,7 +103,7 @@ def run_model(model, sampler, args, *, variant: str, prompt=None, uncond=None) -
     key = jax.random.key(0)
     kw = dict(uncond_ids=uncond, steps=steps, max_timestep=clip, cfg=3.0,
               cfg_schedule='constant')
-    if getattr(args, 'single_pass', False):
+    if args.single_pass:
       # One synchronised pass (compile still excluded: the sampler compiles every bucket
       # before it starts the clock); its wall time stands for the fused time.
       sampler.generate(prompts, key, timed=True, **kw)
@@ -168,7 +168,8 @@ def disa_bench(config, *, batch_size: int, seed: int = 0, with_torch: bool = Fal
     prompt = ids[0]
   args = argparse.Namespace(batch=batch_size, num_iter=config.sampling.num_iter,
                             settings=list(settings), torch=with_torch,
-                            torch_settings=list(settings), threads=torch_threads or 2)
+                            torch_settings=list(settings), threads=torch_threads or 2,
+                            single_pass=False)
   log(f'model: {config.get("name", "?")} ({source}); settings {", ".join(settings)}')
   out = run_model(model, sampler, args, variant=config.get('name', ''), prompt=prompt,
                   uncond=uncond)

@@ -138,8 +138,8 @@ class XARSampler:
   (`executable`; `compile_cells` does it for a whole plan from abstract shapes, running
   nothing). `traces` counts traces per (cell, step bucket, batch) (each trace = one compile; the
   step count itself is traced, `step_bucket`); `compile_count` is their sum; `compiled(s, n,
-  batch)` says whether cell s with n evaluations at that batch needs no new compile. `mesh`: optional
-  device mesh; the batch is sharded over its data axis, parameters replicated (module
+  batch)` says whether cell s with n evaluations at that batch needs no new compile. `mesh`:
+  optional device mesh; the batch is sharded over its data axis, parameters replicated (module
   docstring).
   """
 
