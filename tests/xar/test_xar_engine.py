@@ -62,14 +62,15 @@ def test_plan_stats_and_compiles(engine):
   assert rep['num_iter'] == 4 and rep['steps_actual'] == list(STEPS)
   assert rep['cell_cfg'] == [1.0, pytest.approx(4 / 3), pytest.approx(5 / 3), 2.0]
   assert rep['head_token_steps_per_image'] == 64 * 12 + 3 * 64
-  engine.generate([0, 1], KEY, steps=STEPS)
-  assert engine.last_stats.compile_s == 0.0                  # compiled by earlier tests
+  engine.generate([0, 1], KEY, steps=STEPS)   # compiles here unless an earlier test on this
+  engine.generate([0, 1], KEY, steps=STEPS)   # xdist worker did; the repeat never compiles
+  assert engine.last_stats.compile_s == 0.0
   assert engine.last_stats.compiles == {'backbone': 0}
   assert engine.compile(plan) == 0.0
   keys = [k for k in engine.compile_log if k[0] == 'backbone' and k[3] == 2]
   assert sorted(k[1] for k in keys) == [0, 1, 2, 3]
   assert {(s, n, b) for s, n, b in engine.inner.traces} <= {(s, 64, b) for s in range(4)
-                                                             for b in (2, 4)}
+                                                             for b in (2, 3, 4)}
   assert all(v == 1 for v in engine.inner.traces.values())  # never retraced
 
 
