@@ -9,7 +9,7 @@
 
 Runs: `mar` = the original schedule (--mar_steps at every AR step, no clamp), `disa` = DiSA
 linear --disa_upper -> --disa_lower with the 950 clamp; `+cache` adds `--cache` (default
-lazymar). Every run of one invocation uses the same weights, labels, seeds, generation orders
+lazymar: backbone and head caches), `+bbcache` the same with the head cache off (head=0). Every run of one invocation uses the same weights, labels, seeds, generation orders
 and noise; compilation happens before the timed part and is reported separately; each run is
 timed --repeats times (the minimum is reported); --split adds a synchronised pass that times
 the backbone and the head separately. Prints a table and (with --json) writes the result.
@@ -60,6 +60,18 @@ def schedules(args):
   }
 
 
+CACHE_RUNS = {'+cache': '', '+bbcache': 'head=0'}   # run suffix -> items added to --cache
+
+
+def split_run(run: str, cache: str) -> tuple[str, str]:
+  """(schedule name, cache spec) of a run name such as 'disa+bbcache'."""
+  for suffix, extra in CACHE_RUNS.items():
+    if run.endswith(suffix):
+      spec = cache if not extra else cache + (',' if ':' in cache else ':') + extra
+      return run.removesuffix(suffix), spec
+  return run, 'none'
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--model', default='mar_base', help='mar_base | mar_large | digits')
@@ -88,8 +100,8 @@ def main(argv=None):
   scheds = schedules(args)
   runs = [r for r in args.runs.split(',') if r]
   for r in runs:
-    if r.removesuffix('+cache') not in scheds:
-      p.error(f'unknown run {r!r}; use mar, disa, mar+cache, disa+cache')
+    if split_run(r, args.cache)[0] not in scheds:
+      p.error(f'unknown run {r!r}; use mar or disa, optionally with +cache or +bbcache')
   if args.flops_only:
     return print_flops(model.config, scheds, runs, args, cfg)
   sampler = Sampler(model, solver=args.solver)
@@ -107,8 +119,8 @@ def main(argv=None):
             'cpu_count': os.cpu_count(), 'load_avg': os.getloadavg()[0], 'runs': {}}
   images = {}
   for r in runs:
-    plan = scheds[r.removesuffix('+cache')]
-    cache = args.cache if r.endswith('+cache') else 'none'
+    name, cache = split_run(r, args.cache)
+    plan = scheds[name]
     kw = dict(steps=plan.steps, max_timestep=plan.max_timestep, cfg=cfg, cache=cache)
     row = {'sample_s': 0.0, 'compile_s': 0.0}
     out = {s: [] for s in seeds}
@@ -179,21 +191,24 @@ def print_flops(model_config, scheds, runs, args, cfg) -> dict:
 
   out = {}
   for r in runs:
-    sch = scheds[r.removesuffix('+cache')]
+    name, cache = split_run(r, args.cache)
+    sch = scheds[name]
     plan = make_plan(model_config, batch_size=args.batch, steps=sch.steps,
                      max_timestep=sch.max_timestep, cfg=cfg,
                      enc_bucket=max(1, model_config.seq_len // 16))
-    f = plan_flops(model_config, plan, parse_cache(args.cache),
+    cached = cache != 'none'
+    f = plan_flops(model_config, plan, parse_cache(cache if cached else args.cache),
                    enc_bucket=max(1, model_config.seq_len // 16))
-    bb = f['backbone_cached'] if r.endswith('+cache') else f['backbone_uncached']
-    out[r] = {'backbone_gflop': bb / 1e9, 'head_gflop': f['head'] / 1e9,
-              'total_gflop': (bb + f['head']) / 1e9}
+    bb = f['backbone_cached'] if cached else f['backbone_uncached']
+    hd = f['head_cached'] if cached else f['head']
+    out[r] = {'backbone_gflop': bb / 1e9, 'head_gflop': hd / 1e9,
+              'total_gflop': (bb + hd) / 1e9}
   first = out[runs[0]]['total_gflop']
   print(f"counted GFLOP per image, {args.model}, {args.num_iter} AR steps, cfg {cfg}, "
         f"cache {args.cache}")
-  print(f"{'run':<12}{'backbone':>10}{'head':>9}{'total':>9}{'speedup':>9}")
+  print(f"{'run':<14}{'backbone':>10}{'head':>9}{'total':>9}{'speedup':>9}")
   for r, v in out.items():
-    print(f"{r:<12}{v['backbone_gflop']:>10.0f}{v['head_gflop']:>9.0f}{v['total_gflop']:>9.0f}"
+    print(f"{r:<14}{v['backbone_gflop']:>10.0f}{v['head_gflop']:>9.0f}{v['total_gflop']:>9.0f}"
           f"{first / v['total_gflop']:>8.2f}x")
   return out
 
@@ -203,13 +218,13 @@ def format_table(result) -> str:
            f"{result['num_iter']} AR steps, cfg {result['cfg']}, {result['solver']}, "
            f"backend {result['backend']}, seeds {result['seeds']}, "
            f"load avg {result['load_avg']:.1f}"]
-  head = f"{'run':<12}{'sample s':>10}{'ms/img':>10}{'speedup':>9}{'backbone s':>12}" \
+  head = f"{'run':<14}{'sample s':>10}{'ms/img':>10}{'speedup':>9}{'backbone s':>12}" \
          f"{'head s':>9}{'acc':>8}{'FD':>9}{'compile s':>11}"
   lines.append(head)
   for name, r in result['runs'].items():
     def f(k, fmt, r=r):
       return format(r[k], fmt) if k in r else '-'
-    lines.append(f"{name:<12}{r['sample_s']:>10.2f}{r['ms_per_image']:>10.1f}"
+    lines.append(f"{name:<14}{r['sample_s']:>10.2f}{r['ms_per_image']:>10.1f}"
                  f"{r['speedup_vs_first']:>8.2f}x{f('backbone_s', '.2f'):>12}"
                  f"{f('head_s', '.2f'):>9}{f('accuracy', '.3f'):>8}{f('fd', '.2f'):>9}"
                  f"{r['compile_s']:>11.1f}")

@@ -51,9 +51,10 @@ def _rel(a, b):
 def test_parse_cache():
   assert parse_cache('') is None and parse_cache('none') is None
   c = parse_cache('lazymar:interval=4,ratio_scale=0.5')
-  assert c.interval == 4 and c.ratio_scale == 0.5 and c.start is None
+  assert c.interval == 4 and c.ratio_scale == 0.5 and c.start is None and c.head == 7
+  assert parse_cache('lazymar:head=0').head == 0
   for bad in ('lazy', 'lazymar:foo=1', 'lazymar:interval=0', 'lazymar:start=x',
-              'lazymar:ratio_scale=-1', 'lazymar:interval'):
+              'lazymar:ratio_scale=-1', 'lazymar:interval', 'lazymar:head=-1'):
     with pytest.raises(UserError, match='cache'):
       parse_cache(bad)
 
@@ -63,12 +64,18 @@ def test_refresh_every_step_equals_uncached(model, cfg):
   orders = np.stack([np.random.default_rng(i).permutation(16) for i in range(3)])
   labels = np.array([1, 2, 3])
   t0, z0, _ = _run(model, None, cfg, orders, labels)
-  t1, z1, s1 = _run(model, 'lazymar:interval=1', cfg, orders, labels)
+  # head=1: the head cache refreshes at every denoising step, i.e. is off
+  t1, z1, s1 = _run(model, 'lazymar:interval=1,head=1', cfg, orders, labels)
   assert s1.last_stats.compiles['backbone'] == 0 and s1.last_stats.compiles['lazy_step'] == 0
   for (a, pa), (b, pb) in zip(z0, z1, strict=True):
     np.testing.assert_array_equal(pa, pb)
     assert _rel(b, a) < 1e-5
   assert _rel(t1, t0) < 1e-5
+  # the head cache (LazyMAR's threshold 7; numerics in test_head_cache.py) reaches the
+  # sampler's head executables
+  _run(model, 'lazymar:interval=1', cfg, orders, labels)
+  heads = [dict(key[2]) for key in s1._executables if key[0] == 'head']
+  assert {h['head_cache'] for h in heads} == {0, 1, 7}
 
 
 # ------------------------------------------------------------------------------------------
@@ -308,6 +315,13 @@ def test_counted_flops():
   assert every['refresh_steps'] == 64
   # all refresh: the full last decoder block (for the CFG difference) costs a little more
   assert 0.93 < every['backbone_ratio'] <= 1.0
-  lazy = plan_flops(c, plan, parse_cache('lazymar'))
+  assert every['head_ratio'] > 2.0                     # the head cache is on by default
+  lazy = plan_flops(c, plan, parse_cache('lazymar:head=0'))
   assert lazy['refresh_steps'] == 12                  # 0-4, 5, 14, 23, 32, 41, 50, 59
   assert 2.2 < lazy['backbone_ratio'] < 2.7 and lazy['total_ratio'] > 2.0
+  assert abs(lazy['head_ratio'] - 1) < 1e-12
+  both = plan_flops(c, plan, parse_cache('lazymar'))
+  assert both['backbone_ratio'] == lazy['backbone_ratio']
+  assert both['total_ratio'] > lazy['total_ratio'] + 0.2
+  # head=1 refreshes at every denoising step: exactly the uncached head
+  assert abs(plan_flops(c, plan, parse_cache('lazymar:head=1'))['head_ratio'] - 1) < 1e-12

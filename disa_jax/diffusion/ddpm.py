@@ -53,6 +53,7 @@ import numpy as np
 from flax import nnx
 
 from disa_jax.diffusion.gaussian import spaced_schedule
+from disa_jax.heads.step_cache import cached_predictor
 
 TABLE_KEYS = ('t', 'sqrt_recip_ac', 'sqrt_recipm1_ac', 'coef1', 'coef2', 'log_beta',
               'post_logvar', 'noise_mask')
@@ -162,9 +163,11 @@ def _solver_of(tables) -> str:
 
 
 def _step_fn(net, z, z_uncond, tables, *, num_steps: int, cfg, temperature, noise_at,
-             channels: int, modulation_budget: int):
-  """body(i, (x, x0_prev), j) -> state after loop iteration i (tables index i; noise index j,
-  j = 0 is the noisiest step of the chain). The solver is read from the table keys.
+             channels: int, modulation_budget: int, head_cache: int = 0):
+  """(initial state, body(i, (x, x0_prev, cache), j) -> state after loop iteration i) (tables
+  index i; noise index j, j = 0 is the noisiest step of the chain; the state's x is set by the
+  caller). The solver is read from the table keys. `head_cache` > 0 evaluates the net with
+  LazyMAR's head cache of that threshold (`heads/step_cache.py`; cache () when 0).
 
   When the adaLN modulations of all A steps fit in `modulation_budget` bytes they are
   computed here in one batched pass (same arithmetic; at small batch the loop is bound by
@@ -179,37 +182,30 @@ def _step_fn(net, z, z_uncond, tables, *, num_steps: int, cfg, temperature, nois
     cond = net.embed_cond(z)                                  # [R, W]
   else:
     cond = jnp.stack([net.embed_cond(z), net.embed_cond(z_uncond)], axis=1).reshape(2 * r, -1)
-  rows = cond.shape[0]
-  precompute = ('trip' not in tables
-                and num_steps * rows * net.modulation_width() * 4 <= modulation_budget)
-  if precompute:
-    mods_all = net.modulations(cond[None] + t_emb[:, None])   # each [A, rows, k*W]
-
-  def trunk(i, x_in):
-    if precompute:
-      return net.trunk_modulated(x_in, tuple(m[i] for m in mods_all))
-    return net.trunk(x_in, cond + t_emb[i])
+  if head_cache:
+    init, predict = cached_predictor(
+      net, cond[::2] if z_uncond is not None else cond,
+      cond[1::2] if z_uncond is not None else None, t_emb, threshold=head_cache, cfg=cfg,
+      channels=c, num_steps=num_steps, trip=tables.get('trip'),
+      modulation_budget=modulation_budget)
+  else:
+    init, predict = (), _predictor(net, cond, t_emb, tables, num_steps=num_steps, cfg=cfg,
+                                   channels=c, rows=r, use_cfg=z_uncond is not None,
+                                   modulation_budget=modulation_budget)
 
   def body(i, state, j):
-    x, x0_prev = state
-    if z_uncond is None:
-      out = trunk(i, x)
-      eps, v = out[:, :c], out[:, c:]
-    else:
-      out = trunk(i, jnp.repeat(x, 2, axis=0)).reshape(r, 2, 2 * c)
-      eps_c, eps_u = out[:, 0, :c], out[:, 1, :c]
-      eps = eps_u + cfg * (eps_c - eps_u)
-      v = out[:, 0, c:]
+    x, x0_prev, cache = state
+    eps, v, cache = predict(i, x, cache)
     x0 = tables['sqrt_recip_ac'][i] * x - tables['sqrt_recipm1_ac'][i] * eps
     if solver == 'ddim':
       mean = tables['ddim_x0'][i] * x0 + tables['ddim_eps'][i] * eps
-      return mean + tables['ddim_sigma'][i] * temperature * noise_at(j), x0_prev
+      return mean + tables['ddim_sigma'][i] * temperature * noise_at(j), x0_prev, cache
     if solver in ('dpmpp_2m', 'dpmpp_2m_sde'):
       new = (tables['dpm_x'][i] * x + tables['dpm_x0'][i] * x0
              + tables['dpm_x0_prev'][i] * x0_prev)
       if solver == 'dpmpp_2m_sde':
         new = new + tables['dpm_noise'][i] * temperature * noise_at(j)
-      return new, x0
+      return new, x0, cache
     frac = (v + 1) / 2
     log_var = frac * tables['log_beta'][i] + (1 - frac) * tables['post_logvar'][i]
     d = x0
@@ -218,9 +214,34 @@ def _step_fn(net, z, z_uncond, tables, *, num_steps: int, cfg, temperature, nois
       x0_prev = x0
     mean = tables['coef1'][i] * d + tables['coef2'][i] * x
     scale = tables['noise_mask'][i] * temperature
-    return mean + scale * jnp.exp(0.5 * log_var) * noise_at(j), x0_prev
+    return mean + scale * jnp.exp(0.5 * log_var) * noise_at(j), x0_prev, cache
 
-  return body
+  return init, body
+
+
+def _predictor(net, cond, t_emb, tables, *, num_steps, cfg, channels, rows, use_cfg,
+               modulation_budget):
+  """predict(i, x, ()) -> (guided eps, v, ()) of the uncached net at loop iteration i."""
+  c, r = channels, rows
+  precompute = ('trip' not in tables
+                and num_steps * cond.shape[0] * net.modulation_width() * 4 <= modulation_budget)
+  if precompute:
+    mods_all = net.modulations(cond[None] + t_emb[:, None])   # each [A, rows, k*W]
+
+  def trunk(i, x_in):
+    if precompute:
+      return net.trunk_modulated(x_in, tuple(m[i] for m in mods_all))
+    return net.trunk(x_in, cond + t_emb[i])
+
+  def predict(i, x, cache):
+    if not use_cfg:
+      out = trunk(i, x)
+      return out[:, :c], out[:, c:], cache
+    out = trunk(i, jnp.repeat(x, 2, axis=0)).reshape(r, 2, 2 * c)
+    eps_c, eps_u = out[:, 0, :c], out[:, 1, :c]
+    return eps_u + cfg * (eps_c - eps_u), out[:, 0, c:], cache
+
+  return predict
 
 
 def _loop_bounds(tables, num_steps: int):
@@ -230,39 +251,41 @@ def _loop_bounds(tables, num_steps: int):
 
 
 def p_sample_loop(net, z, z_uncond, x, tables, *, num_steps: int, cfg, temperature, noise_at,
-                  modulation_budget: int = MODULATION_BUDGET_BYTES):
+                  modulation_budget: int = MODULATION_BUDGET_BYTES, head_cache: int = 0):
   """Runs the loop for rows x [R, C] with conditions z [R, Dz] (z_uncond [R, Dz] or None).
 
   `tables` hold [A] arrays (A = num_steps, static; `device_tables`, any solver); `noise_at(j)`
-  returns the [R, C] noise of loop iteration j (j = 0 is the noisiest step). Returns x_0
+  returns the [R, C] noise of loop iteration j (j = 0 is the noisiest step). `head_cache`:
+  LazyMAR's head-cache threshold (0: off, every step runs the whole net). Returns x_0
   [R, C] (float32).
   """
-  body = _step_fn(net, z, z_uncond, tables, num_steps=num_steps, cfg=cfg,
-                  temperature=temperature, noise_at=noise_at, channels=x.shape[-1],
-                  modulation_budget=modulation_budget)
+  cache, body = _step_fn(net, z, z_uncond, tables, num_steps=num_steps, cfg=cfg,
+                         temperature=temperature, noise_at=noise_at, channels=x.shape[-1],
+                         modulation_budget=modulation_budget, head_cache=head_cache)
   x = x.astype(jnp.float32)
   start, stop = _loop_bounds(tables, num_steps)
   if 'trip' not in tables:
-    return jax.lax.fori_loop(0, num_steps, lambda i, s: body(i, s, i), (x, x))[0]
-  return jax.lax.fori_loop(start, stop, lambda i, s: body(i, s, i - start), (x, x))[0]
+    return jax.lax.fori_loop(0, num_steps, lambda i, s: body(i, s, i), (x, x, cache))[0]
+  return jax.lax.fori_loop(start, stop, lambda i, s: body(i, s, i - start), (x, x, cache))[0]
 
 
 def p_sample_trajectory(net, z, z_uncond, x, tables, *, num_steps: int, cfg, temperature,
-                        noise_at, modulation_budget: int = MODULATION_BUDGET_BYTES):
+                        noise_at, modulation_budget: int = MODULATION_BUDGET_BYTES,
+                        head_cache: int = 0):
   """`p_sample_loop` that also returns every intermediate state: [A + 1, R, C] with x_T first
   and x_0 last (same numbers; for analysis only, the sampler uses `p_sample_loop`)."""
   if 'trip' in tables:
     raise ValueError('p_sample_trajectory needs unpadded tables (device_tables without pad_to)')
-  body = _step_fn(net, z, z_uncond, tables, num_steps=num_steps, cfg=cfg,
-                  temperature=temperature, noise_at=noise_at, channels=x.shape[-1],
-                  modulation_budget=modulation_budget)
+  cache, body = _step_fn(net, z, z_uncond, tables, num_steps=num_steps, cfg=cfg,
+                         temperature=temperature, noise_at=noise_at, channels=x.shape[-1],
+                         modulation_budget=modulation_budget, head_cache=head_cache)
   x = x.astype(jnp.float32)
 
   def scan_body(state, i):
     state = body(i, state, i)
     return state, state[0]
 
-  _, states = jax.lax.scan(scan_body, (x, x), jnp.arange(num_steps))
+  _, states = jax.lax.scan(scan_body, (x, x, cache), jnp.arange(num_steps))
   return jnp.concatenate([x[None], states], axis=0)
 
 

@@ -77,11 +77,16 @@ class ResBlock(nnx.Module):
     """(shift, scale, gate) packed as [..., 3W]; depends on y only, not on x."""
     return self.adaLN_modulation[1](self.adaLN_modulation[0](y))
 
-  def apply(self, x, mod):
+  def branch(self, x, mod):
+    """(MLP output, gate) for x and packed modulation mod: the block is x + gate * MLP."""
     shift, scale, gate = jnp.split(mod, 3, axis=-1)
     h = modulate(self.in_ln(x).astype(mod.dtype), shift, scale)
     for layer in self.mlp:
       h = layer(h)
+    return h, gate
+
+  def apply(self, x, mod):
+    h, gate = self.branch(x, mod)
     return x + (gate * h).astype(x.dtype)
 
   def __call__(self, x, y):

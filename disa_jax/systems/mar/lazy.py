@@ -26,6 +26,10 @@ interval 9 at 64 AR steps); every other step is *lazy*:
   Dropped slots output 0 before `decoder_norm` (as the official unprune), so a predicted token
   that was not kept would read the norm's bias (never happens unless more than `margin` slots
   have negative similarity).
+- head cache (LazyMAR models/diffloss_cached.py, threshold `head`, 7 as the official sampler;
+  0 turns it off): inside each head call, the denoising steps between refreshes reuse the
+  residual updates of head blocks 1..4, the other blocks' MLP outputs and the CFG difference
+  of eps, on the conditional rows only (`disa_jax/heads/step_cache.py`).
 
 Static shapes: a refresh step is compiled per encoder bucket (as the uncached backbone), a lazy
 step per (new-token bucket, keep). The caches are [B, nb + L, D] per layer (conditional branch
@@ -67,6 +71,7 @@ class LazyConfig:
   margin: int = 15               # extra rows beyond the predicted ones
   keep_bucket: int = 16          # kept rows rounded up to a multiple of this
   ratio_scale: float = 1.0       # multiplies the retention table (1: LazyMAR's)
+  head: int = 7                  # head-cache threshold (heads/step_cache.py; 0: off)
 
   def resolved(self, num_iter: int, decoder_depth: int) -> LazyConfig:
     start = self.start if self.start is not None else round(5 * num_iter / 64)
@@ -82,12 +87,12 @@ class LazyConfig:
 
 
 _FIELDS = {'start': int, 'interval': int, 'layer': int, 'margin': int, 'keep_bucket': int,
-           'ratio_scale': float}
+           'ratio_scale': float, 'head': int}
 
 
 def parse_cache(spec) -> LazyConfig | None:
   """'' / 'none' -> None; 'lazymar' or 'lazymar:interval=9,start=5,layer=3,margin=15,
-  keep_bucket=16,ratio_scale=1.0' -> LazyConfig; a LazyConfig passes through."""
+  keep_bucket=16,ratio_scale=1.0,head=7' -> LazyConfig; a LazyConfig passes through."""
   if spec is None or isinstance(spec, LazyConfig):
     return spec
   text = str(spec).strip()
@@ -107,7 +112,7 @@ def parse_cache(spec) -> LazyConfig | None:
       kw[key] = _FIELDS[key](val)
     except ValueError:
       raise CacheSpecError(f'cache {text!r}: {key} must be a number, got {val!r}') from None
-  for key in ('start', 'layer', 'margin'):
+  for key in ('start', 'layer', 'margin', 'head'):
     if kw.get(key, 0) < 0:
       raise CacheSpecError(f'cache {text!r}: {key} must be >= 0')
   for key in ('interval', 'keep_bucket'):
@@ -425,9 +430,9 @@ def _cached_block_flops(rows_q: int, rows_kv: int, dim: int, mlp_ratio: float) -
 
 
 def plan_flops(model_config, plan, lazy: LazyConfig, *, enc_bucket: int = 16) -> dict:
-  """Backbone FLOPs per image of a cached run (padded rows as run) next to the uncached
-  backbone of the same plan (`flops.backbone_flops` with the partial last block); the head's
-  FLOPs are unchanged by the cache (`flops.plan_flops`)."""
+  """Backbone and head FLOPs per image of a cached run (padded rows as run) next to the
+  uncached ones of the same plan (`flops.backbone_flops` with the partial last block,
+  `flops.plan_flops`); the head cache (`lazy.head` > 0) as `_cached_head_flops`."""
   from disa_jax.systems.mar.flops import backbone_flops
   from disa_jax.systems.mar.flops import plan_flops as head_plan_flops
 
@@ -454,7 +459,31 @@ def plan_flops(model_config, plan, lazy: LazyConfig, *, enc_bucket: int = 16) ->
     f += (c.decoder_depth - lz.layer - 1) * _cached_block_flops(st.keep, n_all, dd, r)
     cached += f
   head = head_plan_flops(c, plan, official=False)['head']
+  head_cached = head
+  if lz.head:
+    head_cached = sum(_cached_head_flops(c, branches * s.n_pad, s.actual_steps, lz.head,
+                                         branches) for s in plan.steps)
   return {'backbone_uncached': uncached, 'backbone_cached': cached, 'head': head,
-          'backbone_ratio': uncached / cached,
-          'total_ratio': (uncached + head) / (cached + head),
+          'head_cached': head_cached, 'backbone_ratio': uncached / cached,
+          'head_ratio': head / head_cached,
+          'total_ratio': (uncached + head) / (cached + head_cached),
           'refresh_steps': sum(st.refresh for st in steps), 'num_iter': plan.num_iter}
+
+
+def _cached_head_flops(c, rows: int, num_steps: int, threshold: int, branches: int) -> float:
+  """FLOPs of one head call under the head cache (`heads/step_cache.py`; `rows` over all CFG
+  branches, lazy steps on the conditional rows only), counted as `flops.head_flops_call`."""
+  from disa_jax.heads.step_cache import EARLY, LAZY, REFRESH, block_split, step_kinds
+
+  w, ch, dd = c.diffloss_w, c.token_embed_dim, c.decoder_embed_dim
+  reuse, _ = block_split(c.diffloss_d)
+  ends = 2 * ch * w + 2 * (2 * w * w + w * 2 * ch)          # input_proj, final layer
+  full = ends + c.diffloss_d * 2 * 5 * w * w
+  lazy = ends + len(reuse) * 2 * 3 * w * w                  # modulations of the run blocks
+  early = lazy + len(reuse) * 2 * 2 * w * w                 # + their MLPs
+  kinds = step_kinds(num_steps, threshold)
+  cond = rows // branches
+  f = num_steps * 2 * (256 * w + w * w) + rows * 2 * dd * w
+  f += (kinds == REFRESH).sum() * rows * full
+  f += (kinds == EARLY).sum() * cond * early + (kinds == LAZY).sum() * cond * lazy
+  return float(f)

@@ -89,7 +89,8 @@ def _backbone(state, tokens, orders, class_vec, m_cur, n_pred, *, graphdef, visi
 
 
 def head_bucket(state, z, pred_pos, pred_valid, tokens, image_keys, tables, cfg, temperature, *,
-          graphdef, num_steps, n_pad, use_cfg, modulation_budget=MODULATION_BUDGET_BYTES):
+          graphdef, num_steps, n_pad, use_cfg, modulation_budget=MODULATION_BUDGET_BYTES,
+          head_cache=0):
   """Samples the predicted tokens of one AR step (the first n_pad of the backbone's query
   rows) and writes them into `tokens`."""
   z, pred_pos, pred_valid = z[..., :n_pad, :], pred_pos[:, :n_pad], pred_valid[:, :n_pad]
@@ -102,12 +103,12 @@ def head_bucket(state, z, pred_pos, pred_valid, tokens, image_keys, tables, cfg,
     lambda k: jax.random.normal(jax.random.fold_in(k, stream), (ch,)))(row_keys)
   return _denoise_and_write(graphdef, state, z, pred_pos, pred_valid, tokens, tables, cfg,
                             temperature, draw(0), lambda i: draw(i + 1), num_steps, use_cfg,
-                            modulation_budget)
+                            modulation_budget, head_cache)
 
 
 def head_bucket_explicit(state, z, pred_pos, pred_valid, tokens, x_init, eps, tables, cfg,
                    temperature, *, graphdef, num_steps, n_pad, use_cfg,
-                   modulation_budget=MODULATION_BUDGET_BYTES):
+                   modulation_budget=MODULATION_BUDGET_BYTES, head_cache=0):
   """`head_bucket` with the initial noise x_init [B, n_pad, C] and step noise eps [A, B, n_pad, C]
   given (parity tests inject the reference implementation's noise)."""
   z, pred_pos, pred_valid = z[..., :n_pad, :], pred_pos[:, :n_pad], pred_valid[:, :n_pad]
@@ -115,11 +116,12 @@ def head_bucket_explicit(state, z, pred_pos, pred_valid, tokens, x_init, eps, ta
   return _denoise_and_write(graphdef, state, z, pred_pos, pred_valid, tokens, tables, cfg,
                             temperature, x_init.reshape(rows, ch),
                             lambda i: eps[i].reshape(rows, ch), num_steps, use_cfg,
-                            modulation_budget)
+                            modulation_budget, head_cache)
 
 
 def _denoise_and_write(graphdef, state, z, pred_pos, pred_valid, tokens, tables, cfg,
-                       temperature, x_init, noise_at, num_steps, use_cfg, modulation_budget):
+                       temperature, x_init, noise_at, num_steps, use_cfg, modulation_budget,
+                       head_cache):
   net = nnx.merge(graphdef, state).diffloss.net
   b, n_pad = pred_pos.shape
   seq, ch = tokens.shape[1], tokens.shape[2]
@@ -130,7 +132,7 @@ def _denoise_and_write(graphdef, state, z, pred_pos, pred_valid, tokens, tables,
     zc, zu = z.reshape(rows, -1), None
   x0 = p_sample_loop(net, zc, zu, x_init, tables, num_steps=num_steps, cfg=cfg,
                      temperature=temperature, noise_at=noise_at,
-                     modulation_budget=modulation_budget)
+                     modulation_budget=modulation_budget, head_cache=head_cache)
   idx = jnp.where(pred_valid, pred_pos, seq)
   new = x0.reshape(b, n_pad, ch).astype(tokens.dtype)
   return jax.vmap(lambda t, i, v: t.at[i].set(v, mode='drop'))(tokens, idx, new)
@@ -383,7 +385,7 @@ class Sampler:
 
   def compile(self, plan: SamplingPlan, *, explicit_noise: bool = False,
               solver: str | None = None, eta: float | None = None,
-              backbone: bool = True, block: bool | None = None) -> float:
+              backbone: bool = True, block: bool | None = None, head_cache: int = 0) -> float:
     """Compiles every bucket of `plan` not compiled yet; returns the wall seconds spent.
 
     `block` (default: not `background_compile`) waits for every executable; without it the
@@ -405,7 +407,8 @@ class Sampler:
     orders, class_vec = self._run('init', (st, labels, keys), dict(graphdef=gd,
                                                                           seq_len=seq))
     tokens = self._batch(np.zeros((b, seq, ch), np.float32))
-    jobs = self._compile_jobs(plan, explicit_noise, solver, eta, tokens, orders, class_vec, keys)
+    jobs = self._compile_jobs(plan, explicit_noise, solver, eta, tokens, orders, class_vec, keys,
+                              head_cache)
     jobs = [job for job in jobs if backbone or job[0] != 'backbone']   # cached runs: lazy.py
     new = [job for job in jobs if self._key(*job) not in self._executables]
     if not new and len(self.compile_log) == logged:
@@ -425,7 +428,8 @@ class Sampler:
       self.phase_s['warmup'] += time.perf_counter() - t0
     return time.perf_counter() - t_start
 
-  def _compile_jobs(self, plan, explicit_noise, solver, eta, tokens, orders, class_vec, keys):
+  def _compile_jobs(self, plan, explicit_noise, solver, eta, tokens, orders, class_vec, keys,
+                    head_cache=0):
     """(name, placeholder args, static) of every backbone and head bucket of `plan`."""
     b, seq, ch = plan.batch_size, self.config.seq_len, self.config.token_embed_dim
     dd = self.config.decoder_embed_dim
@@ -450,7 +454,7 @@ class Sampler:
                                    solver, eta)
       scal = (jnp.float32(1.0), jnp.float32(1.0))
       static = dict(graphdef=gd, num_steps=a_static, n_pad=s.n_pad, use_cfg=plan.use_cfg,
-                    modulation_budget=self.modulation_budget)
+                    modulation_budget=self.modulation_budget, head_cache=head_cache)
       tok = self._batch(np.zeros((b, seq, ch), np.float32))
       if explicit_noise:
         x0 = self._batch(np.zeros((b, s.n_pad, ch), np.float32))
@@ -512,8 +516,10 @@ class Sampler:
     from disa_jax.systems.mar.lazy import LazyBackbone, parse_cache
     lazy_cfg = self.cache if cache is None else parse_cache(cache)
     lazy = None if lazy_cfg is None else LazyBackbone(self, plan, lazy_cfg)
+    head_cache = 0 if lazy is None else lazy.lazy.head
     stats.compile_s = self.compile(plan, explicit_noise=noise is not None, solver=solver,
-                                   eta=eta, backbone=lazy is None, block=True if timed else None)
+                                   eta=eta, backbone=lazy is None, block=True if timed else None,
+                                   head_cache=head_cache)
     t_start = time.perf_counter()
     labels_arr = self._batch(np.asarray(labels, np.int32))
     ids = np.arange(b) if image_ids is None else np.asarray(image_ids)
@@ -546,7 +552,7 @@ class Sampler:
       tables = self._device_tables(s.requested_steps, max_timestep, s.steps_pad, solver, eta)
       scalars = (jnp.float32(s.cfg), jnp.float32(temperature))
       static = dict(graphdef=gd, num_steps=s.head_key[0], n_pad=s.n_pad, use_cfg=plan.use_cfg,
-                    modulation_budget=self.modulation_budget)
+                    modulation_budget=self.modulation_budget, head_cache=head_cache)
       if noise is None:
         tokens = self._run('head', (st, z, pred_pos, pred_valid, tokens, image_keys,
                                           tables, *scalars), static)
