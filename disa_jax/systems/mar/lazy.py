@@ -57,6 +57,11 @@ RETAIN_RATIOS_64 = (1.0,) * 20 + (0.6, 0.5, 0.5, 0.5, 0.5, 0.4, 0.4, 0.4, 0.4, 0
   0.15,) * 5 + (0.12,) * 5 + (0.05,) * 24
 
 
+# LazyMAR's head-cache threshold (models/mar_cache.py: cache_threshold=7) for its 100-step
+# chains; DiSA's chains are 5-50 steps, so by default it scales with the chain length.
+HEAD_THRESHOLD_100 = 7
+
+
 class CacheSpecError(UserError):
   """A `--cache` / `sampling.cache` spec that does not parse."""
 
@@ -71,7 +76,8 @@ class LazyConfig:
   margin: int = 15               # extra rows beyond the predicted ones
   keep_bucket: int = 16          # kept rows rounded up to a multiple of this
   ratio_scale: float = 1.0       # multiplies the retention table (1: LazyMAR's)
-  head: int = 7                  # head-cache threshold (heads/step_cache.py; 0: off)
+  head: int | None = None        # head-cache threshold (heads/step_cache.py; 0: off;
+                                 # None: LazyMAR's 7 per 100 steps scaled to each chain)
 
   def resolved(self, num_iter: int, decoder_depth: int) -> LazyConfig:
     start = self.start if self.start is not None else round(5 * num_iter / 64)
@@ -81,6 +87,12 @@ class LazyConfig:
 
   def is_refresh(self, s: int) -> bool:
     return s < self.start or (s - self.start) % self.interval == 0
+
+  def head_threshold(self, num_steps: int) -> int:
+    """Head-cache threshold for a head chain of num_steps steps (0 or 1: no caching)."""
+    if self.head is not None:
+      return self.head
+    return max(1, round(HEAD_THRESHOLD_100 * num_steps / 100))
 
   def ratio(self, s: int, num_iter: int) -> float:
     return min(1.0, RETAIN_RATIOS_64[min(63, s * 64 // num_iter)] * self.ratio_scale)
@@ -460,9 +472,10 @@ def plan_flops(model_config, plan, lazy: LazyConfig, *, enc_bucket: int = 16) ->
     cached += f
   head = head_plan_flops(c, plan, official=False)['head']
   head_cached = head
-  if lz.head:
-    head_cached = sum(_cached_head_flops(c, branches * s.n_pad, s.actual_steps, lz.head,
-                                         branches) for s in plan.steps)
+  if lz.head != 0:
+    head_cached = sum(_cached_head_flops(c, branches * s.n_pad, s.actual_steps,
+                                         lz.head_threshold(s.actual_steps), branches)
+                      for s in plan.steps)
   return {'backbone_uncached': uncached, 'backbone_cached': cached, 'head': head,
           'head_cached': head_cached, 'backbone_ratio': uncached / cached,
           'head_ratio': head / head_cached,
@@ -472,7 +485,8 @@ def plan_flops(model_config, plan, lazy: LazyConfig, *, enc_bucket: int = 16) ->
 
 def _cached_head_flops(c, rows: int, num_steps: int, threshold: int, branches: int) -> float:
   """FLOPs of one head call under the head cache (`heads/step_cache.py`; `rows` over all CFG
-  branches, lazy steps on the conditional rows only), counted as `flops.head_flops_call`."""
+  branches, lazy steps on the conditional rows only), counted as `flops.head_flops_call`;
+  threshold 0 or 1: the uncached call."""
   from disa_jax.heads.step_cache import EARLY, LAZY, REFRESH, block_split, step_kinds
 
   w, ch, dd = c.diffloss_w, c.token_embed_dim, c.decoder_embed_dim
@@ -481,7 +495,7 @@ def _cached_head_flops(c, rows: int, num_steps: int, threshold: int, branches: i
   full = ends + c.diffloss_d * 2 * 5 * w * w
   lazy = ends + len(reuse) * 2 * 3 * w * w                  # modulations of the run blocks
   early = lazy + len(reuse) * 2 * 2 * w * w                 # + their MLPs
-  kinds = step_kinds(num_steps, threshold)
+  kinds = step_kinds(num_steps, max(1, threshold))
   cond = rows // branches
   f = num_steps * 2 * (256 * w + w * w) + rows * 2 * dd * w
   f += (kinds == REFRESH).sum() * rows * full

@@ -138,6 +138,15 @@ def _denoise_and_write(graphdef, state, z, pred_pos, pred_valid, tokens, tables,
   return jax.vmap(lambda t, i, v: t.at[i].set(v, mode='drop'))(tokens, idx, new)
 
 
+def _head_cache(threshold_of: Callable[[int], int] | None, step) -> int:
+  """Static head-cache threshold of an AR step's head call (0: off; LazyConfig.head_threshold
+  of its chain length)."""
+  if threshold_of is None:
+    return 0
+  t = int(threshold_of(step.actual_steps))
+  return 0 if t <= 1 else t
+
+
 def _init(state, labels, image_keys, *, graphdef, seq_len):
   model = nnx.merge(graphdef, state)
   orders = jax.vmap(lambda k: jax.random.permutation(
@@ -385,7 +394,8 @@ class Sampler:
 
   def compile(self, plan: SamplingPlan, *, explicit_noise: bool = False,
               solver: str | None = None, eta: float | None = None,
-              backbone: bool = True, block: bool | None = None, head_cache: int = 0) -> float:
+              backbone: bool = True, block: bool | None = None,
+              head_cache: Callable[[int], int] | None = None) -> float:
     """Compiles every bucket of `plan` not compiled yet; returns the wall seconds spent.
 
     `block` (default: not `background_compile`) waits for every executable; without it the
@@ -429,7 +439,7 @@ class Sampler:
     return time.perf_counter() - t_start
 
   def _compile_jobs(self, plan, explicit_noise, solver, eta, tokens, orders, class_vec, keys,
-                    head_cache=0):
+                    head_cache=None):
     """(name, placeholder args, static) of every backbone and head bucket of `plan`."""
     b, seq, ch = plan.batch_size, self.config.seq_len, self.config.token_embed_dim
     dd = self.config.decoder_embed_dim
@@ -443,9 +453,10 @@ class Sampler:
           'backbone', (st, tokens, orders, class_vec, jnp.int32(s.m_cur), jnp.int32(s.n_pred)),
           dict(graphdef=gd, visible_pad=s.visible_pad, n_query=plan.n_query,
                use_cfg=plan.use_cfg)))
-      if s.head_key in seen_h:
+      hc = _head_cache(head_cache, s)
+      if (s.head_key, hc) in seen_h:
         continue
-      seen_h.add(s.head_key)
+      seen_h.add((s.head_key, hc))
       a_static = s.head_key[0]
       z = self._batch(np.zeros((b, *branch, plan.n_query, dd), np.float32))
       pos = self._batch(np.zeros((b, plan.n_query), np.int32))
@@ -454,7 +465,7 @@ class Sampler:
                                    solver, eta)
       scal = (jnp.float32(1.0), jnp.float32(1.0))
       static = dict(graphdef=gd, num_steps=a_static, n_pad=s.n_pad, use_cfg=plan.use_cfg,
-                    modulation_budget=self.modulation_budget, head_cache=head_cache)
+                    modulation_budget=self.modulation_budget, head_cache=hc)
       tok = self._batch(np.zeros((b, seq, ch), np.float32))
       if explicit_noise:
         x0 = self._batch(np.zeros((b, s.n_pad, ch), np.float32))
@@ -516,7 +527,7 @@ class Sampler:
     from disa_jax.systems.mar.lazy import LazyBackbone, parse_cache
     lazy_cfg = self.cache if cache is None else parse_cache(cache)
     lazy = None if lazy_cfg is None else LazyBackbone(self, plan, lazy_cfg)
-    head_cache = 0 if lazy is None else lazy.lazy.head
+    head_cache = None if lazy is None else lazy.lazy.head_threshold
     stats.compile_s = self.compile(plan, explicit_noise=noise is not None, solver=solver,
                                    eta=eta, backbone=lazy is None, block=True if timed else None,
                                    head_cache=head_cache)
@@ -552,7 +563,8 @@ class Sampler:
       tables = self._device_tables(s.requested_steps, max_timestep, s.steps_pad, solver, eta)
       scalars = (jnp.float32(s.cfg), jnp.float32(temperature))
       static = dict(graphdef=gd, num_steps=s.head_key[0], n_pad=s.n_pad, use_cfg=plan.use_cfg,
-                    modulation_budget=self.modulation_budget, head_cache=head_cache)
+                    modulation_budget=self.modulation_budget,
+                    head_cache=_head_cache(head_cache, s))
       if noise is None:
         tokens = self._run('head', (st, z, pred_pos, pred_valid, tokens, image_keys,
                                           tables, *scalars), static)
