@@ -113,8 +113,9 @@ def define_guidance():
   flags.DEFINE_float('cfg', None, 'Classifier-free guidance scale (finite, >= 0; 1.0 = off).')
   flags.DEFINE_enum('cfg_schedule', None, ['linear', 'constant'], 'CFG schedule.')
   flags.DEFINE_float('temperature', None, 'Solver-noise temperature (finite, > 0).')
-  flags.DEFINE_string('cache', None, 'MAR backbone feature cache: none | lazymar[:interval=9,'
-                      'start=5,layer=3,margin=15,keep_bucket=16,ratio_scale=1] (docs/caching.md).')
+  flags.DEFINE_string('cache', None, 'MAR LazyMAR feature caches (backbone + head): none | '
+                      'lazymar[:interval=9,start=5,layer=3,margin=15,keep_bucket=16,'
+                      'ratio_scale=1,head=7] (docs/caching.md).')
   rule_validator('cfg', 'sampling', 'cfg')
   rule_validator('temperature', 'sampling', 'temperature')
 
