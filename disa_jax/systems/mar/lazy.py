@@ -26,10 +26,12 @@ interval 9 at 64 AR steps); every other step is *lazy*:
   Dropped slots output 0 before `decoder_norm` (as the official unprune), so a predicted token
   that was not kept would read the norm's bias (never happens unless more than `margin` slots
   have negative similarity).
-- head cache (LazyMAR models/diffloss_cached.py, threshold `head`, 7 as the official sampler;
-  0 turns it off): inside each head call, the denoising steps between refreshes reuse the
-  residual updates of head blocks 1..4, the other blocks' MLP outputs and the CFG difference
-  of eps, on the conditional rows only (`disa_jax/heads/step_cache.py`).
+- head cache (LazyMAR models/diffloss_cached.py; `disa_jax/heads/step_cache.py`): inside
+  each head call, the denoising steps between refreshes reuse the residual updates of head
+  blocks 1..4, the other blocks' MLP outputs and the CFG difference of eps, on the
+  conditional rows only. Threshold `head` (0: off); by default LazyMAR's 7 per 100 steps
+  scaled to each chain of A steps, max(1, round(7 A / 100)) (7 over DiSA's 5-50-step chains
+  costs quality: docs/caching.md).
 
 Static shapes: a refresh step is compiled per encoder bucket (as the uncached backbone), a lazy
 step per (new-token bucket, keep). The caches are [B, nb + L, D] per layer (conditional branch
