@@ -29,10 +29,16 @@ _XAR_PAR = 'tests/xar/test_xar_parity.py'
 
 MUTATIONS = [
   # --- MAR head loop (diffusion/ddpm.py), both paths ---------------------------------------
-  Mutation('mar.head.cfg_mix', _DDPM, 'eps = eps_u + cfg * (eps_c - eps_u)',
-           'eps = eps_c + cfg * (eps_c - eps_u)', _HEAD, 'CFG anchored at the wrong branch'),
-  Mutation('mar.head.cfg_var_branch', _DDPM, 'v = out[:, 0, c:]', 'v = out[:, 1, c:]', _HEAD,
+  Mutation('mar.head.cfg_mix', _DDPM, 'return eps_u + cfg * (eps_c - eps_u), out[:, 0, c:]',
+           'return eps_c + cfg * (eps_c - eps_u), out[:, 0, c:]', _HEAD,
+           'CFG anchored at the wrong branch'),
+  Mutation('mar.head.cfg_var_branch', _DDPM,
+           'return eps_u + cfg * (eps_c - eps_u), out[:, 0, c:]',
+           'return eps_u + cfg * (eps_c - eps_u), out[:, 1, c:]', _HEAD,
            'variance taken from the unconditional half'),
+  Mutation('mar.head_cache.cfg_difference', 'disa_jax/heads/step_cache.py',
+           "eps_u = eps_c - cache['cfg']", 'eps_u = eps_c', ('tests/test_head_cache.py',),
+           'LazyMAR head cache: lazy steps drop the stored CFG difference'),
   Mutation('mar.head.learned_range', _DDPM, 'frac = (v + 1) / 2', 'frac = (v + 1) / 2.5', _HEAD,
            'learned-range interpolation off'),
   Mutation('mar.head.x0_sign', _DDPM, "x0 = tables['sqrt_recip_ac'][i] * x - tables",
