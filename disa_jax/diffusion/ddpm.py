@@ -184,8 +184,7 @@ def _step_fn(net, z, z_uncond, tables, *, num_steps: int, cfg, temperature, nois
     cond = jnp.stack([net.embed_cond(z), net.embed_cond(z_uncond)], axis=1).reshape(2 * r, -1)
   if head_cache:
     init, predict = cached_predictor(
-      net, cond[::2] if z_uncond is not None else cond,
-      cond[1::2] if z_uncond is not None else None, t_emb, threshold=head_cache, cfg=cfg,
+      net, cond, t_emb, use_cfg=z_uncond is not None, threshold=head_cache, cfg=cfg,
       channels=c, num_steps=num_steps, trip=tables.get('trip'),
       modulation_budget=modulation_budget)
   else:

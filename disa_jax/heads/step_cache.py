@@ -48,19 +48,20 @@ def block_split(depth: int) -> tuple[list[int], list[int]]:
           [b for b in range(depth) if b in SKIPPED_BLOCKS])
 
 
-def cached_predictor(net, cond_c, cond_u, t_emb, *, threshold: int, cfg, channels: int,
-                     num_steps: int, trip=None, modulation_budget: int):
+def cached_predictor(net, cond_all, t_emb, *, use_cfg: bool, threshold: int, cfg,
+                     channels: int, num_steps: int, trip=None, modulation_budget: int):
   """(initial cache, predict(i, x, cache) -> (eps, v, cache)) for the head loop.
 
-  cond_c / cond_u: condition embeddings [R, W] (cond_u None without CFG); t_emb [A, W] the
-  time embedding per loop iteration; x [R, C] the conditional rows' state. `trip` (traced
-  int32 or None) is the number of steps actually run (iterations A - trip .. A - 1).
+  cond_all: condition embeddings, [R, W], or [2R, W] under CFG with each row's cond and
+  uncond rows interleaved (the uncached loop's layout); t_emb [A, W] the time embedding per
+  loop iteration; x [R, C] the conditional rows' state. `trip` (traced int32 or None) is the
+  number of steps actually run (iterations A - trip .. A - 1).
   """
   reuse, skip = block_split(len(net.res_blocks))
   blocks, final = net.res_blocks, net.final_layer
+  cond_rows = slice(None, None, 2) if use_cfg else slice(None)   # the conditional rows
+  cond_c = cond_all[cond_rows]
   r, c = cond_c.shape[0], channels
-  use_cfg = cond_u is not None
-  cond_all = cond_c if not use_cfg else jnp.stack([cond_c, cond_u], axis=1).reshape(2 * r, -1)
   width = t_emb.shape[-1]
 
   def lazy_mods(y):
@@ -91,11 +92,10 @@ def cached_predictor(net, cond_c, cond_u, t_emb, *, threshold: int, cfg, channel
     for b, (block, mod) in enumerate(zip(blocks, mods[:-1], strict=True)):
       out, gate = block.branch(h, mod)
       new = h + (gate * out).astype(h.dtype)
-      rows = slice(None, None, 2) if use_cfg else slice(None)
       if b in SKIPPED_BLOCKS:
-        delta[skip.index(b)] = (new - h)[rows]
+        delta[skip.index(b)] = (new - h)[cond_rows]
       else:
-        mlp[reuse.index(b)] = out[rows].astype(cache['mlp'].dtype)
+        mlp[reuse.index(b)] = out[cond_rows].astype(cache['mlp'].dtype)
       h = new
     out = final.apply(h, mods[-1]).astype(jnp.float32)
     cache = dict(cache, mlp=jnp.stack(mlp), delta=jnp.stack(delta) if skip else cache['delta'])
@@ -133,7 +133,7 @@ def cached_predictor(net, cond_c, cond_u, t_emb, *, threshold: int, cfg, channel
     return fn
 
   # MLP outputs are kept in the modulation dtype (the block's compute dtype)
-  mod_dtype = jax.eval_shape(blocks[0].modulation, cond_c[:1]).dtype if reuse else jnp.float32
+  mod_dtype = jax.eval_shape(blocks[0].modulation, cond_c[:1]).dtype   # block 0 always runs
   init = {'mlp': jnp.zeros((len(reuse), r, width), mod_dtype),
           'delta': jnp.zeros((len(skip), r, width), jnp.float32)}
   if use_cfg:

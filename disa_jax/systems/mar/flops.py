@@ -47,14 +47,21 @@ def head_flops_per_eval(config: MARConfig) -> float:
   return float(per)
 
 
+def head_trunk_flops(config: MARConfig) -> float:
+  """FLOPs of the head trunk for one row and step: input projection, every block (adaLN
+  modulation + MLP), final layer."""
+  c = config
+  w, ch = c.diffloss_w, c.token_embed_dim
+  return float(2 * ch * w + c.diffloss_d * 2 * (5 * w * w) + 2 * (2 * w * w + w * 2 * ch))
+
+
 def head_flops_call(config: MARConfig, rows: int, num_steps: int) -> float:
   """FLOPs this sampler's head call runs for `rows` rows (all branches) and A steps: the time
   embedding once per step, the condition embedding once per row, the trunk per row-step."""
   c = config
-  w, ch, dd = c.diffloss_w, c.token_embed_dim, c.decoder_embed_dim
-  trunk = 2 * ch * w + c.diffloss_d * 2 * (5 * w * w) + 2 * (2 * w * w + w * 2 * ch)
+  w, dd = c.diffloss_w, c.decoder_embed_dim
   return float(num_steps * 2 * (256 * w + w * w) + rows * 2 * dd * w
-               + rows * num_steps * trunk)
+               + rows * num_steps * head_trunk_flops(c))
 
 
 def plan_flops(config: MARConfig, plan: SamplingPlan, *, official: bool = True) -> dict:

@@ -489,17 +489,18 @@ def _cached_head_flops(c, rows: int, num_steps: int, threshold: int, branches: i
   """FLOPs of one head call under the head cache (`heads/step_cache.py`; `rows` over all CFG
   branches, lazy steps on the conditional rows only), counted as `flops.head_flops_call`;
   threshold 0 or 1: the uncached call."""
-  from disa_jax.heads.step_cache import EARLY, LAZY, REFRESH, block_split, step_kinds
+  from disa_jax.heads.step_cache import EARLY, LAZY, block_split, step_kinds
+  from disa_jax.systems.mar.flops import head_flops_call, head_trunk_flops
 
-  w, ch, dd = c.diffloss_w, c.token_embed_dim, c.decoder_embed_dim
+  w = c.diffloss_w
   reuse, _ = block_split(c.diffloss_d)
-  ends = 2 * ch * w + 2 * (2 * w * w + w * 2 * ch)          # input_proj, final layer
-  full = ends + c.diffloss_d * 2 * 5 * w * w
-  lazy = ends + len(reuse) * 2 * 3 * w * w                  # modulations of the run blocks
-  early = lazy + len(reuse) * 2 * 2 * w * w                 # + their MLPs
+  full = head_trunk_flops(c)
+  blocks_out = c.diffloss_d * 2 * 5 * w * w                  # every block: modulation + MLP
+  lazy = full - blocks_out + len(reuse) * 2 * 3 * w * w      # + the run blocks' modulations
+  early = lazy + len(reuse) * 2 * 2 * w * w                  # + their MLPs
   kinds = step_kinds(num_steps, max(1, threshold))
+  n_lazy, n_early = int((kinds == LAZY).sum()), int((kinds == EARLY).sum())
   cond = rows // branches
-  f = num_steps * 2 * (256 * w + w * w) + rows * 2 * dd * w
-  f += (kinds == REFRESH).sum() * rows * full
-  f += (kinds == EARLY).sum() * cond * early + (kinds == LAZY).sum() * cond * lazy
-  return float(f)
+  # the uncached call, with the trunk of every non-refresh step replaced by what it runs
+  f = head_flops_call(c, rows, num_steps) - (n_lazy + n_early) * rows * full
+  return float(f + n_early * cond * early + n_lazy * cond * lazy)
