@@ -80,6 +80,7 @@ def test_bf16_precision_report():
   assert same['backbone_z_max_rel_error'] == 0.0
 
 
+@pytest.mark.slow
 def test_bf16_tokens_close_to_fp32_tokens():
   """bf16 compute vs fp32 on the same weights, key and schedule (DiSA, CFG 2): the sampled
   tokens agree token by token within 2% of the fp32 tokens' largest magnitude, and their mean

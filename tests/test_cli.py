@@ -80,6 +80,7 @@ def _api_tokens(ckpt, m, labels, seed, batch_size):
   return np.concatenate(out)[:n]
 
 
+@pytest.mark.slow
 def test_sample_sharded_over_8_devices(tmp_path):
   """8 fake devices: the tokens equal the Python API's on one device within float32 rounding
   (1e-5 of the tokens' scale; the sharded matmuls block differently)."""
@@ -150,6 +151,7 @@ def test_existing_output_not_overwritten(tmp_path):
   assert (out / 'keep.txt').exists()
 
 
+@pytest.mark.slow
 def test_bench_json(tmp_path):
   out = tmp_path / 'bench.json'
   r = run_cli(TINY, '--batch-size=2', '--runs=mar8=mar:8:12,disa8=disa:8:12:3:linear',

@@ -47,6 +47,7 @@ def _read_pngs(directory):
   return names, np.stack([np.asarray(Image.open(directory / n)) for n in names])
 
 
+@pytest.mark.slow
 def test_inception_eval_and_resume_reproduce_the_same_images(random_inception, reference,
                                                              tmp_path):
   common = ['--num-images=10', '--batch-size=4', '--save-images', '--inception-batch-size=2',

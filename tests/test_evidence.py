@@ -159,6 +159,7 @@ def _evidence_cli(*args):
   return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
 
 
+@pytest.mark.slow
 def test_evidence_cli_all(tmp_path):
   out = tmp_path / 'ev'
   r = _evidence_cli('all', '--num-images=10', '--samples=4', '--straightness-samples=2',

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 SUITE = [sys.executable, str(REPO / 'bench' / 'gpu_suite.py')]
@@ -39,6 +40,7 @@ def test_refuses_full_run_without_gpu_and_unknown_jobs(tmp_path):
   assert r.returncode == 2 and r.stderr.count('\n') == 1
 
 
+@pytest.mark.slow
 def test_dry_run_dar_job(tmp_path):
   r = _run('--dry-run', f'--out={tmp_path}', '--only=D-AR-L')
   assert r.returncode == 0, r.stderr
@@ -50,6 +52,7 @@ def test_dry_run_dar_job(tmp_path):
   assert (tmp_path / 'gpu_suite.md').read_text().count('| D-AR-L |') == 3
 
 
+@pytest.mark.slow
 def test_dry_run_xar_job(tmp_path):
   """xAR's job: disa-bench on the tiny config through xAR's own comparison (baseline vs DiSA,
   FLOP prediction, seconds per cell)."""

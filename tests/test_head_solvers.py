@@ -233,9 +233,12 @@ def test_bad_solver_rejected(model):
 
 
 DISA = resolve_steps(num_iter=6, preset='disa', upper=8, lower=3)
+# The official solver and one multistep solver run in the default suite, the rest under `slow`
+# (~30 s each on the 2-core CPU; the per-solver step algebra is tested above in every suite).
+SLOW_SOLVERS = [pytest.param(s, marks=pytest.mark.slow) for s in ('ddim', 'dpmpp_2m_sde', 'ddpm_2m')]
 
 
-@pytest.mark.parametrize('solver', ['ddpm', 'ddim', 'dpmpp_2m', 'dpmpp_2m_sde', 'ddpm_2m'])
+@pytest.mark.parametrize('solver', ['ddpm', 'dpmpp_2m', *SLOW_SOLVERS])
 def test_traced_step_count_matches_exact(model, solver):
   """One head executable per rows bucket (traced trip count) gives the exact buckets' numbers
   (DiSA's annealed step list), with fewer compiles."""
@@ -275,7 +278,7 @@ def test_parallel_compile_same_numbers(model):
                                    'head': len(plan.head_buckets)}
 
 
-@pytest.mark.parametrize('solver', ['ddpm', 'ddim', 'dpmpp_2m', 'dpmpp_2m_sde', 'ddpm_2m'])
+@pytest.mark.parametrize('solver', ['ddpm', 'dpmpp_2m', *SLOW_SOLVERS])
 def test_modulation_budget_every_solver(model, solver):
   """The per-step adaLN path (budget 0) gives the precomputed path's numbers for every solver,
   through `sample_head` and through the Sampler in both head_steps modes; the budget is part

@@ -159,6 +159,7 @@ def _losses(workdir):
   return {r['step']: r['loss'] for r in rows}
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_reproduces_losses(tmp_path, digits_cache):
   ref = tmp_path / 'ref'
   r = subprocess.run(_train_cmd(ref, digits_cache), capture_output=True, text=True,

@@ -188,6 +188,7 @@ def test_measure_mar_tiny():
   assert again['distances'][1] == m['distances'][1]          # deterministic in the key
 
 
+@pytest.mark.slow
 def test_tune_then_sample_with_steps_file(tmp_path):
   out = tmp_path / 'tuned.json'
   r = run_cli(TINY, '--num-iter=4', '--probe-images=2', '--draws=3', '--reference-steps=6',
