@@ -25,18 +25,18 @@ from flax import nnx
 from disa_jax.diffusion.losses import diffusion_loss, loss_tables, q_sample
 from disa_jax.heads.mlp_adaln import SimpleMLPAdaLN
 
-CHANNELS, COND = 16, 128
+COND = 128
 
 
-def x0_and_condition(key, n, data='gauss'):
-  """x0 (n, CHANNELS), condition (n, COND). 'gauss': N(-1.4, 0.8^2) per value (the MNIST
+def x0_and_condition(key, n, data='gauss', channels=16):
+  """x0 (n, channels), condition (n, COND). 'gauss': N(-1.4, 0.8^2) per value (the MNIST
   tokens' marginal); 'sparse': 0 for 75 % of rows (background patches), else |N(0, 2.5^2)|."""
   k1, k2, k3 = jax.random.split(key, 3)
   if data == 'gauss':
-    x0 = jax.random.normal(k1, (n, CHANNELS)) * 0.8 - 1.4
+    x0 = jax.random.normal(k1, (n, channels)) * 0.8 - 1.4
   else:
     on = jax.random.uniform(k3, (n, 1)) < 0.25
-    x0 = jnp.where(on, jnp.abs(jax.random.normal(k1, (n, CHANNELS))) * 2.5, 0.0)
+    x0 = jnp.where(on, jnp.abs(jax.random.normal(k1, (n, channels))) * 2.5, 0.0)
   return x0, jax.random.normal(k2, (n, COND))
 
 
@@ -54,11 +54,13 @@ def main(argv=None):
   p.add_argument('--width', type=int, default=256)
   p.add_argument('--depth', type=int, default=2)
   p.add_argument('--data', choices=('gauss', 'sparse'), default='gauss')
+  p.add_argument('--channels', type=int, default=16,
+                 help='values per token (16: the recipe\'s 4x4 patches)')
   a = p.parse_args(argv)
   rows = a.rows
 
   tables = loss_tables()
-  graphdef, params = nnx.split(SimpleMLPAdaLN(CHANNELS, a.width, 2 * CHANNELS, COND, a.depth,
+  graphdef, params = nnx.split(SimpleMLPAdaLN(a.channels, a.width, 2 * a.channels, COND, a.depth,
                                               rngs=nnx.Rngs(0)))
   warmup = min(50, max(1, a.steps // 4))
   lr = optax.warmup_cosine_decay_schedule(0.0, a.lr, warmup, max(a.steps, warmup + 1),
@@ -70,16 +72,16 @@ def main(argv=None):
   @jax.jit
   def step(params, opt, key):
     k_data, k_tail, k_loss = jax.random.split(key, 3)
-    x0, z = x0_and_condition(k_data, rows, a.data)
+    x0, z = x0_and_condition(k_data, rows, a.data, a.channels)
     tail = int(a.tail_fraction * rows)
 
     def loss_fn(p):
       net = nnx.merge(graphdef, p)
       if tail:  # rows [0, tail) at t ~ U{tail_start..999}, the rest as the official loss
         t = jax.random.randint(k_tail, (tail,), a.tail_start, 1000)
-        noise = jax.random.normal(jax.random.fold_in(k_tail, 1), (tail, CHANNELS))
+        noise = jax.random.normal(jax.random.fold_in(k_tail, 1), (tail, a.channels))
         out = net(q_sample(x0[:tail], t, noise, tables), t.astype(jnp.float32), z[:tail])
-        tail_mse = jnp.mean((out[:, :CHANNELS] - noise) ** 2)
+        tail_mse = jnp.mean((out[:, :a.channels] - noise) ** 2)
         rest, _ = diffusion_loss(net, x0[tail:], z[tail:], jnp.ones(rows - tail), k_loss,
                                  tables=tables)
         return (tail * tail_mse + (rows - tail) * rest) / rows
@@ -90,13 +92,13 @@ def main(argv=None):
     updates, opt = tx.update(grads, opt, params)
     return optax.apply_updates(params, updates), opt, loss
 
-  x0, z = x0_and_condition(jax.random.key(123), 4096, a.data)
+  x0, z = x0_and_condition(jax.random.key(123), 4096, a.data, a.channels)
   noise = jax.random.normal(jax.random.key(7), x0.shape)
 
   def error(params, t):
     tt = jnp.full((x0.shape[0],), t)
     out = nnx.merge(graphdef, params)(q_sample(x0, tt, noise, tables), tt.astype(jnp.float32), z)
-    return float(jnp.sqrt(jnp.mean((out[:, :CHANNELS] - noise) ** 2)))
+    return float(jnp.sqrt(jnp.mean((out[:, :a.channels] - noise) ** 2)))
 
   key, t0 = jax.random.key(0), time.time()
   for i in range(1, a.steps + 1):
