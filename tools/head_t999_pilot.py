@@ -10,8 +10,9 @@ with the official diffusion loss, random 128-d conditions and x0 ~ N(-1.4, 0.8^2
 prints the eps RMS error at t = 999, 990 and 900 at a few steps. `--last-fraction` moves that
 fraction of rows to t = 999 (the recipe's `train.last_t_fraction`), `--tail-fraction` draws
 that fraction of rows uniformly from [tail-start, 999] instead. `--rows` (head rows per step,
-4096), `--width` / `--depth`, `--lr` / `--final-lr-fraction` and `--data=sparse` (x0 = 0 for
-75 % of rows, like background patches) are the levers compared in docs/benchmarks.md.
+4096), `--width` / `--depth`, `--lr` / `--final-lr-fraction`, `--channels` (values per token)
+and `--data=sparse` (x0 = 0 for 75 % of rows, like background patches) are the levers compared
+in docs/benchmarks.md.
 """
 
 import argparse
