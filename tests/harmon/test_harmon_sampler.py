@@ -1,6 +1,6 @@
 """Whole sampled token grids of the JAX Harmon sampler vs the PyTorch reference of the official
 loop (`reference/harmon.py`), with orders and every noise draw injected, fp32, max relative
-error <= 1e-5: the Harmon baseline (constant steps, no clamp) and a DiSA schedule (linear
+error <= 2e-5: the Harmon baseline (constant steps, no clamp) and a DiSA schedule (linear
 25 -> 5, 950 clamp), with constant CFG, and without CFG (conditional rows only)."""
 
 import jax
@@ -61,7 +61,7 @@ def test_token_grid_matches_reference(models, case):
   b = len(COND)
   seq, ch = sampler.mar_config.seq_len, sampler.mar_config.token_embed_dim
   orders = np.stack([np.random.default_rng(10 + i).permutation(seq) for i in range(b)])
-  tables = _noise_tables(p['steps'], p['clip'], b, seq, ch, seed=hash(case) % 1000)
+  tables = _noise_tables(p['steps'], p['clip'], b, seq, ch, seed=list(CASES).index(case))
   cfg_on = p['cfg'] != 1.0
 
   def torch_noise(step, n, num_steps):
@@ -88,7 +88,10 @@ def test_token_grid_matches_reference(models, case):
                            temperature=p['temperature'], orders=orders, noise=jax_noise)
   assert got.shape == want.shape == (b, seq, ch)
   assert np.abs(want).min(axis=-1).max() > 0      # every token was generated
-  assert max_rel_error(got, want) <= 1e-5
+  # fp32 reordering error grows through the CFG-amplified steps. Over 1000 noise seeds of
+  # disa_cfg (2026-12-01): median 1.9e-6, 99th percentile 9.8e-6, max 1.5e-5; 300 seeds of each
+  # other case stay below 7.6e-6. The seed is fixed (hash() of a str changes per process).
+  assert max_rel_error(got, want) <= 2e-5
   stats = sampler.last_stats.as_dict()
   assert stats['prompt_len'] == 16 and stats['prompt_pad'] == 16 * len(rows) - valid.sum()
 
