@@ -10,6 +10,14 @@ from disa_jax.systems.mar.model import MAR, MARConfig
 # wrong LayerNorm eps misses PARITY_TOL = 1e-5 by > 10x (tests/test_parity_margins.py).
 PARITY_WEIGHT_SCALE = 0.1
 
+# Bound of `token_parity` (whole sampled token grids, every noise draw injected). fp32
+# reordering error grows through the CFG-amplified, clamped steps, so it depends on the noise:
+# over 60 noise seeds of the (disa, 8, 2.5, linear, 0.9) case on the per-step head path the max
+# relative error has median 4.2e-6 and max 2.3e-5 (docs/testing.md, "Tolerance margins"); the
+# seed the test uses gave 9.8e-6 against the old 1e-5. One forward (z, head) stays at
+# PARITY_TOL = 1e-5, where the approximations miss by > 10x.
+TOKEN_PARITY_TOL = 5e-5
+
 
 def tiny_model(seed=0, **overrides):
   """A 16-token MAR with *non-zero* random parameters everywhere (the official init zeroes
@@ -47,13 +55,13 @@ TOKEN_PARITY_CASES = [
 
 
 def token_parity(model, torch_model, *, preset, k, cfg, schedule, temp, batch=3,
-                 modulation_budget=None, unconditional=False) -> float:
+                 modulation_budget=None, unconditional=False, seed=None) -> float:
   """Max relative difference between the tokens sampled by the JAX `Sampler` (from `model`,
   matmul precision 'highest') and by the PyTorch reference `sample_tokens` (from
   `torch_model`, same weights), with the generation orders and all noise injected into both.
   `modulation_budget` (bytes; 0 = the head's per-step path) goes to the `Sampler`.
   `unconditional`: label -1 for every image in JAX, the official `labels=None` (fake_latent
-  class vector) in the reference."""
+  class vector) in the reference. `seed` draws the orders and noise (default: `k`)."""
   import jax
 
   from disa_jax.schedules import resolve_steps
@@ -61,7 +69,7 @@ def token_parity(model, torch_model, *, preset, k, cfg, schedule, temp, batch=3,
   from reference import mar as tr
 
   sp = resolve_steps(num_iter=k, preset=preset, upper=30 if preset == 'disa' else 20, lower=4)
-  rng = np.random.default_rng(k)
+  rng = np.random.default_rng(k if seed is None else seed)
   seq = model.config.seq_len
   orders = np.stack([rng.permutation(seq) for _ in range(batch)])
   labels = np.arange(batch)       # includes class 0 (a class, not the unconditional vector)

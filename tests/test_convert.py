@@ -24,6 +24,7 @@ from helpers import (
   PARITY_WEIGHT_SCALE,
   SMALL_VAE,
   TOKEN_PARITY_CASES,
+  TOKEN_PARITY_TOL,
   max_rel_error,
   official_keys,
   token_parity,
@@ -121,7 +122,7 @@ def test_token_parity_through_converter(files, converted, case):
   rel = token_parity(load_mar(converted['mar']), files['ema'], preset=preset, k=k, cfg=cfg,
                      schedule=schedule, temp=temp)
   print(f'token parity ({preset}) through the converter: max rel error {rel:.2e}')
-  assert rel < PARITY_TOL, f'sampled tokens max relative error {rel:.2e}'
+  assert rel < TOKEN_PARITY_TOL, f'sampled tokens max relative error {rel:.2e}'
 
 
 def test_raw_weights_and_safetensors(files, converted, tmp_path):
