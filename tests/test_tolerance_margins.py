@@ -33,7 +33,9 @@ def test_bound_is_read_after_the_call():
   assert probe(1) < 1e-3 and not probe(2) > 2e-2
   x = probe(0)                                    # no comparison follows
   assert x == 0.0 and not probe(0) == 1.0         # `==` is not a tolerance check
-  assert SEEN == [('<=', TOL), ('<', 1e-3), ('>', 2e-2), (None, None), (None, None)]
+  assert probe(0) < np.pi                         # a dotted name
+  assert SEEN == [('<=', TOL), ('<', 1e-3), ('>', 2e-2), (None, None), (None, None),
+                  ('<', np.pi)]
 
 
 def test_use_of_tolerance_both_directions():

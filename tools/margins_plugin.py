@@ -51,7 +51,10 @@ def _bound_after_call(frame) -> tuple[str | None, float | None]:
   try:
     return op, float(text)
   except ValueError:
-    val = frame.f_globals.get(text.split('.')[-1]) if '.' in text else frame.f_globals.get(text)
+    head, *attrs = text.split('.')                      # `TOL` or `helpers.TOKEN_PARITY_TOL`
+    val = frame.f_locals.get(head, frame.f_globals.get(head))
+    for a in attrs:
+      val = getattr(val, a, None)
     return (op, float(val)) if isinstance(val, (int, float)) else (None, None)
 
 
