@@ -43,8 +43,13 @@ def test_use_of_tolerance_both_directions():
   assert np.isclose(use(dict(op='<', bound=1e-5, value=4e-6)), 0.4)
   assert use(dict(op='>', bound=1e-2, value=4e-2)) == 0.25     # a "results differ" check
   assert use(dict(op=None, bound=None, value=1.0)) is None
+  assert use(dict(op='<=', bound=0.0, value=0.0)) == 0.0       # `<= 0` met exactly
+  assert use(dict(op='<=', bound=0.0, value=1e-9)) == float('inf')
   rows = [dict(test='t', site='a:1', op='<', bound=1.0, value=v) for v in (0.2, 0.7, 0.5)]
   assert [r['use'] for r in tolerance_margins.summarize(rows)] == [0.7]
+  zero_then_none = [dict(test='t', site='b:2', op='<', bound=1.0, value=0.0),
+                    dict(test='t', site='b:2', op=None, bound=None, value=3.0)]
+  assert [r['use'] for r in tolerance_margins.summarize(zero_then_none)] == [0.0]
 
 
 def test_recording_run_reports_the_golden_head_checks(tmp_path):

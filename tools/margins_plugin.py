@@ -4,8 +4,8 @@ Loaded with `-p margins_plugin` (tools/ on PYTHONPATH) and `DISA_MARGINS_OUT=<fi
 Two kinds of check are recorded, one JSON line per call:
 
 - `max_rel_error(a, b)` (tests/helpers.py and the per-system helpers): the value, and the bound
-  of the comparison that follows the call in the source (`< 1e-5`, `<= TOL`; names resolve in
-  the caller's globals). `>` comparisons (tests that two results differ) are recorded as well.
+  of the comparison that follows the call in the source (`< 1e-5`, `<= TOL`, `< h.TOL`; names
+  resolve in the caller's locals, then globals). `>` comparisons (tests that two results differ) are recorded as well.
 - `np.testing.assert_allclose`: max |a - b| / (atol + rtol |b|), which fails above 1.
 
 Nothing is changed about what the tests assert: the wrappers return the original values.
@@ -87,7 +87,6 @@ def _assert_allclose(actual, desired, rtol=1e-7, atol=0, *args, **kwargs):
   except (TypeError, ValueError):      # shapes that do not broadcast: the real call reports it
     pass
   return _orig_allclose(actual, desired, rtol, atol, *args, **kwargs)
-
 
 
 def pytest_configure(config):

@@ -32,9 +32,8 @@ def use_of_tolerance(row: dict) -> float | None:
   op, bound, value = row['op'], row['bound'], row['value']
   if op is None or bound is None:
     return None
-  if op in ('<', '<='):
-    return value / bound if bound > 0 else float('inf') * (value > 0)
-  return bound / value if value > 0 else float('inf')
+  num, den = (value, bound) if op in ('<', '<=') else (bound, value)
+  return num / den if den > 0 else (0.0 if num <= 0 else float('inf'))
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -43,10 +42,13 @@ def summarize(rows: list[dict]) -> list[dict]:
   for r in rows:
     r = {**r, 'use': use_of_tolerance(r)}
     key = (r['test'], r['site'])
-    old = best.get(key)
-    if old is None or (r['use'] or -1) > (old['use'] or -1):
+    if key not in best or _rank(r) > _rank(best[key]):
       best[key] = r
-  return sorted(best.values(), key=lambda r: -1 if r['use'] is None else r['use'], reverse=True)
+  return sorted(best.values(), key=_rank, reverse=True)
+
+
+def _rank(row: dict) -> float:
+  return -1.0 if row['use'] is None else row['use']
 
 
 def main(argv=None) -> int:
@@ -82,8 +84,10 @@ def main(argv=None) -> int:
     print('\nlargest values without a bound at the call (the caller compares them):')
     for r in sorted(loose, key=lambda r: -r['value'])[:min(args.top, 10)]:
       print(f'{"":7}  {r["value"]:9.3g}  {"":11}  {r["site"]}  {r["test"].split("::", 1)[-1]}')
-  if args.json:
-    Path(args.json).write_text(json.dumps(table, indent=1) + '\n')
+  if args.json:                        # written whole, then renamed: never half a file
+    tmp_json = Path(f'{args.json}.tmp-{os.getpid()}')
+    tmp_json.write_text(json.dumps(table, indent=1) + '\n')
+    os.replace(tmp_json, args.json)
   if rc == 0 and args.fail_above is not None and any(r['use'] > args.fail_above
                                                      for r in bounded):
     print(f'tolerance_margins: a check uses more than {args.fail_above} of its tolerance')
